@@ -1,0 +1,147 @@
+"""The ``flyproxy`` command line.
+
+Nouns that only read (``check``, ``bpf status``) never change state; verbs do.
+Errors a user can cause print one clear line per problem and exit 1; tracebacks
+are for bugs. The ``bpf`` commands are imported lazily: only they touch bcc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from . import __version__
+from . import config as configmod
+from . import listeners
+
+DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
+
+log = logging.getLogger("appliance")
+
+
+def _setup_logging(level: str) -> None:
+    if os.environ.get("JOURNAL_STREAM") and os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler
+            handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="flyproxy")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:  # pragma: no cover
+            handler = logging.StreamHandler()
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def _load_or_exit(path: str) -> configmod.Config:
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    print(f"{args.config}: OK: {config.summary()}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import Server
+
+    config = _load_or_exit(args.config)
+    try:
+        fds = args.fd or listeners.systemd_fds()
+        sockets = [listeners.from_fd(fd) for fd in fds]
+    except listeners.ListenerError as e:
+        print(f"flyproxy serve: {e}", file=sys.stderr)
+        return 1
+
+    async def main() -> int:
+        server = Server(args.config, config, host=args.host, sockets=sockets,
+                        connect_timeout_s=args.connect_timeout, grace_s=args.grace_period)
+        return await server.serve()
+
+    try:
+        return asyncio.run(main())
+    except listeners.ListenerError as e:
+        print(f"flyproxy serve: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from . import echo
+
+    try:
+        addresses = [echo.parse_hostport(a) for a in args.listen]
+    except ValueError as e:
+        print(f"flyproxy echo: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(echo.serve(addresses))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    try:
+        return asyncio.run(demo.run(args.workdir, args.host))
+    except OSError as e:
+        print(f"flyproxy demo: {e} (is another demo or proxy using the ports?)", file=sys.stderr)
+        return 1
+    except listeners.ListenerError as e:
+        print(f"flyproxy demo: {e}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flyproxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"flyproxy {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("FLYPROXY_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                       help=f"config file (default {DEFAULT_CONFIG})")
+
+    p = sub.add_parser("check", help="validate a config file")
+    config_arg(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    config_arg(p)
+    p.add_argument("--host", help="address to bind the configured ports on "
+                                  "(default: every address, IPv4 and IPv6)")
+    p.add_argument("--fd", type=int, action="append",
+                   help="serve on this inherited listening socket instead of binding ports "
+                        "(repeatable; systemd's LISTEN_FDS are used automatically)")
+    p.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS",
+                   help="per-target connect timeout (default 3)")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+                   help="how long open connections may finish at shutdown (default 30)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("echo", help="run a TCP echo backend")
+    p.add_argument("--listen", action="append", required=True, metavar="HOST:PORT")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("demo", help="the challenge's apps, served by local echo targets")
+    p.add_argument("--workdir", help="where to write the demo config (default: a temp dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address the proxy binds (default 127.0.0.1)")
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return args.func(args)

@@ -1,0 +1,247 @@
+"""Load, validate and compare flyproxy configurations.
+
+The one road a config value travels: ``load(path)`` reads the file, parses JSON
+(naming line and column on a syntax error), validates it against the JSON
+Schema shipped beside this module, then runs the checks a schema cannot express
+(a port claimed twice, duplicate app names, targets that are not ``host:port``).
+Every problem found is collected, so one run of ``flyproxy check`` reports all
+of them, each as ``FILE: Apps[1].Ports[0]: what is wrong``.
+
+The result is an immutable :class:`Config`; :func:`diff` compares two of them
+for a reload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import jsonschema
+
+__all__ = ["App", "Config", "ConfigDiff", "ConfigError", "Target", "diff", "load", "loads"]
+
+# An RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``errors`` holds one line per problem."""
+
+    def __init__(self, source: str, errors: Iterable[str]):
+        self.source = source
+        self.errors = list(errors)
+        super().__init__("\n".join(f"{source}: {e}" for e in self.errors))
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Target:
+    """A backend address: a host name or IP literal and a TCP port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """Parse ``host:port``, ``ip:port`` or ``[ipv6]:port``; raise ValueError saying why not."""
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+            if not sep:
+                raise ValueError("not [ipv6]:port")
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv6 address") from None
+        else:
+            host, sep, port = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError("not host:port")
+            if ":" in host:
+                raise ValueError("an IPv6 address needs [brackets], as in [::1]:80")
+            if not _HOSTNAME.match(host):
+                raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+        return cls(host, int(port))
+
+
+@dataclasses.dataclass(frozen=True)
+class App:
+    name: str
+    ports: tuple[int, ...]
+    targets: tuple[Target, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated configuration. ``digest`` identifies the exact bytes it came from."""
+
+    apps: tuple[App, ...]
+    source: str = "<config>"
+    digest: str = ""
+
+    @property
+    def routes(self) -> dict[int, App]:
+        """Listening port -> the app it belongs to."""
+        return {port: app for app in self.apps for port in app.ports}
+
+    @property
+    def ports(self) -> frozenset[int]:
+        return frozenset(p for app in self.apps for p in app.ports)
+
+    def summary(self) -> str:
+        targets = sum(len(a.targets) for a in self.apps)
+        return f"{len(self.apps)} apps, {len(self.ports)} ports, {targets} targets"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload from ``old`` to ``new`` changes."""
+
+    added_ports: frozenset[int]
+    removed_ports: frozenset[int]
+    moved_ports: frozenset[int]  # kept, but now belong to another app
+    retargeted_apps: tuple[str, ...]  # same name, different targets
+
+    def __bool__(self) -> bool:
+        return bool(self.added_ports or self.removed_ports or self.moved_ports or self.retargeted_apps)
+
+    def __str__(self) -> str:
+        if not self:
+            return "no changes"
+        parts = []
+        for label, ports in (("added", self.added_ports), ("removed", self.removed_ports),
+                             ("moved", self.moved_ports)):
+            if ports:
+                parts.append(f"ports {label}: {_port_list(ports)}")
+        if self.retargeted_apps:
+            parts.append("targets changed: " + ", ".join(self.retargeted_apps))
+        return "; ".join(parts)
+
+
+def _port_list(ports: Iterable[int], limit: int = 10) -> str:
+    ports = sorted(ports)
+    text = ", ".join(map(str, ports[:limit]))
+    return text + (f" and {len(ports) - limit} more" if len(ports) > limit else "")
+
+
+def diff(old: Config, new: Config) -> ConfigDiff:
+    old_routes, new_routes = old.routes, new.routes
+    kept = old_routes.keys() & new_routes.keys()
+    old_apps = {a.name: a for a in old.apps}
+    return ConfigDiff(
+        added_ports=frozenset(new_routes.keys() - old_routes.keys()),
+        removed_ports=frozenset(old_routes.keys() - new_routes.keys()),
+        moved_ports=frozenset(p for p in kept if old_routes[p].name != new_routes[p].name),
+        retargeted_apps=tuple(a.name for a in new.apps
+                              if a.name in old_apps and old_apps[a.name].targets != a.targets),
+    )
+
+
+def json_path(parts: Iterable[Any]) -> str:
+    """``["Apps", 1, "Ports", 0]`` -> ``Apps[1].Ports[0]``."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+@cache
+def schema() -> dict:
+    return json.loads(resources.files(__package__).joinpath("config.schema.json").read_text())
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the config file at ``path``; raise ConfigError naming every problem."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read: {e.strerror}"]) from None
+    return loads(data, source)
+
+
+def loads(data: bytes | str, source: str = "<config>") -> Config:
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not UTF-8 text (byte {e.start})"]) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(source, [f"line {e.lineno} column {e.colno}: invalid JSON: {e.msg}"]) from None
+    except ValueError as e:  # duplicate key
+        raise ConfigError(source, [f"invalid JSON: {e}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["invalid JSON: nested too deeply"]) from None
+
+    validator = jsonschema.Draft202012Validator(schema())
+    problems = [(list(e.absolute_path), e.message) for e in validator.iter_errors(doc)]
+    problems += _semantic_problems(doc)
+    if problems:
+        problems.sort(key=lambda p: [(0, x) if isinstance(x, int) else (1, x) for x in p[0]])
+        raise ConfigError(source, [f"{json_path(path)}: {message}" for path, message in problems])
+    apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
+                     tuple(Target.parse(t) for t in a["Targets"])) for a in doc["Apps"])
+    return Config(apps, source, hashlib.sha256(raw).hexdigest())
+
+
+def _semantic_problems(doc: Any) -> list[tuple[list, str]]:
+    """What the schema cannot say. Tolerates a doc that failed the schema: it checks
+    whatever parts are well-formed, so one run reports every problem."""
+    apps = doc.get("Apps") if isinstance(doc, dict) else None
+    if not isinstance(apps, list):
+        return []
+    problems: list[tuple[list, str]] = []
+    names: dict[str, int] = {}
+    owners: dict[int, str] = {}
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict):
+            continue
+        name = app.get("Name")
+        if isinstance(name, str):
+            if name in names:
+                problems.append((["Apps", i, "Name"],
+                                 f"{name!r} is already the name of Apps[{names[name]}]"))
+            names.setdefault(name, i)
+        ports = app.get("Ports")
+        for j, port in enumerate(ports if isinstance(ports, list) else []):
+            if not isinstance(port, int) or isinstance(port, bool):
+                continue
+            if port in owners:
+                problems.append((["Apps", i, "Ports", j],
+                                 f"port {port} is already used by {owners[port]}"))
+            else:
+                owners[port] = f"Apps[{i}] ({name!r})"
+        targets = app.get("Targets")
+        seen: dict[Target, int] = {}
+        for j, text in enumerate(targets if isinstance(targets, list) else []):
+            if not isinstance(text, str):
+                continue
+            try:
+                target = Target.parse(text)
+            except ValueError as e:
+                problems.append((["Apps", i, "Targets", j], f"{text!r}: {e}"))
+                continue
+            if target in seen:
+                problems.append((["Apps", i, "Targets", j],
+                                 f"{text!r} is already listed as Targets[{seen[target]}]"))
+            seen.setdefault(target, j)
+    return problems

@@ -1,0 +1,56 @@
+"""A small TCP echo backend for demos and tests: what it reads it writes back.
+
+It honours half-close: when the client shuts down its write side, the echo
+finishes writing and then closes its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        return False  # asyncio closes the transport once the write buffer drains
+
+    # Backpressure: stop reading while the client is not reading our echo.
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); raise ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def start(addresses: list[tuple[str, int]]) -> list[asyncio.Server]:
+    loop = asyncio.get_running_loop()
+    servers = []
+    for host, port in addresses:
+        servers.append(await loop.create_server(Echo, host, port, reuse_address=True))
+        log.info("echo listening on %s:%d", host, port)
+    return servers
+
+
+async def serve(addresses: list[tuple[str, int]]) -> None:
+    servers = await start(addresses)
+    try:
+        await asyncio.gather(*(s.serve_forever() for s in servers))
+    finally:
+        for s in servers:
+            s.close()

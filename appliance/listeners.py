@@ -1,0 +1,77 @@
+"""Where listening sockets come from: bound here per port, or handed in.
+
+Kept apart from what happens to a connection (``proxy.py``): the proxy takes
+sockets, whoever made them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+BACKLOG = 4096  # connections; the kernel caps it at net.core.somaxconn
+
+
+class ListenerError(Exception):
+    pass
+
+
+def bind(port: int, host: str | None = None, backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket on ``host:port``; with no host, dual-stack on every address.
+
+    With no host we bind ``::`` with IPV6_V6ONLY off (IPv4 and IPv6 on one socket), and
+    fall back to ``0.0.0.0`` where the host has no IPv6.
+    """
+    if host is None:
+        try:
+            return _listen(socket.AF_INET6, ("::", port), backlog, dual_stack=True)
+        except OSError as e:
+            if e.errno not in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here
+                raise
+            host = "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _listen(family, (host, port), backlog)
+
+
+def _listen(family: int, addr: tuple, backlog: int, dual_stack: bool = False) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def from_fd(fd: int) -> socket.socket:
+    """Adopt an inherited fd; it must be a listening TCP socket (family is detected)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise ListenerError(f"fd {fd} is not a socket: {e.strerror}") from None
+    check_listening_tcp(sock, f"fd {fd}")
+    sock.setblocking(False)
+    return sock
+
+
+def check_listening_tcp(sock: socket.socket, what: str) -> None:
+    """Raise ListenerError unless ``sock`` is a listening IPv4/IPv6 TCP socket."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ListenerError(f"{what} is not an IPv4/IPv6 socket (family {sock.family!r})")
+    if sock.type != socket.SOCK_STREAM:
+        raise ListenerError(f"{what} is not a TCP (stream) socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ListenerError(f"{what} is not listening")
+
+
+def systemd_fds() -> list[int]:
+    """The fds systemd passed us (LISTEN_FDS), or [] when not socket-activated."""
+    if "LISTEN_FDS" not in os.environ:
+        return []
+    from systemd import daemon  # python3-systemd; only needed under systemd
+    return list(daemon.listen_fds(unset_environment=True))

@@ -1,0 +1,112 @@
+"""The long-running service: startup, main loop, reload, graceful shutdown.
+
+Startup: take handed-in sockets (systemd's LISTEN_FDS, or ``--fd``) or bind every
+configured port, then report READY to systemd.
+
+Main loop: SIGHUP re-reads the config file, validates it, and applies it; an invalid
+config is logged with every error and the old one keeps serving.
+
+Shutdown: SIGTERM/SIGINT stops accepting and lets open connections finish for a
+bounded grace period, then aborts what is left. A second signal aborts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from . import config as configmod
+from . import listeners
+from .proxy import CONNECT_TIMEOUT_S, GRACE_PERIOD_S, Proxy
+
+log = logging.getLogger(__name__)
+
+
+def notify(*lines: str) -> None:
+    """Tell systemd about our state (READY=1, RELOADING=1, STATUS=...); a no-op outside it."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd import daemon
+    except ImportError:  # pragma: no cover - python3-systemd is a dependency of the appliance
+        return
+    daemon.notify("\n".join(lines))
+
+
+class Server:
+    def __init__(self, config_path: str, config: configmod.Config, *,
+                 host: str | None = None, sockets: list[socket.socket] | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 grace_s: float = GRACE_PERIOD_S) -> None:
+        self.config_path = config_path
+        self.proxy = Proxy(config, host=host, connect_timeout_s=connect_timeout_s)
+        self.sockets = sockets or []
+        self.grace_s = grace_s
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._drain: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        return f"<Server {self.config_path} {self.proxy!r}>"
+
+    def status_line(self) -> str:
+        p = self.proxy
+        return (f"generation {p.generation}: {p.config.summary()}, "
+                f"{len(p.tunnels)} active connections")
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self.proxy.start(self.sockets)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        where = (f"{len(self.sockets)} handed-in sockets" if self.sockets
+                 else f"{len(self.proxy.listening_ports)} ports")
+        log.info("serving %s on %s", self.proxy.config.summary(), where)
+        notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+
+        await self._stop.wait()
+        notify("STOPPING=1", "STATUS=draining connections")
+        self.proxy.stop_accepting()
+        n = len(self.proxy.tunnels)
+        if n:
+            log.info("stopped accepting; waiting up to %ss for %d connections", self.grace_s, n)
+        self._drain = asyncio.ensure_future(self.proxy.drain(self.grace_s))
+        try:
+            aborted = await self._drain
+        except asyncio.CancelledError:  # second signal
+            aborted = len(self.proxy.tunnels)
+            for tunnel in list(self.proxy.tunnels):
+                tunnel.close(abort=True)
+        if aborted:
+            log.warning("aborted %d connections still open at shutdown", aborted)
+        log.info("stopped")
+        return 0
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: shutting down gracefully (send again to stop at once)", sig.name)
+            self._stop.set()
+        elif self._drain is not None:
+            log.info("%s again: closing all connections now", sig.name)
+            self._drain.cancel()
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the config file and apply it; returns (ok, message). Never raises for bad input."""
+        notify("RELOADING=1", "STATUS=reloading")
+        try:
+            new = configmod.load(self.config_path)
+            change = await self.proxy.reload(new)
+        except (configmod.ConfigError, listeners.ListenerError) as e:
+            message = f"reload failed, still serving generation {self.proxy.generation}:\n{e}"
+            log.error("%s", message)
+            notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
+            return False, message
+        message = f"reloaded to generation {self.proxy.generation} ({new.summary()}): {change}"
+        log.info("%s", message)
+        notify("READY=1", f"STATUS={self.status_line()}")
+        return True, message
