@@ -21,7 +21,12 @@ class AllTargetsFailed(Exception):
 
     def __init__(self, failures: list[tuple[Target, str]]):
         self.failures = failures
-        super().__init__(", ".join(f"{t}: {why}" for t, why in failures) or "no targets")
+        super().__init__(describe(failures) or "no targets")
+
+
+def describe(failures: list[tuple[Target, str]]) -> str:
+    """``[(target, reason), ...]`` -> ``"10.0.0.1:80: refused, db:5432: dns"``."""
+    return ", ".join(f"{target}: {reason}" for target, reason in failures)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -46,15 +51,17 @@ async def connect(
     targets: Sequence[Target],
     protocol_factory: Callable[[], asyncio.Protocol],
     connect_timeout_s: float,
-) -> tuple[asyncio.Transport, asyncio.Protocol, Target, int]:
-    """Connect to one of ``targets``; return (transport, protocol, target, attempts).
+) -> tuple[asyncio.Transport, asyncio.Protocol, Target, list[tuple[Target, str]]]:
+    """Connect to one of ``targets``; return (transport, protocol, target, failures).
+
+    ``failures`` lists the targets tried before the one that answered, and why each failed.
 
     Names are resolved by the event loop (getaddrinfo in its executor), so the loop
     never blocks. Raises AllTargetsFailed when no target accepts.
     """
     loop = asyncio.get_running_loop()
     failures: list[tuple[Target, str]] = []
-    for attempts, target in enumerate(attempt_order(targets), start=1):
+    for target in attempt_order(targets):
         try:
             async with asyncio.timeout(connect_timeout_s):
                 transport, protocol = await loop.create_connection(
@@ -62,5 +69,5 @@ async def connect(
         except (OSError, TimeoutError) as exc:
             failures.append((target, failure_reason(exc)))
             continue
-        return transport, protocol, target, attempts
+        return transport, protocol, target, failures
     raise AllTargetsFailed(failures)

@@ -55,10 +55,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load_or_exit(args.config)
     try:
-        fds = args.fd or listeners.systemd_fds()
-        sockets = [listeners.from_fd(fd) for fd in fds]
-    except listeners.ListenerError as e:
+        if args.listen:
+            host, port = listeners.parse_hostport(args.listen)
+            sockets = [listeners.bind(port, host or None)]
+        else:
+            fds = args.fd or listeners.systemd_fds()
+            sockets = [listeners.from_fd(fd) for fd in fds]
+    except (listeners.ListenerError, ValueError) as e:
         print(f"flyproxy serve: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"flyproxy serve: cannot listen on {args.listen}: {e.strerror}", file=sys.stderr)
         return 1
 
     async def main() -> int:
@@ -77,7 +84,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from . import echo
 
     try:
-        addresses = [echo.parse_hostport(a) for a in args.listen]
+        addresses = [(h or "127.0.0.1", p) for h, p in map(listeners.parse_hostport, args.listen)]
     except ValueError as e:
         print(f"flyproxy echo: {e}", file=sys.stderr)
         return 2
@@ -123,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd", type=int, action="append",
                    help="serve on this inherited listening socket instead of binding ports "
                         "(repeatable; systemd's LISTEN_FDS are used automatically)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="single-listener mode: bind one socket here and route every connection "
+                        "steered to it by the port the client dialled (use with flyproxy bpf)")
     p.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="per-target connect timeout (default 3)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
@@ -138,10 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the proxy binds (default 127.0.0.1)")
     p.set_defaults(func=cmd_demo)
 
+    from .bpf.cli import add_commands
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    if args.command == "bpf":
+        from .bpf.cli import run
+        return run(args)
     return args.func(args)

@@ -193,7 +193,7 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
         raise ConfigError(source, ["invalid JSON: nested too deeply"]) from None
 
     validator = jsonschema.Draft202012Validator(schema())
-    problems = [(list(e.absolute_path), e.message) for e in validator.iter_errors(doc)]
+    problems = [(list(e.absolute_path), _message(e)) for e in validator.iter_errors(doc)]
     problems += _semantic_problems(doc)
     if problems:
         problems.sort(key=lambda p: [(0, x) if isinstance(x, int) else (1, x) for x in p[0]])
@@ -201,6 +201,12 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
     apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
                      tuple(Target.parse(t) for t in a["Targets"])) for a in doc["Apps"])
     return Config(apps, source, hashlib.sha256(raw).hexdigest())
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "minItems" and error.validator_value == 1:
+        return "is empty; list at least one"
+    return error.message
 
 
 def _semantic_problems(doc: Any) -> list[tuple[list, str]]:

@@ -30,14 +30,6 @@ class Echo(asyncio.Protocol):
         self.transport.resume_reading()
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); raise ValueError otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 async def start(addresses: list[tuple[str, int]]) -> list[asyncio.Server]:
     loop = asyncio.get_running_loop()
     servers = []

@@ -16,6 +16,14 @@ class ListenerError(Exception):
     pass
 
 
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` -> (host or "", port); ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def bind(port: int, host: str | None = None, backlog: int = BACKLOG) -> socket.socket:
     """A listening TCP socket on ``host:port``; with no host, dual-stack on every address.
 

@@ -130,7 +130,7 @@ class Proxy:
 
     async def _connect(self, tunnel: Tunnel, targets) -> None:
         try:
-            transport, backend, target, attempts = await balancer.connect(
+            transport, backend, target, failures = await balancer.connect(
                 targets, lambda: Side(tunnel), self.connect_timeout_s)
         except balancer.AllTargetsFailed as e:
             log.warning("app %s port %s: all %d targets failed (%s); closing client",
@@ -139,10 +139,10 @@ class Proxy:
             return
         finally:
             tunnel.connecting = None
-        tunnel.target, tunnel.attempts = target, attempts
-        if attempts > 1:
-            log.info("app %s port %s: connected to %s after %d attempts",
-                     tunnel.app, tunnel.port, target, attempts)
+        tunnel.target, tunnel.attempts = target, len(failures) + 1
+        if failures:
+            log.info("app %s port %s: connected to %s after %d attempts (%s)", tunnel.app,
+                     tunnel.port, target, tunnel.attempts, balancer.describe(failures))
         tunnel.link(backend)
 
     def _closed(self, tunnel: Tunnel, exc: Exception | None) -> None:

@@ -108,20 +108,33 @@ class Tunnel:
                 f"client={self.client!r} backend={self.backend!r}>")
 
     def link(self, backend: Side) -> None:
-        """Join a connected backend to the client and start reading the client."""
-        self.backend = backend
-        backend.peer, self.client.peer = self.client, backend
+        """Join a connected backend to the client and start relaying both ways.
+
+        Either side may already have read data, read EOF or gone away while the
+        backend was connecting (``Side.early``, ``eof``, ``closed``): pass all of it on.
+        """
         client = self.client
-        if client.closed:
+        self.backend = backend
+        backend.peer, client.peer = client, backend
+        for side in (client, backend):
+            if side.early:
+                if not side.peer.closed:
+                    side.peer.transport.writelines(side.early)
+                side.early = []
+        if client.eof and backend.eof:
+            client.transport.close()
             backend.transport.close()
             return
-        if client.early:
-            backend.transport.writelines(client.early)
-            client.early.clear()
-        if client.eof:
-            backend.transport.write_eof()
-        else:
-            client.transport.resume_reading()
+        for side in (client, backend):
+            peer = side.peer
+            if side.closed:
+                if not peer.closed:
+                    peer.transport.close()
+            elif side.eof:
+                if not peer.closed:
+                    peer.transport.write_eof()
+            else:
+                side.transport.resume_reading()
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         if side is self.client and self.connecting is not None:

@@ -102,7 +102,7 @@ class Server:
             new = configmod.load(self.config_path)
             change = await self.proxy.reload(new)
         except (configmod.ConfigError, listeners.ListenerError) as e:
-            message = f"reload failed, still serving generation {self.proxy.generation}:\n{e}"
+            message = f"reload of {self.config_path} failed, still serving generation {self.proxy.generation}:\n{e}"
             log.error("%s", message)
             notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
             return False, message

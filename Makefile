@@ -1,0 +1,54 @@
+# flyproxy: `make run` (offline demo) and `make test` (everything) on a fresh Debian 12, as root.
+SHELL := /bin/bash
+PYTHON := /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+
+# Debian packages: what the product needs at run time, and what the tests drive.
+RUNTIME_DEBS := python3-jsonschema python3-systemd
+BPF_DEBS := python3-bpfcc bpftool iproute2
+TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout python3-testinfra \
+	netcat-openbsd systemd debootstrap systemd-container
+ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
+
+.PHONY: help run test deps deps-runtime venv bpf headers clean
+
+help:
+	@echo "make run    - offline demo: the challenge's apps on local echo targets"
+	@echo "make test   - install what the tests need, then run every test"
+	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
+
+# Install only the packages that are missing (apt-get update only when something is).
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+endef
+
+deps-runtime:
+	$(call apt_install,$(RUNTIME_DEBS))
+
+deps:
+	$(call apt_install,$(ALL_DEBS))
+	@bash bpf/kernel-headers.sh
+
+$(VENV)/.done: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: deps $(VENV)/.done
+
+run: deps-runtime
+	$(PYTHON) -m appliance demo
+
+test: venv
+	$(VPY) -m pytest
+
+bpf: deps
+	$(PYTHON) -m appliance bpf build
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

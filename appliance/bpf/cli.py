@@ -1,0 +1,186 @@
+"""``flyproxy bpf ...``: the privileged, short-lived control plane for sk_lookup steering.
+
+Nouns only read (``status``); verbs change state (``load``, ``sync``,
+``register``, ``unload``). ``build`` compiles and verifies without attaching.
+Only ``build`` and ``load`` compile (and import bcc); the rest are plain bpf() calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from .. import config as configmod
+from .. import listeners
+from . import syscalls as sc
+from .state import DEFAULT_PIN_DIR, PinnedState, SteeringError, unload
+
+
+def _config(path: str) -> configmod.Config:
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as e:
+        raise SteeringError(str(e)) from None
+
+
+def cmd_build(args) -> int:
+    from . import loader
+
+    module, prog_fd = loader.compile_program(Path(args.source), dump=args.dump)
+    info = sc.prog_info(prog_fd)
+    module.cleanup()
+    print(f"{args.source}: compiled and verified: program {loader.FUNCTION}, tag {info['tag']} "
+          "(not attached)")
+    return 0
+
+
+def cmd_load(args) -> int:
+    from . import loader
+
+    config = _config(args.config)
+    print(f"{args.pin_dir}: {loader.load(config, Path(args.pin_dir), Path(args.source))}")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    config = _config(args.config)
+    with PinnedState(args.pin_dir) as state:
+        changed, removed = state.sync(config)
+    print(f"{args.pin_dir}: port map synced to {args.config}: "
+          f"{len(config.ports)} ports, {len(changed)} added or changed, {len(removed)} removed")
+    return 0
+
+
+def listening_sockets_of(pid: int, fd: int | None) -> list[socket.socket]:
+    """Listening TCP sockets of process ``pid`` (just fd ``fd`` if given), via pidfd_getfd."""
+    if fd is not None:
+        candidates = [fd]
+    else:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            candidates = [int(e.name) for e in fd_dir.iterdir()
+                          if os.readlink(e).startswith("socket:")]
+        except OSError as e:
+            raise SteeringError(f"cannot list fds of process {pid}: {e.strerror}") from None
+    found = []
+    for n in candidates:
+        try:
+            sock = socket.socket(fileno=sc.pidfd_getfd(pid, n))
+        except OSError as e:
+            raise SteeringError(f"cannot take fd {n} of process {pid}: {e.strerror}") from None
+        try:
+            listeners.check_listening_tcp(sock, f"fd {n} of process {pid}")
+        except listeners.ListenerError as e:
+            sock.close()
+            if fd is not None:
+                raise SteeringError(str(e)) from None
+            continue
+        found.append(sock)
+    return found
+
+
+def _listener(args) -> socket.socket:
+    if args.pid is not None:
+        found = listening_sockets_of(args.pid, args.fd)
+        if len(found) != 1:
+            for s in found:
+                s.close()
+            raise SteeringError(f"process {args.pid} has {len(found)} listening TCP sockets; "
+                                "name one with --fd")
+        return found[0]
+    fds = [args.fd] if args.fd is not None else listeners.systemd_fds()
+    if len(fds) != 1:
+        raise SteeringError("say which socket to register: --fd N, --pid PID [--fd N], "
+                            f"or exactly one socket from systemd (got {len(fds)})")
+    try:
+        return listeners.from_fd(fds[0])
+    except listeners.ListenerError as e:
+        raise SteeringError(str(e)) from None
+
+
+def cmd_register(args) -> int:
+    sock = _listener(args)
+    if sock.family == socket.AF_INET6 and sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+        print("warning: the listener is IPv6-only; IPv4 connections cannot be steered to it",
+              file=sys.stderr)
+    with PinnedState(args.pin_dir) as state, sock:
+        cookie = state.register(sock)
+    print(f"{args.pin_dir}: registered listener {sock.getsockname()[:2]} (socket cookie {cookie})")
+    return 0
+
+
+def cmd_status(args) -> int:
+    with PinnedState(args.pin_dir, readonly=True) as state:
+        status = state.status()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    ports = sorted(status["ports"])
+    cookie = status["listener_cookie"]
+    print(f"state:    {status['pin_dir']}")
+    print(f"program:  id {status['program']['id']} tag {status['program']['tag']}")
+    print(f"link:     id {status['link']['id']} netns inode {status['link']['netns_ino']}")
+    print(f"listener: {'socket cookie %d' % cookie if cookie is not None else 'NONE (SYNs dropped)'}")
+    print(f"ports:    {len(ports)}: {' '.join(map(str, ports[:40]))}{' ...' if len(ports) > 40 else ''}")
+    print("counters: " + ", ".join(f"{k} {v}" for k, v in status["counters"].items()))
+    return 0
+
+
+def cmd_unload(args) -> int:
+    removed = unload(args.pin_dir)
+    print(f"{args.pin_dir}: " + (f"unpinned {', '.join(removed)}" if removed else "nothing loaded"))
+    return 0
+
+
+def add_commands(sub) -> None:
+    from .loader import SOURCE
+
+    bpf = sub.add_parser("bpf", help="manage sk_lookup steering (privileged)")
+    cmds = bpf.add_subparsers(dest="bpf_command", required=True, metavar="COMMAND")
+
+    def common(p, config=False):
+        p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR,
+                       help=f"state dir in bpffs (default {DEFAULT_PIN_DIR})")
+        if config:
+            from ..cli import DEFAULT_CONFIG
+            p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        return p
+
+    p = cmds.add_parser("build", help="compile and verify the program without attaching it")
+    p.add_argument("--source", default=str(SOURCE))
+    p.add_argument("--dump", action="store_true", help=argparse.SUPPRESS)  # print the final C
+    p.set_defaults(func=cmd_build)
+
+    p = common(cmds.add_parser("load", help="load, attach and pin; fill the port map"), True)
+    p.add_argument("--source", default=str(SOURCE))
+    p.set_defaults(func=cmd_load)
+
+    common(cmds.add_parser("sync", help="make the port map equal the config"), True) \
+        .set_defaults(func=cmd_sync)
+
+    p = common(cmds.add_parser("register", help="put the proxy's listening socket in the sockmap"))
+    p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
+    p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
+    p.set_defaults(func=cmd_register)
+
+    p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    common(cmds.add_parser("unload", help="detach and unpin everything")) \
+        .set_defaults(func=cmd_unload)
+
+
+def run(args) -> int:
+    try:
+        return args.func(args)
+    except SteeringError as e:
+        print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
+        return 1

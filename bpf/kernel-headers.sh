@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Make kernel headers available to bcc at /lib/modules/$(uname -r)/build.
+# 1. Already there: nothing to do.
+# 2. Debian has headers for this exact kernel (a real Debian VM): install them.
+# 3. Otherwise (custom kernel, as on our CI machines): link Debian's generic
+#    linux-headers-amd64 in. bcc needs `build` -> the *-amd64 dir and
+#    `source` -> the *-common dir. Good enough for our sk_lookup program, which
+#    uses only UAPI types; see NOTES.md.
+set -euo pipefail
+release=$(uname -r)
+moddir=/lib/modules/$release
+if [ -e "$moddir/build/include" ]; then
+    exit 0
+fi
+apt_has() { apt-cache show "$1" >/dev/null 2>&1; }
+if ! apt_has "linux-headers-$release"; then
+    apt-get update -qq
+fi
+if apt_has "linux-headers-$release"; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$release" >/dev/null
+    exit 0
+fi
+if ! ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-headers-amd64 >/dev/null
+fi
+build=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n 1)
+common=$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -n 1)
+mkdir -p "$moddir"
+ln -sfn "$build" "$moddir/build"
+ln -sfn "$common" "$moddir/source"
+echo "kernel-headers: no headers package for $release; linked $build (generic Debian headers)"

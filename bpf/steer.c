@@ -1,0 +1,80 @@
+// flyproxy sk_lookup steering program, compiled at load time by bcc.
+//
+// For every new TCP connection (IPv4 or IPv6) the kernel asks this program which
+// socket should receive it, before its normal socket lookup:
+//   - destination port not in flyproxy_ports  -> SK_PASS without a socket: the
+//     normal lookup runs (other services on the host are unaffected);
+//   - destination port in flyproxy_ports       -> the connection is assigned to
+//     the one listener in flyproxy_listener (a dual-stack listener takes both
+//     families), and the proxy routes it by the port the client dialled;
+//   - port is ours but no listener registered  -> SK_DROP: the SYN is dropped
+//     and the client retransmits it (1 s, 3 s, ...). A reset would tell the
+//     client "nobody here" and fail its connection for good; a drop lets a
+//     listener that is being (re)registered pick the connection up on the
+//     retransmit. Falling through to normal lookup is worse still: it could
+//     hand our traffic to whatever else listens on that port.
+//
+// Maps (pinned under the state dir, updated by `flyproxy bpf sync/register`):
+//   flyproxy_ports     port (host byte order) -> app index in the config
+//   flyproxy_listener  one-slot sockmap holding the proxy's listening socket
+//   flyproxy_counters  per-CPU outcome counters (see enum below)
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+
+#ifndef FLYPROXY_MAX_PORTS
+#define FLYPROXY_MAX_PORTS 65536
+#endif
+
+// When a state dir already holds pinned maps, the loader defines
+// FLYPROXY_PIN_DIR so a replacement program reuses them (no port or listener is
+// lost across an upgrade of the program).
+#ifdef FLYPROXY_PIN_DIR
+#define FLYPROXY_TABLE(type, key, leaf, name, max) \
+    BPF_TABLE_PINNED(type, key, leaf, name, max, FLYPROXY_PIN_DIR "/" #name)
+#else
+#define FLYPROXY_TABLE(type, key, leaf, name, max) BPF_TABLE(type, key, leaf, name, max)
+#endif
+
+enum flyproxy_counter {
+    FLYPROXY_STEERED = 0,      // assigned to our listener
+    FLYPROXY_NO_LISTENER = 1,  // our port, but no listener registered: SYN dropped
+    FLYPROXY_ASSIGN_FAILED = 2,// bpf_sk_assign refused the listener: SYN dropped
+    FLYPROXY_NCOUNTERS = 3,
+};
+
+FLYPROXY_TABLE("hash", u16, u32, flyproxy_ports, FLYPROXY_MAX_PORTS);
+FLYPROXY_TABLE("sockmap", u32, u64, flyproxy_listener, 1);
+FLYPROXY_TABLE("percpu_array", u32, u64, flyproxy_counters, FLYPROXY_NCOUNTERS);
+
+static __always_inline void count(u32 which)
+{
+    u64 *value = flyproxy_counters.lookup(&which);
+    if (value)
+        *value += 1;  // per-CPU slot: no atomics needed
+}
+
+int flyproxy_steer(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+
+    u16 port = ctx->local_port;  // host byte order
+    if (!flyproxy_ports.lookup(&port))
+        return SK_PASS;  // not ours: normal socket lookup
+
+    u32 zero = 0;
+    struct bpf_sock *listener = (struct bpf_sock *)flyproxy_listener.lookup(&zero);
+    if (!listener) {
+        count(FLYPROXY_NO_LISTENER);
+        return SK_DROP;
+    }
+    long err = bpf_sk_assign(ctx, listener, 0);
+    bpf_sk_release(listener);
+    if (err) {
+        count(FLYPROXY_ASSIGN_FAILED);
+        return SK_DROP;
+    }
+    count(FLYPROXY_STEERED);
+    return SK_PASS;
+}

@@ -1,0 +1,224 @@
+"""Test helpers: real sockets on loopback, real proxy processes, bounded waits.
+
+Every wait here has a deadline and raises on expiry, so a broken proxy fails the
+suite instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = os.environ.get("FLYPROXY_TEST_PYTHON", sys.executable)
+WAIT_S = 10.0  # the bound on any single wait for the proxy
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free right now on ``host`` (kept bound until all are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def dead_port() -> int:
+    """A loopback port where nothing listens: connecting is refused."""
+    return free_ports(1)[0]
+
+
+class TaggedBackend(socketserver.ThreadingTCPServer):
+    """A backend that greets with ``<tag>\\n`` and then echoes until EOF (half-close aware)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, tag: str, port: int = 0, host: str = "127.0.0.1"):
+        self.tag = tag
+        self.connections = 0
+        self.eofs = 0  # connections whose client half-closed and were answered after
+        super().__init__((host, port), _TaggedHandler)
+        self.port = self.server_address[1]
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _TaggedHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: TaggedBackend = self.server  # type: ignore[assignment]
+        server.connections += 1
+        sock: socket.socket = self.request
+        sock.settimeout(60)
+        try:
+            sock.sendall(server.tag.encode() + b"\n")
+            while data := sock.recv(65536):
+                sock.sendall(data)
+            server.eofs += 1
+            sock.sendall(b"bye\n")  # written after the client's EOF: half-close works
+        except OSError:
+            pass
+
+
+def write_config(path: Path, apps: dict[str, tuple[list[int], list[str]]]) -> Path:
+    doc = {"Apps": [{"Name": name, "Ports": ports, "Targets": targets}
+                    for name, (ports, targets) in apps.items()]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)  # atomic, as an operator's editor or Ansible would
+    return path
+
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float = WAIT_S) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=timeout)
+    s.settimeout(timeout)
+    return s
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One ``\\n``-terminated line (without it); b'' if the peer closed first."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf[:-1]
+
+
+def greet(port: int, host: str = "127.0.0.1") -> str:
+    """Connect through the proxy and return the backend's tag; '' if the proxy closed us."""
+    with connect(port, host) as s:
+        return read_line(s).decode()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: collects sd_notify messages from the proxy."""
+
+    def __init__(self, directory: Path):
+        self.path = str(directory / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = WAIT_S) -> dict:
+        """The next message (after those already consumed) that sets ``key`` (to ``value``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no sd_notify {key}={value or '*'} within {timeout}s; "
+                                   f"got {self.messages}")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(4096).decode()
+            msg = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            self.messages.append(msg)
+            if key in msg and (value is None or msg[key] == value):
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ProxyProcess:
+    """``flyproxy serve`` in a subprocess, ready when it has sent READY=1."""
+
+    def __init__(self, config: Path, *args: str, pass_fds: tuple[int, ...] = (),
+                 env: dict | None = None, host: str | None = "127.0.0.1"):
+        self.config = config
+        self.notify = NotifySocket(config.parent)
+        cmd = [PYTHON, "-m", "appliance", "--log-level", "debug", "serve", "-c", str(config),
+               "--connect-timeout", "1"]
+        if host:
+            cmd += ["--host", host]
+        cmd += list(args)
+        self.log_path = config.parent / "proxy.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=pass_fds,
+            env={**os.environ, **(env or {}), "NOTIFY_SOCKET": self.notify.path,
+                 "PYTHONPATH": str(REPO)})
+        try:
+            self.notify.wait_for("READY", "1")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"proxy did not become ready:\n{self.output()}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def reload(self) -> dict:
+        """SIGHUP, then wait for the proxy to report it is ready again; returns that message."""
+        self.proc.send_signal(signal.SIGHUP)
+        self.notify.wait_for("RELOADING", "1")
+        return self.notify.wait_for("READY", "1")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = WAIT_S) -> int:
+        return self.proc.wait(timeout)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(WAIT_S)
+        self.log.close()
+        self.notify.close()
+
+
+@contextlib.contextmanager
+def backends(*tags: str):
+    servers = [TaggedBackend(tag) for tag in tags]
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def run_cli(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "appliance", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **kw.pop("env", {})}, **kw)

@@ -1,0 +1,147 @@
+"""The config loader: the challenge's format, every error named with file, path and problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance import config
+from helpers import REPO, run_cli
+
+CHALLENGE = REPO.parent / "shared" / "mission" / "config.json"
+
+
+def doc(*apps):
+    return json.dumps({"Apps": list(apps)})
+
+
+def app(name="a", ports=(1000,), targets=("127.0.0.1:1",)):
+    return {"Name": name, "Ports": list(ports), "Targets": list(targets)}
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(config.ConfigError) as info:
+        config.loads(text, "cfg.json")
+    return info.value.errors
+
+
+def test_repo_config_is_the_challenge_config():
+    ours = config.load(REPO / "config.json")
+    assert [a.name for a in ours.apps] == ["five-thousand", "six-thousand", "seven-thousand"]
+    assert ours.ports == {5001, 5200, 5300, 5400, 6001, 6200, 6300, 6400, 7001, 7200, 7300, 7400}
+    assert config.Target("bad.target.for.testing", 6003) in ours.apps[1].targets
+    if CHALLENGE.exists():
+        assert json.loads(CHALLENGE.read_text()) == json.loads((REPO / "config.json").read_text())
+
+
+@pytest.mark.parametrize("text, host, port", [
+    ("tcp-echo.fly.dev:5001", "tcp-echo.fly.dev", 5001),
+    ("127.0.0.1:80", "127.0.0.1", 80),
+    ("[::1]:8080", "::1", 8080),
+    ("localhost:65535", "localhost", 65535),
+])
+def test_target_forms(text, host, port):
+    target = config.Target.parse(text)
+    assert (target.host, target.port) == (host, port)
+    assert str(target) == text
+
+
+@pytest.mark.parametrize("target, problem", [
+    ("nocolon", "not host:port"),
+    ("host:0", "port '0' is not a number from 1 to 65535"),
+    ("host:65536", "port '65536' is not a number"),
+    ("host:http", "port 'http' is not a number"),
+    ("::1:80", "needs [brackets]"),
+    ("[nonsense]:80", "not an IPv6 address"),
+    ("under_score:80", "not a valid host name"),
+    (":80", "not host:port"),
+])
+def test_bad_targets_are_named(target, problem):
+    errors = errors_of(doc(app(targets=["127.0.0.1:1", target])))
+    assert len(errors) == 1
+    assert errors[0].startswith("Apps[0].Targets[1]: ")
+    assert problem in errors[0]
+
+
+@pytest.mark.parametrize("apps, expected", [
+    ([app(ports=[0])], "Apps[0].Ports[0]: 0 is less than the minimum of 1"),
+    ([app(ports=[65536])], "Apps[0].Ports[0]: 65536 is greater than the maximum of 65535"),
+    ([app(ports=["80"])], "Apps[0].Ports[0]: '80' is not of type 'integer'"),
+    ([app(ports=[])], "Apps[0].Ports: is empty; list at least one"),
+    ([app(targets=[])], "Apps[0].Targets: is empty; list at least one"),
+    ([app(), app("b", ports=[2000, 1000])], "Apps[1].Ports[1]: port 1000 is already used by Apps[0] ('a')"),
+    ([app(ports=[1000, 1000])], "Apps[0].Ports[1]: port 1000 is already used by Apps[0] ('a')"),
+    ([app(), app(ports=[2000])], "Apps[1].Name: 'a' is already the name of Apps[0]"),
+    ([app(targets=["h:1", "h:1"])], "Apps[0].Targets[1]: 'h:1' is already listed as Targets[0]"),
+    ([{"Name": "a", "Ports": [1]}], "Apps[0]: 'Targets' is a required property"),
+    ([{**app(), "Port": [1]}], "Apps[0]: Additional properties are not allowed ('Port' was unexpected)"),
+])
+def test_semantic_and_schema_errors(apps, expected):
+    assert expected in errors_of(doc(*apps))
+
+
+def test_all_errors_are_reported_at_once():
+    errors = errors_of(doc(app(ports=[0, 1000, 1000], targets=["bad", "h:1"]),
+                           app(ports=[1000], targets=["[::1]:99999"])))
+    assert errors == [
+        "Apps[0].Ports[0]: 0 is less than the minimum of 1",
+        "Apps[0].Ports[2]: port 1000 is already used by Apps[0] ('a')",
+        "Apps[0].Targets[0]: 'bad': not host:port",
+        "Apps[1].Name: 'a' is already the name of Apps[0]",
+        "Apps[1].Ports[0]: port 1000 is already used by Apps[0] ('a')",
+        "Apps[1].Targets[0]: '[::1]:99999': port '99999' is not a number from 1 to 65535",
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"Apps": [\n  {"Name": }\n]}', "line 2 column 12: invalid JSON: Expecting value"),
+    ('{"Apps": [], "Apps": []}', "invalid JSON: key 'Apps' appears twice in one object"),
+    ("[]", "(top level): [] is not of type 'object'"),
+    ("{}", "(top level): 'Apps' is a required property"),
+    (b"\xff\xfe", "not UTF-8 text (byte 0)"),
+])
+def test_broken_documents(text, expected):
+    assert errors_of(text) == [expected]
+
+
+def test_error_string_names_the_file():
+    with pytest.raises(config.ConfigError) as info:
+        config.loads("{}", "/etc/flyproxy/config.json")
+    assert str(info.value) == "/etc/flyproxy/config.json: (top level): 'Apps' is a required property"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="missing.json: cannot read: No such file"):
+        config.load(tmp_path / "missing.json")
+
+
+def test_diff():
+    old = config.loads(doc(app("a", [1, 2], ["h:1"]), app("b", [3], ["h:2"]), app("c", [4], ["h:3"])))
+    new = config.loads(doc(app("a", [1, 5], ["h:1"]), app("b", [4], ["h:9"]), app("c", [3], ["h:3"])))
+    change = config.diff(old, new)
+    assert change.added_ports == {5}
+    assert change.removed_ports == {2}
+    assert change.moved_ports == {3, 4}
+    assert change.retargeted_apps == ("b",)
+    assert not config.diff(old, old)
+    assert str(config.diff(old, old)) == "no changes"
+    assert "ports added: 5" in str(change)
+
+
+def test_cli_check_good():
+    result = run_cli("check", "-c", str(REPO / "config.json"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("OK: 3 apps, 12 ports, 7 targets")
+
+
+def test_cli_check_bad(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(doc(app(ports=[70000], targets=["x"])))
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}: Apps[0].Ports[0]: 70000 is greater than the maximum of 65535",
+        f"{path}: Apps[0].Targets[0]: 'x': not host:port",
+    ]
+    assert "Traceback" not in result.stderr
