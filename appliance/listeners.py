@@ -25,12 +25,12 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 
 def bind(port: int, host: str | None = None, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket on ``host:port``; with no host, dual-stack on every address.
+    """A listening TCP socket on ``host:port``; with no host (or ``::``), dual-stack on every address.
 
-    With no host we bind ``::`` with IPV6_V6ONLY off (IPv4 and IPv6 on one socket), and
+    Then we bind ``::`` with IPV6_V6ONLY off (IPv4 and IPv6 on one socket), and
     fall back to ``0.0.0.0`` where the host has no IPv6.
     """
-    if host is None:
+    if not host or host == "::":
         try:
             return _listen(socket.AF_INET6, ("::", port), backlog, dual_stack=True)
         except OSError as e:

@@ -7,12 +7,15 @@
 //   - destination port in flyproxy_ports       -> the connection is assigned to
 //     the one listener in flyproxy_listener (a dual-stack listener takes both
 //     families), and the proxy routes it by the port the client dialled;
-//   - port is ours but no listener registered  -> SK_DROP: the SYN is dropped
-//     and the client retransmits it (1 s, 3 s, ...). A reset would tell the
-//     client "nobody here" and fail its connection for good; a drop lets a
-//     listener that is being (re)registered pick the connection up on the
-//     retransmit. Falling through to normal lookup is worse still: it could
-//     hand our traffic to whatever else listens on that port.
+//   - port is ours but no listener registered  -> SK_DROP. We would rather drop
+//     the SYN silently (the client retransmits, and a listener being registered
+//     picks it up), but sk_lookup cannot: the kernel treats SK_DROP as "no
+//     socket" and TCP answers with a reset (checked on 6.18; see NOTES.md).
+//     SK_DROP is still the right verdict: SK_PASS would fall through to normal
+//     lookup and could hand our traffic to whatever else listens on that port.
+//     The window is small in practice: systemd holds the listener, so it stays
+//     registered across restarts of the proxy; only the very first start has a
+//     moment between `bpf load` and `bpf register`.
 //
 // Maps (pinned under the state dir, updated by `flyproxy bpf sync/register`):
 //   flyproxy_ports     port (host byte order) -> app index in the config
@@ -38,8 +41,8 @@
 
 enum flyproxy_counter {
     FLYPROXY_STEERED = 0,      // assigned to our listener
-    FLYPROXY_NO_LISTENER = 1,  // our port, but no listener registered: SYN dropped
-    FLYPROXY_ASSIGN_FAILED = 2,// bpf_sk_assign refused the listener: SYN dropped
+    FLYPROXY_NO_LISTENER = 1,  // our port, but no listener registered: refused
+    FLYPROXY_ASSIGN_FAILED = 2,// bpf_sk_assign refused the listener: refused
     FLYPROXY_NCOUNTERS = 3,
 };
 

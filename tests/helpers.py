@@ -154,14 +154,15 @@ class ProxyProcess:
     """``flyproxy serve`` in a subprocess, ready when it has sent READY=1."""
 
     def __init__(self, config: Path, *args: str, pass_fds: tuple[int, ...] = (),
-                 env: dict | None = None, host: str | None = "127.0.0.1"):
+                 env: dict | None = None, host: str | None = "127.0.0.1",
+                 wrap: list[str] | None = None):
         self.config = config
         self.notify = NotifySocket(config.parent)
         cmd = [PYTHON, "-m", "appliance", "--log-level", "debug", "serve", "-c", str(config),
                "--connect-timeout", "1"]
         if host:
             cmd += ["--host", host]
-        cmd += list(args)
+        cmd = (wrap or []) + cmd + list(args)
         self.log_path = config.parent / "proxy.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

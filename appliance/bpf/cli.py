@@ -109,7 +109,8 @@ def cmd_register(args) -> int:
               file=sys.stderr)
     with PinnedState(args.pin_dir) as state, sock:
         cookie = state.register(sock)
-    print(f"{args.pin_dir}: registered listener {sock.getsockname()[:2]} (socket cookie {cookie})")
+        host, port = sock.getsockname()[:2]
+    print(f"{args.pin_dir}: registered listener {host}:{port} (socket cookie {cookie})")
     return 0
 
 
@@ -124,7 +125,7 @@ def cmd_status(args) -> int:
     print(f"state:    {status['pin_dir']}")
     print(f"program:  id {status['program']['id']} tag {status['program']['tag']}")
     print(f"link:     id {status['link']['id']} netns inode {status['link']['netns_ino']}")
-    print(f"listener: {'socket cookie %d' % cookie if cookie is not None else 'NONE (SYNs dropped)'}")
+    print(f"listener: {'socket cookie %d' % cookie if cookie is not None else 'NONE (connections to our ports are refused)'}")
     print(f"ports:    {len(ports)}: {' '.join(map(str, ports[:40]))}{' ...' if len(ports) > 40 else ''}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in status["counters"].items()))
     return 0

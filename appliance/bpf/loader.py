@@ -86,7 +86,7 @@ def load(config: Config, pin_dir: Path, source: Path = SOURCE) -> str:
     """Load or update the steering state in ``pin_dir`` for ``config``; returns what happened."""
     pin_dir = Path(pin_dir)
     ensure_bpffs(pin_dir)
-    for stale in pin_dir.parent.glob(pin_dir.name + ".tmp-*"):
+    for stale in pin_dir.parent.glob(pin_dir.name + "_tmp_*"):
         shutil.rmtree(stale, ignore_errors=True)
     if (pin_dir / "link").exists():
         return _update(config, pin_dir, source)
@@ -95,7 +95,7 @@ def load(config: Config, pin_dir: Path, source: Path = SOURCE) -> str:
 
 def _fresh(config: Config, pin_dir: Path, source: Path) -> str:
     module, prog_fd = compile_program(source)
-    tmp = pin_dir.with_name(f"{pin_dir.name}.tmp-{os.getpid()}")
+    tmp = pin_dir.with_name(f"{pin_dir.name}_tmp_{os.getpid()}")
     tmp.mkdir()
     netns = os.open("/proc/self/ns/net", os.O_RDONLY)
     link_fd = -1
@@ -129,7 +129,7 @@ def _update(config: Config, pin_dir: Path, source: Path) -> str:
             if new["tag"] == old["tag"]:
                 return f"already loaded (program {old['id']}); ports +{len(added)} -{len(removed)}"
             sc.link_update(state.fds["link"], prog_fd)
-            tmp = pin_dir / "prog.new"
+            tmp = pin_dir / "prog_new"  # bpffs reserves names with dots
             sc.obj_pin(prog_fd, str(tmp))
             tmp.rename(pin_dir / "prog")
             return (f"program replaced ({old['tag']} -> {new['tag']}); "

@@ -1,0 +1,50 @@
+"""Network namespaces for tests that steer ports with BPF, so they never touch the host's."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import uuid
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class NetNS:
+    """``ip netns add`` with loopback up; ``entered()`` moves the calling thread into it."""
+
+    def __init__(self, prefix: str = "flyproxy-test"):
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.exec(["ip", "link", "set", "lo", "up"], check=True)
+
+    def command(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def exec(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("timeout", 60)
+        return subprocess.run(self.command(cmd), **kw)
+
+    @contextlib.contextmanager
+    def entered(self):
+        """Sockets created inside this block live in the namespace (setns is per thread)."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            _setns(target)
+            yield self
+        finally:
+            _setns(home)
+            os.close(home)
+            os.close(target)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "delete", self.name], check=False)

@@ -1,0 +1,272 @@
+"""sk_lookup steering for real: programs in the kernel, each test in its own network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from appliance.demo import demo_document
+from helpers import PYTHON, REPO, ProxyProcess, TaggedBackend, read_line, run_cli
+from netns import NetNS
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs: needs root"),
+]
+
+LISTEN_PORT = 9999  # the proxy's one listener inside the namespace; not a configured port
+
+
+@pytest.fixture(scope="session")
+def bpffs():
+    """A private bpffs mount for pins (``ip netns exec`` remounts /sys, so /sys/fs/bpf won't do)."""
+    mnt = Path(tempfile.mkdtemp(prefix="flyproxy-bpffs-"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+    mnt.rmdir()
+
+
+class Steered:
+    """One namespace: local echo targets, a single-listener proxy, and pinned BPF state."""
+
+    def __init__(self, tmp_path: Path, bpffs: Path, document: dict):
+        self.ns = NetNS()
+        self.pin_dir = bpffs / self.ns.name.replace("-", "_")
+        self.cfg = tmp_path / "config.json"
+        self.backends: list[TaggedBackend] = []
+        self.proxy: ProxyProcess | None = None
+        self.write(document)
+
+    def write(self, document: dict) -> None:
+        self.document = document
+        tmp = self.cfg.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document))
+        tmp.replace(self.cfg)
+
+    def start_backends(self) -> None:
+        """A tagged echo for each 127.0.0.1 target, tagged with the app's name."""
+        with self.ns.entered():
+            for app in self.document["Apps"]:
+                for target in app["Targets"]:
+                    host, port = target.rsplit(":", 1)
+                    if host == "127.0.0.1":
+                        self.backends.append(TaggedBackend(app["Name"], int(port)))
+
+    def bpf(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = self.ns.exec([PYTHON, "-m", "appliance", "bpf", *args, "--pin-dir",
+                               str(self.pin_dir)], capture_output=True, text=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def load(self, *extra: str) -> str:
+        return self.bpf("load", "-c", str(self.cfg), *extra).stdout
+
+    def start_proxy(self, listen: str = f"[::]:{LISTEN_PORT}") -> ProxyProcess:
+        self.proxy = ProxyProcess(self.cfg, "--listen", listen, host=None,
+                                  wrap=self.ns.command([]))
+        return self.proxy
+
+    def register(self) -> int:
+        out = self.bpf("register", "--pid", str(self.proxy.pid)).stdout
+        return int(out.rsplit("socket cookie ", 1)[1].rstrip(")\n"))
+
+    def status(self) -> dict:
+        return json.loads(self.bpf("status", "--json").stdout)
+
+    def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 5) -> socket.socket:
+        with self.ns.entered():
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect((host, port))
+        return s
+
+    def greet(self, port: int, host: str = "127.0.0.1") -> str:
+        with self.connect(port, host) as s:
+            return read_line(s).decode()
+
+    def close(self) -> None:
+        if self.proxy:
+            self.proxy.stop()
+        for b in self.backends:
+            b.stop()
+        self.bpf("unload", check=False)
+        self.ns.delete()
+
+
+@pytest.fixture
+def steered(tmp_path, bpffs):
+    setups: list[Steered] = []
+
+    def make(document: dict | None = None) -> Steered:
+        s = Steered(tmp_path, bpffs, document or demo_document())
+        setups.append(s)
+        return s
+
+    yield make
+    for s in setups:
+        s.close()
+
+
+def ready(steered, document=None) -> Steered:
+    s = steered(document)
+    s.start_backends()
+    s.load()
+    s.start_proxy()
+    s.register()
+    return s
+
+
+def bpftool(*args: str):
+    out = subprocess.run(["bpftool", "--json", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout or "[]")
+
+
+def test_twelve_ports_reach_their_apps_through_one_listener(steered):
+    s = ready(steered)
+    for app in s.document["Apps"]:
+        for port in app["Ports"]:
+            assert s.greet(port) == app["Name"], f"port {port}"
+    # IPv6 too: the dual-stack listener takes both families.
+    assert s.greet(6300, "::1") == "six-thousand"
+    assert s.status()["counters"]["steered"] == 13
+
+
+def test_unconfigured_port_is_refused(steered):
+    s = ready(steered)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(7777)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(LISTEN_PORT + 1)
+
+
+def test_status_shows_the_truth(steered):
+    s = ready(steered)
+    cookie = s.register()  # registering again is harmless and returns the socket cookie
+    status = s.status()
+    want = {str(p): i for i, app in enumerate(s.document["Apps"]) for p in app["Ports"]}
+    assert status["ports"] == want
+    assert status["listener_cookie"] == cookie
+    assert status["counters"] == {"steered": 0, "no_listener": 0, "assign_failed": 0}
+    links = [l for l in bpftool("link", "show") if l["id"] == status["link"]["id"]]
+    assert links and links[0]["prog_id"] == status["program"]["id"]
+    assert links[0]["attach_type"] == "sk_lookup"
+    text = s.bpf("status").stdout
+    assert f"socket cookie {cookie}" in text and "ports:    12:" in text
+
+
+def test_sync_adds_and_removes_ports_while_kept_ports_carry_on(steered):
+    s = ready(steered)
+    held = s.connect(5001)
+    assert read_line(held) == b"five-thousand"
+    doc = demo_document()
+    doc["Apps"][0]["Ports"] = [5001, 5300, 5400, 5555]  # 5200 removed, 5555 added
+    s.write(doc)
+    s.proxy.reload()  # the proxy learns the new ports first ...
+    out = s.bpf("sync", "-c", str(s.cfg)).stdout  # ... then BPF steers them
+    assert "1 added or changed, 1 removed" in out
+    assert s.greet(5555) == "five-thousand"
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(5200)
+    held.sendall(b"still here\n")
+    assert read_line(held) == b"still here"
+    held.close()
+    assert set(map(int, s.status()["ports"])) == {p for a in doc["Apps"] for p in a["Ports"]}
+
+
+def test_port_without_listener_is_never_handed_to_another_socket(steered):
+    """No listener registered: SK_DROP. The kernel answers a dropped lookup with a reset
+    (sk_lookup cannot drop a SYN silently), and the port's own socket never gets it."""
+    s = steered()
+    s.load()  # loaded, but no listener registered
+    with s.ns.entered():
+        squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 5001))
+    squatter.listen(8)
+    squatter.settimeout(0.5)
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(5001, timeout=5)
+    with pytest.raises((TimeoutError, socket.timeout)):
+        squatter.accept()  # nothing was queued for it
+    squatter.close()
+    assert s.status()["counters"]["no_listener"] == 1
+
+
+def test_load_is_idempotent_and_unload_leaves_nothing(steered):
+    s = ready(steered)
+    first = s.status()
+    assert "already loaded" in s.load()
+    again = s.status()
+    assert (again["program"], again["link"]) == (first["program"], first["link"])
+    assert s.greet(5001) == "five-thousand"
+
+    out = s.bpf("unload").stdout
+    assert "unpinned" in out
+    assert not s.pin_dir.exists()
+    assert not [l for l in bpftool("link", "show") if l["id"] == first["link"]["id"]]
+    assert not [p for p in bpftool("prog", "show") if p["id"] == first["program"]["id"]]
+    with pytest.raises(ConnectionRefusedError):
+        s.connect(5001)
+
+
+def test_load_of_a_new_program_swaps_it_in_place(steered, tmp_path):
+    s = ready(steered)
+    before = s.status()
+    source = (REPO / "bpf" / "steer.c").read_text()
+    changed = source.replace("count(FLYPROXY_STEERED);", "count(FLYPROXY_STEERED);\n    count(FLYPROXY_STEERED);")
+    assert changed != source
+    (tmp_path / "steer2.c").write_text(changed)
+    assert "program replaced" in s.load("--source", str(tmp_path / "steer2.c"))
+    after = s.status()
+    assert after["link"]["id"] == before["link"]["id"]  # same link, new program
+    assert after["program"]["id"] != before["program"]["id"]
+    assert after["listener_cookie"] == before["listener_cookie"]  # maps were reused
+    assert s.greet(7001) == "seven-thousand"
+    assert s.status()["counters"]["steered"] == 2  # the new program counts twice
+
+
+def test_register_rejects_what_is_not_a_listening_tcp_socket(steered):
+    s = steered()
+    s.load()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    result = subprocess.run(
+        s.ns.command([PYTHON, "-m", "appliance", "bpf", "register", "--fd", str(udp.fileno()),
+                      "--pin-dir", str(s.pin_dir)]),
+        pass_fds=(udp.fileno(),), capture_output=True, text=True, cwd=REPO, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    udp.close()
+    assert result.returncode == 1
+    assert "is not a TCP (stream) socket" in result.stderr
+    result = s.bpf("register", "--pid", str(os.getpid()), check=False)
+    assert result.returncode == 1 and "has 0 listening TCP sockets" in result.stderr
+
+
+def test_unprivileged_host_gets_one_clear_message(tmp_path):
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv")
+    result = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         PYTHON, "-m", "appliance", "bpf", "build"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1
+    assert "BPF steering cannot run on this host; missing:" in result.stderr
+    assert "root (CAP_BPF" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_make_bpf_compiles_and_verifies():
+    result = run_cli("bpf", "build")
+    assert result.returncode == 0, result.stderr
+    assert "compiled and verified" in result.stdout
