@@ -11,7 +11,12 @@ TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout pyth
 	netcat-openbsd systemd debootstrap systemd-container
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
 
-.PHONY: help run test deps deps-runtime venv bpf headers clean
+.PHONY: help run test deps deps-runtime venv bpf headers install clean
+
+# `make install` lays the appliance out for Debian's /usr/bin/python3 (no downloads):
+# code in /usr/lib/flyproxy, the entry point in /usr/bin, units in /lib/systemd/system.
+DESTDIR ?=
+LIBDIR := $(DESTDIR)/usr/lib/flyproxy
 
 help:
 	@echo "make run    - offline demo: the challenge's apps on local echo targets"
@@ -49,6 +54,18 @@ test: venv
 
 bpf: deps
 	$(PYTHON) -m appliance bpf build
+
+install:
+	install -d $(LIBDIR)/appliance/bpf $(LIBDIR)/bpf $(DESTDIR)/usr/bin \
+		$(DESTDIR)/lib/systemd/system $(DESTDIR)/etc/flyproxy $(DESTDIR)/usr/share/doc/flyproxy
+	install -m 0644 appliance/*.py appliance/*.json $(LIBDIR)/appliance/
+	install -m 0644 appliance/bpf/*.py $(LIBDIR)/appliance/bpf/
+	install -m 0644 bpf/steer.c $(LIBDIR)/bpf/
+	install -m 0755 bpf/kernel-headers.sh $(LIBDIR)/bpf/
+	install -m 0755 systemd/flyproxy $(DESTDIR)/usr/bin/flyproxy
+	install -m 0644 systemd/*.socket systemd/*.service $(DESTDIR)/lib/systemd/system/
+	install -m 0644 README.md NOTES.md $(DESTDIR)/usr/share/doc/flyproxy/
+	[ -e $(DESTDIR)/etc/flyproxy/config.json ] || install -m 0644 config.json $(DESTDIR)/etc/flyproxy/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from . import config as configmod
 from . import listeners
 
 DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
+DEFAULT_CONTROL = os.environ.get("FLYPROXY_CONTROL", "/run/flyproxy/control.sock")
 
 log = logging.getLogger("appliance")
 
@@ -70,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         server = Server(args.config, config, host=args.host, sockets=sockets,
-                        connect_timeout_s=args.connect_timeout, grace_s=args.grace_period)
+                        connect_timeout_s=args.connect_timeout, grace_s=args.grace_period,
+                        control_path=args.control)
         return await server.serve()
 
     try:
@@ -78,6 +81,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except listeners.ListenerError as e:
         print(f"flyproxy serve: {e}", file=sys.stderr)
         return 1
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Validate, have the running proxy apply the config, then sync the BPF port map.
+
+    The order keeps every kept port working and makes an added port work as soon as
+    this returns: the proxy learns new ports before BPF steers them to it, and a
+    removed port stops being steered only after the proxy has dropped it.
+    """
+    from . import control
+
+    config = _load_or_exit(args.config)
+    try:
+        reply = control.request(args.control, "reload")
+    except control.ControlError as e:
+        print(f"flyproxy reload: {e}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"flyproxy reload: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if reply.get("digest") != config.digest:
+        print(f"flyproxy reload: {args.config} changed while reloading; run reload again",
+              file=sys.stderr)
+        return 1
+    print(reply["message"])
+    if args.pin_dir and os.path.exists(os.path.join(args.pin_dir, "link")):
+        from .bpf.state import PinnedState, SteeringError
+        try:
+            with PinnedState(args.pin_dir) as state:
+                changed, removed = state.sync(config)
+        except (SteeringError, OSError) as e:
+            print(f"flyproxy reload: the proxy has the new config but the BPF port map "
+                  f"was not synced: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.pin_dir}: port map synced: {len(changed)} added or changed, "
+              f"{len(removed)} removed")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import control
+
+    try:
+        reply = control.request(args.control, "status")
+    except control.ControlError as e:
+        print(f"flyproxy status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(f"config {reply['config']} (generation {reply['generation']}, {reply['mode']} mode, "
+          f"{reply['active']} active connections)")
+    rows = [("APP", "PORTS", "TARGETS", "ACTIVE")]
+    rows += [(a["name"], " ".join(map(str, a["ports"])), " ".join(a["targets"]), str(a["active"]))
+             for a in reply["apps"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -119,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                        help=f"config file (default {DEFAULT_CONFIG})")
 
+    def control_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONTROL) -> None:
+        p.add_argument("--control", default=default, metavar="PATH",
+                       help=f"control socket (default {default})")
+
     p = sub.add_parser("check", help="validate a config file")
     config_arg(p)
     p.set_defaults(func=cmd_check)
@@ -133,11 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="single-listener mode: bind one socket here and route every connection "
                         "steered to it by the port the client dialled (use with flyproxy bpf)")
+    control_arg(p, None)
     p.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="per-target connect timeout (default 3)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="how long open connections may finish at shutdown (default 30)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")
+    config_arg(p)
+    control_arg(p)
+    p.add_argument("--pin-dir", default="/sys/fs/bpf/flyproxy",
+                   help="BPF state to sync after the proxy reloaded, if loaded "
+                        "(default /sys/fs/bpf/flyproxy; '' to skip)")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("status", help="show the running proxy (read-only)")
+    control_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("echo", help="run a TCP echo backend")
     p.add_argument("--listen", action="append", required=True, metavar="HOST:PORT")

@@ -40,8 +40,10 @@ class Server:
     def __init__(self, config_path: str, config: configmod.Config, *,
                  host: str | None = None, sockets: list[socket.socket] | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
-                 grace_s: float = GRACE_PERIOD_S) -> None:
+                 grace_s: float = GRACE_PERIOD_S, control_path: str | None = None) -> None:
         self.config_path = config_path
+        self.control_path = control_path
+        self._control = None
         self.proxy = Proxy(config, host=host, connect_timeout_s=connect_timeout_s)
         self.sockets = sockets or []
         self.grace_s = grace_s
@@ -57,9 +59,25 @@ class Server:
         return (f"generation {p.generation}: {p.config.summary()}, "
                 f"{len(p.tunnels)} active connections")
 
+    def status(self) -> dict:
+        p = self.proxy
+        active: dict[str, int] = {}
+        for tunnel in p.tunnels:
+            active[tunnel.app] = active.get(tunnel.app, 0) + 1
+        return {
+            "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
+            "mode": "handed-in" if self.sockets else "per-port",
+            "active": len(p.tunnels), "accepting": p.accepting,
+            "apps": [{"name": a.name, "ports": list(a.ports), "targets": [str(t) for t in a.targets],
+                      "active": active.get(a.name, 0)} for a in p.config.apps],
+        }
+
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         await self.proxy.start(self.sockets)
+        if self.control_path:
+            from . import control
+            self._control = await control.start(self, self.control_path)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
@@ -71,6 +89,8 @@ class Server:
         await self._stop.wait()
         notify("STOPPING=1", "STATUS=draining connections")
         self.proxy.stop_accepting()
+        if self._control is not None:
+            self._control.close()
         n = len(self.proxy.tunnels)
         if n:
             log.info("stopped accepting; waiting up to %ss for %d connections", self.grace_s, n)
@@ -102,7 +122,8 @@ class Server:
             new = configmod.load(self.config_path)
             change = await self.proxy.reload(new)
         except (configmod.ConfigError, listeners.ListenerError) as e:
-            message = f"reload of {self.config_path} failed, still serving generation {self.proxy.generation}:\n{e}"
+            message = (f"reload of {self.config_path} failed, "
+                       f"still serving generation {self.proxy.generation}:\n{e}")
             log.error("%s", message)
             notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
             return False, message

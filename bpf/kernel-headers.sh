@@ -14,7 +14,7 @@ if [ -e "$moddir/build/include" ]; then
 fi
 apt_has() { apt-cache show "$1" >/dev/null 2>&1; }
 if ! apt_has "linux-headers-$release"; then
-    apt-get update -qq
+    apt-get update -qq || echo "kernel-headers: apt-get update failed; using what is installed" >&2
 fi
 if apt_has "linux-headers-$release"; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$release" >/dev/null

@@ -18,6 +18,20 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+@contextlib.contextmanager
+def entered_path(path: str):
+    """Move the calling thread into the network namespace at ``path`` for the block."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(path, os.O_RDONLY)
+    try:
+        _setns(target)
+        yield
+    finally:
+        _setns(home)
+        os.close(home)
+        os.close(target)
+
+
 class NetNS:
     """``ip netns add`` with loopback up; ``entered()`` moves the calling thread into it."""
 
@@ -33,18 +47,9 @@ class NetNS:
         kw.setdefault("timeout", 60)
         return subprocess.run(self.command(cmd), **kw)
 
-    @contextlib.contextmanager
     def entered(self):
         """Sockets created inside this block live in the namespace (setns is per thread)."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            _setns(target)
-            yield self
-        finally:
-            _setns(home)
-            os.close(home)
-            os.close(target)
+        return entered_path(f"/run/netns/{self.name}")
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "delete", self.name], check=False)

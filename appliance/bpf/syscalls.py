@@ -12,8 +12,14 @@ import ctypes
 import os
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+import functools
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
 
 SYS_bpf = 321  # x86_64
 SYS_pidfd_open = 434
@@ -41,7 +47,7 @@ def _check(ret: int, what: str) -> int:
 
 def bpf(cmd: int, attr: bytes | ctypes.Array, what: str) -> int:
     buf = attr if isinstance(attr, ctypes.Array) else ctypes.create_string_buffer(attr, 128)
-    return _check(_libc.syscall(SYS_bpf, cmd, buf, ctypes.sizeof(buf)), what)
+    return _check(_libc().syscall(SYS_bpf, cmd, buf, ctypes.sizeof(buf)), what)
 
 
 def _addr(buf) -> int:
@@ -152,8 +158,8 @@ def possible_cpus() -> int:
 
 def pidfd_getfd(pid: int, fd: int) -> int:
     """Duplicate fd ``fd`` of process ``pid`` into this process (needs ptrace rights)."""
-    pidfd = _check(_libc.syscall(SYS_pidfd_open, pid, 0), f"pidfd_open({pid})")
+    pidfd = _check(_libc().syscall(SYS_pidfd_open, pid, 0), f"pidfd_open({pid})")
     try:
-        return _check(_libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0), f"pidfd_getfd({pid}, {fd})")
+        return _check(_libc().syscall(SYS_pidfd_getfd, pidfd, fd, 0), f"pidfd_getfd({pid}, {fd})")
     finally:
         os.close(pidfd)

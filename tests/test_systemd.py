@@ -1,0 +1,225 @@
+"""The appliance under a real systemd: socket activation, BPF in ExecStartPre, reload, restart.
+
+One container for the module (booting costs seconds); tests run in file order and
+each leaves the appliance serving the demo config, except the last, which stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from appliance.demo import demo_document
+from container import Container
+from helpers import TaggedBackend, read_line
+from load import LoadGenerator
+
+pytestmark = [
+    pytest.mark.systemd,
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("systemd-nspawn")
+                       or not shutil.which("debootstrap"),
+                       reason="needs root, systemd-nspawn and debootstrap"),
+]
+
+CONFIG = "/etc/flyproxy/config.json"
+MAX_EXPOSURE = 1.5
+
+
+def wait_active(c: Container, unit: str, want: str = "active", timeout: float = 60) -> None:
+    """Poll systemd for a unit's state (systemctl has no 'wait until active')."""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = c.run(["systemctl", "show", "-P", "ActiveState", unit]).stdout.strip()
+        if state == want:
+            return
+        if state == "failed":
+            break
+        time.sleep(0.2)
+    journal = c.run(["journalctl", "-u", unit, "--no-pager", "-n", "60"], check=False).stdout
+    raise AssertionError(f"{unit} is {state}, not {want}:\n{journal}")
+
+
+class Appliance:
+    def __init__(self, c: Container):
+        self.c = c
+        self.backends: dict[int, TaggedBackend] = {}
+
+    def backend(self, tag: str, port: int) -> None:
+        if port not in self.backends:
+            with self.c.entered():
+                self.backends[port] = TaggedBackend(tag, port)
+
+    def configure(self, document: dict) -> None:
+        for app in document["Apps"]:
+            for target in app["Targets"]:
+                host, port = target.rsplit(":", 1)
+                if host == "127.0.0.1":
+                    self.backend(app["Name"], int(port))
+        self.c.write(CONFIG, json.dumps(document, indent=1))
+
+    def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 10):
+        import socket
+        with self.c.entered():
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        s.settimeout(timeout)
+        s.connect((host, port))
+        return s
+
+    def greet(self, port: int, host: str = "127.0.0.1") -> str:
+        with self.connect(port, host) as s:
+            return read_line(s).decode()
+
+    def load(self, ports: list[int]) -> LoadGenerator:
+        gen = LoadGenerator(ports, namespace=self.c.entered, max_seconds=120)
+        gen.start()
+        assert gen.first_done.wait(10), "the load generator never completed a connection"
+        return gen
+
+    def main_pid(self) -> int:
+        return int(self.c.run(["systemctl", "show", "-P", "MainPID", "flyproxy.service"]).stdout)
+
+    def stop(self) -> None:
+        for b in self.backends.values():
+            b.stop()
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("container")
+    c = Container(f"flyproxy-sd-{uuid.uuid4().hex[:6]}", logs / "console.log")
+    app = Appliance(c)
+    try:
+        c.sh("make -s -C /src/flyproxy install >/dev/null && /usr/lib/flyproxy/bpf/kernel-headers.sh")
+        app.configure(demo_document())
+        c.run(["systemctl", "daemon-reload"])
+        c.run(["systemctl", "start", "flyproxy.socket"])  # the card's one command
+        wait_active(c, "flyproxy.service")
+        yield app
+    finally:
+        app.stop()
+        c.stop()
+
+
+def test_socket_start_brings_up_steering_and_every_port_answers(appliance):
+    document = demo_document()
+    for app in document["Apps"]:
+        for port in app["Ports"]:
+            assert appliance.greet(port) == app["Name"], f"port {port}"
+    assert appliance.greet(6300, "::1") == "six-thousand"
+    status = json.loads(appliance.c.run(["flyproxy", "bpf", "status", "--json"]).stdout)
+    assert sorted(map(int, status["ports"])) == sorted(p for a in document["Apps"] for p in a["Ports"])
+    assert status["listener_cookie"] is not None
+    assert status["counters"]["steered"] >= 13
+
+
+def test_the_proxy_is_unprivileged_and_never_loads_bcc(appliance):
+    pid = appliance.main_pid()
+    proc = appliance.c.run(["cat", f"/proc/{pid}/status"]).stdout
+    assert re.search(r"^CapEff:\s+0+$", proc, re.M), proc
+    assert re.search(r"^Uid:\s+([1-9]\d*)\s", proc, re.M), "the proxy runs as root"
+    maps = appliance.c.run(["cat", f"/proc/{pid}/maps"]).stdout
+    assert "libbcc" not in maps and "libclang" not in maps
+
+
+def test_status_over_the_control_socket(appliance):
+    out = appliance.c.run(["flyproxy", "status"]).stdout
+    assert "handed-in mode" in out and "six-thousand" in out
+
+
+def test_reload_under_load_loses_nothing(appliance):
+    held = appliance.connect(5001)
+    assert read_line(held) == b"five-thousand"
+    load = appliance.load([5001, 6300, 7400])
+
+    document = demo_document()
+    document["Apps"][0]["Ports"] = [5001, 5300, 5400, 5555]  # 5200 removed, 5555 added
+    document["Apps"][2]["Targets"] = ["127.0.0.1:17003"]  # seven-thousand moves
+    appliance.backend("seven-thousand-v2", 17003)
+    appliance.configure(document)
+    result = appliance.c.run(["systemctl", "reload", "flyproxy"], check=False)
+    assert result.returncode == 0, result.stderr
+    # As soon as reload returns: the added port works, the removed one is gone.
+    assert appliance.greet(5555) == "five-thousand"
+    assert appliance.greet(7001) == "seven-thousand-v2"
+    with pytest.raises(ConnectionRefusedError):
+        appliance.connect(5200)
+    ok, failures = load.stop()
+    assert failures == [] and ok > 0
+    held.sendall(b"still here\n")
+    assert read_line(held) == b"still here"
+    held.close()
+    appliance.configure(demo_document())
+    appliance.c.run(["systemctl", "reload", "flyproxy"])
+
+
+def test_bad_config_makes_reload_fail_and_changes_nothing(appliance):
+    good = appliance.c.run(["cat", CONFIG]).stdout
+    before = json.loads(appliance.c.run(["flyproxy", "bpf", "status", "--json"]).stdout)["ports"]
+    appliance.c.write(CONFIG, '{"Apps": [{"Name": "x", "Ports": [0], "Targets": []}]}')
+    result = appliance.c.run(["systemctl", "reload", "flyproxy"], check=False)
+    assert result.returncode != 0
+    journal = appliance.c.run(["journalctl", "-u", "flyproxy", "--no-pager", "-n", "30"]).stdout
+    assert "Apps[0].Ports[0]: 0 is less than the minimum of 1" in journal
+    assert appliance.c.run(["systemctl", "show", "-P", "ActiveState", "flyproxy"]).stdout.strip() == "active"
+    assert json.loads(appliance.c.run(["flyproxy", "bpf", "status", "--json"]).stdout)["ports"] == before
+    assert appliance.greet(5200) == "five-thousand"
+    appliance.c.write(CONFIG, good)
+
+
+def test_restart_under_load_loses_nothing(appliance):
+    old_pid = appliance.main_pid()
+    load = appliance.load([5001, 6200, 7300])
+    appliance.c.run(["systemctl", "restart", "flyproxy"])
+    wait_active(appliance.c, "flyproxy.service")
+    assert appliance.greet(6400) == "six-thousand"
+    ok, failures = load.stop()
+    assert failures == [] and ok > 0
+    assert appliance.main_pid() != old_pid
+
+
+def test_journal_has_structured_fields(appliance):
+    out = appliance.c.run(["journalctl", "-u", "flyproxy", "-o", "json", "--no-pager",
+                           "SYSLOG_IDENTIFIER=flyproxy"]).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert records, "no journal records from the proxy"
+    assert any(r.get("LOGGER") == "appliance.server" and "serving" in r.get("MESSAGE", "")
+               for r in records)
+
+
+def test_exposure_score(appliance):
+    out = appliance.c.run(["systemd-analyze", "security", "--no-pager", "flyproxy.service"],
+                          check=False).stdout
+    match = re.search(r"Overall exposure level for flyproxy.service: ([\d.]+)", out)
+    assert match, out
+    score = float(match.group(1))
+    print(f"\nsystemd-analyze security flyproxy.service: {score}")
+    assert score <= MAX_EXPOSURE, out
+
+
+def test_stop_drains_open_connections_then_unloads_bpf(appliance):
+    c = appliance.c
+    held = appliance.connect(6001)
+    assert read_line(held) == b"six-thousand"
+    stopping = subprocess.Popen(["nsenter", "-t", str(c.leader), "-a", "--",
+                                 "systemctl", "stop", "flyproxy.socket", "flyproxy.service"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_active(c, "flyproxy.service", "deactivating", timeout=20)
+        held.sendall(b"draining\n")
+        assert read_line(held) == b"draining"  # still relayed while the proxy drains
+        held.close()
+        assert stopping.wait(30) == 0, stopping.stdout.read()
+    finally:
+        if stopping.poll() is None:
+            stopping.kill()
+    assert c.run(["test", "-e", "/sys/fs/bpf/flyproxy"], check=False).returncode != 0
+    with pytest.raises(ConnectionRefusedError):
+        appliance.connect(6001)
