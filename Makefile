@@ -8,10 +8,11 @@ VPY := $(VENV)/bin/python
 RUNTIME_DEBS := python3-jsonschema python3-systemd
 BPF_DEBS := python3-bpfcc bpftool iproute2
 TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout python3-testinfra \
-	netcat-openbsd systemd debootstrap systemd-container
+	python3-yaml netcat-openbsd systemd debootstrap systemd-container openssh-client \
+	ansible-core ansible-lint vagrant
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
 
-.PHONY: help run test deps deps-runtime venv bpf headers install clean
+.PHONY: help run test appliance-test deps deps-runtime venv bpf headers install clean
 
 # `make install` lays the appliance out for Debian's /usr/bin/python3 (no downloads):
 # code in /usr/lib/flyproxy, the entry point in /usr/bin, units in /lib/systemd/system.
@@ -22,6 +23,8 @@ help:
 	@echo "make run    - offline demo: the challenge's apps on local echo targets"
 	@echo "make test   - install what the tests need, then run every test"
 	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
+	@echo "make appliance-test - provision a Debian 12 container with Ansible, check it with testinfra"
+	@echo "make install - install the appliance into DESTDIR (default /)"
 
 # Install only the packages that are missing (apt-get update only when something is).
 define apt_install
@@ -51,6 +54,11 @@ run: deps-runtime
 
 test: venv
 	$(VPY) -m pytest
+
+# Boot a Debian 12 container, provision it with the playbook (twice: the second run must
+# change nothing), check it with testinfra, tear it down. Also part of `make test`.
+appliance-test: venv
+	$(VPY) -m pytest tests/infra
 
 bpf: deps
 	$(PYTHON) -m appliance bpf build

@@ -1,0 +1,33 @@
+"""The proxy's sandbox, as systemd reports it."""
+
+import pytest
+
+
+@pytest.mark.parametrize("prop, value", [
+    ("DynamicUser", "yes"),
+    ("NoNewPrivileges", "yes"),
+    ("CapabilityBoundingSet", ""),
+    ("ProtectSystem", "strict"),
+    ("ProtectHome", "yes"),
+    ("PrivateDevices", "yes"),
+    ("PrivateUsers", "yes"),
+    ("ProtectKernelTunables", "yes"),
+    ("ProtectControlGroups", "yes"),
+    ("RestrictNamespaces", "yes"),
+    ("MemoryDenyWriteExecute", "yes"),
+    ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+])
+def test_sandbox_property(host, prop, value):
+    # systemctl show leaves empty properties out: an empty bounding set is "missing"
+    assert host.service("flyproxy.service").systemd_properties.get(prop, "") == value
+
+
+def test_proxy_process_has_no_capabilities(host):
+    pid = host.check_output("systemctl show -P MainPID flyproxy.service")
+    assert host.check_output(f"grep CapEff /proc/{pid}/status").split()[1] == "0000000000000000"
+
+
+def test_exposure_score(host):
+    out = host.run("systemd-analyze security --no-pager flyproxy.service").stdout
+    score = float(out.rsplit("Overall exposure level for flyproxy.service:", 1)[1].split()[0])
+    assert score <= 1.5

@@ -1,0 +1,41 @@
+"""The playbook itself: idempotent, and a bad config stops the rollout before any host."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_second_run_changes_nothing(provisioned):
+    second = provisioned.playbook()
+    assert second.returncode == 0, second.stdout[-4000:]
+    recap = provisioned.recap(second)
+    assert recap["changed"] == 0, second.stdout[-4000:]
+    assert recap["failed"] == 0
+
+
+def test_a_bad_config_stops_the_rollout_before_any_host_is_touched(provisioned, host):
+    before = host.file("/etc/flyproxy/config.json").sha256sum
+    bad = provisioned.workdir / "bad.json"
+    bad.write_text(json.dumps({"flyproxy_config": {"Apps": [
+        {"Name": "x", "Ports": [5001, 5001], "Targets": ["nope"]}]}}))
+    result = provisioned.playbook("-e", f"@{bad}")
+    assert result.returncode != 0
+    assert "Apps[0].Ports[1]: port 5001 is already used by Apps[0] ('x')" in result.stdout
+    assert "Roll out flyproxy" not in result.stdout  # the second play never started
+    assert host.file("/etc/flyproxy/config.json").sha256sum == before
+
+
+def test_a_config_change_is_rolled_out_with_a_reload(provisioned, host):
+    pid = host.check_output("systemctl show -P MainPID flyproxy.service")
+    change = provisioned.workdir / "change.json"
+    change.write_text(json.dumps({"flyproxy_config": {"Apps": [
+        {"Name": "five-thousand", "Ports": [5001, 5555], "Targets": ["127.0.0.1:15001"]}]}}))
+    try:
+        result = provisioned.playbook("-e", f"@{change}")
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert "RUNNING HANDLER [flyproxy : Reload flyproxy]" in result.stdout
+        assert host.check_output("printf 'via 5555\\n' | nc -N -w 5 127.0.0.1 5555") == "via 5555"
+        assert host.check_output("systemctl show -P MainPID flyproxy.service") == pid  # reloaded, not restarted
+    finally:
+        restore = provisioned.playbook()
+        assert restore.returncode == 0, restore.stdout[-4000:]

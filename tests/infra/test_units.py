@@ -1,0 +1,21 @@
+"""The systemd units: installed, enabled, running."""
+
+import pytest
+
+
+@pytest.mark.parametrize("unit, enabled", [
+    ("flyproxy.socket", True),
+    ("flyproxy.service", None),  # started by the socket (Wants=), not enabled on its own
+    ("flyproxy-echo.service", True),
+])
+def test_unit_is_running(host, unit, enabled):
+    service = host.service(unit)
+    assert service.is_running
+    if enabled is not None:
+        assert service.is_enabled == enabled
+
+
+def test_proxy_reported_ready(host):
+    props = host.service("flyproxy.service").systemd_properties
+    assert props["Type"] == "notify"
+    assert props["StatusText"].startswith("generation ")
