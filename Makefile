@@ -5,14 +5,15 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 
 # Debian packages: what the product needs at run time, and what the tests drive.
-RUNTIME_DEBS := python3-jsonschema python3-systemd
+RUNTIME_DEBS := python3-jsonschema python3-systemd python3-uvloop python3-prometheus-client
 BPF_DEBS := python3-bpfcc bpftool iproute2
 TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout python3-testinfra \
-	python3-yaml netcat-openbsd systemd debootstrap systemd-container openssh-client \
+	python3-yaml python3-hypothesis python3-prometheus-client netcat-openbsd systemd debootstrap systemd-container openssh-client \
 	ansible-core ansible-lint vagrant
+BENCH_DEBS := haproxy nginx-light libnginx-mod-stream iperf3 wrk python3-matplotlib
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
 
-.PHONY: help run test appliance-test deps deps-runtime venv bpf headers install clean
+.PHONY: help run test bench appliance-test deps deps-runtime venv bpf headers install clean
 
 # `make install` lays the appliance out for Debian's /usr/bin/python3 (no downloads):
 # code in /usr/lib/flyproxy, the entry point in /usr/bin, units in /lib/systemd/system.
@@ -23,6 +24,7 @@ help:
 	@echo "make run    - offline demo: the challenge's apps on local echo targets"
 	@echo "make test   - install what the tests need, then run every test"
 	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
+	@echo "make bench  - measure flyproxy against HAProxy, nginx and systemd-socket-proxyd"
 	@echo "make appliance-test - provision a Debian 12 container with Ansible, check it with testinfra"
 	@echo "make install - install the appliance into DESTDIR (default /)"
 
@@ -55,6 +57,12 @@ run: deps-runtime
 test: venv
 	$(VPY) -m pytest
 
+# flyproxy side by side with HAProxy, nginx stream and systemd-socket-proxyd (about 10 min).
+# Writes docs/bench/results.md, results.json and chart.png.
+bench: deps
+	$(call apt_install,$(BENCH_DEBS))
+	$(PYTHON) tests/bench/bench.py
+
 # Boot a Debian 12 container, provision it with the playbook (twice: the second run must
 # change nothing), check it with testinfra, tear it down. Also part of `make test`.
 appliance-test: venv
@@ -71,7 +79,7 @@ install:
 	install -m 0644 bpf/steer.c $(LIBDIR)/bpf/
 	install -m 0755 bpf/kernel-headers.sh $(LIBDIR)/bpf/
 	install -m 0755 systemd/flyproxy $(DESTDIR)/usr/bin/flyproxy
-	install -m 0644 systemd/*.socket systemd/*.service $(DESTDIR)/lib/systemd/system/
+	install -m 0644 systemd/*.socket systemd/*.service systemd/*.timer $(DESTDIR)/lib/systemd/system/
 	install -m 0644 README.md NOTES.md $(DESTDIR)/usr/share/doc/flyproxy/
 	[ -e $(DESTDIR)/etc/flyproxy/config.json ] || install -m 0644 config.json $(DESTDIR)/etc/flyproxy/
 

@@ -53,6 +53,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from . import metrics as metricsmod
+    from .proxy import Options
     from .server import Server
 
     config = _load_or_exit(args.config)
@@ -70,17 +72,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"flyproxy serve: cannot listen on {args.listen}: {e.strerror}", file=sys.stderr)
         return 1
 
+    options = Options(connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
+                      eject_s=args.eject, conn_log_level=logging.getLevelName(args.conn_log_level.upper()))
+    try:
+        metrics = metricsmod.create(args.metrics)
+    except (OSError, ValueError) as e:
+        print(f"flyproxy serve: --metrics {args.metrics}: {e}", file=sys.stderr)
+        return 1
+
     async def main() -> int:
-        server = Server(args.config, config, host=args.host, sockets=sockets,
-                        connect_timeout_s=args.connect_timeout, grace_s=args.grace_period,
-                        control_path=args.control)
+        server = Server(args.config, config, host=args.host, sockets=sockets, options=options,
+                        metrics=metrics, grace_s=args.grace_period, control_path=args.control)
         return await server.serve()
 
     try:
-        return asyncio.run(main())
+        return _run(main(), args.loop)
     except listeners.ListenerError as e:
         print(f"flyproxy serve: {e}", file=sys.stderr)
         return 1
+
+
+def _run(coro, loop: str = "auto"):
+    """asyncio.run on the chosen event loop: uvloop (Debian's python3-uvloop) when asked
+    for, or by default when it is installed; else the standard library's."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise SystemExit("flyproxy: --loop uvloop: uvloop is not installed "
+                                 "(Debian package python3-uvloop)") from None
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(coro)
+    return asyncio.run(coro)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -133,10 +158,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"config {reply['config']} (generation {reply['generation']}, {reply['mode']} mode, "
           f"{reply['active']} active connections)")
-    rows = [("APP", "PORTS", "TARGETS", "ACTIVE")]
-    rows += [(a["name"], " ".join(map(str, a["ports"])), " ".join(a["targets"]), str(a["active"]))
-             for a in reply["apps"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH")]
+    for a in reply["apps"]:
+        limit = f"/{a['max_connections']}" if a.get("max_connections") else ""
+        for i, t in enumerate(a["targets"]):
+            first = i == 0
+            rows.append((a["name"] if first else "", " ".join(map(str, a["ports"])) if first else "",
+                         f"{a['active']}{limit}" if first else "", t["target"], t["health"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
@@ -161,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     try:
-        return asyncio.run(demo.run(args.workdir, args.host))
+        return _run(demo.run(args.workdir, args.host))
     except OSError as e:
         print(f"flyproxy demo: {e} (is another demo or proxy using the ports?)", file=sys.stderr)
         return 1
@@ -200,10 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single-listener mode: bind one socket here and route every connection "
                         "steered to it by the port the client dialled (use with flyproxy bpf)")
     control_arg(p, None)
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"],
+                   default=os.environ.get("FLYPROXY_LOOP", "auto"),
+                   help="event loop: uvloop if installed (auto, the default), or asyncio's")
     p.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="per-target connect timeout (default 3)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="how long open connections may finish at shutdown (default 30)")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="close a connection that moved no byte for this long (default 3600; 0: never)")
+    p.add_argument("--eject", type=float, default=10.0, metavar="SECONDS",
+                   help="try a target whose connect just failed last, for this long (default 10)")
+    p.add_argument("--conn-log-level", default=os.environ.get("FLYPROXY_CONN_LOG_LEVEL", "debug"),
+                   choices=["debug", "info", "warning"],
+                   help="level of the one log line per connection (default debug)")
+    p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
+                   help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")

@@ -79,6 +79,7 @@ class App:
     name: str
     ports: tuple[int, ...]
     targets: tuple[Target, ...]
+    max_connections: int | None = None  # optional "MaxConnections" (our extension)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,8 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
         problems.sort(key=lambda p: [(0, x) if isinstance(x, int) else (1, x) for x in p[0]])
         raise ConfigError(source, [f"{json_path(path)}: {message}" for path, message in problems])
     apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
-                     tuple(Target.parse(t) for t in a["Targets"])) for a in doc["Apps"])
+                     tuple(Target.parse(t) for t in a["Targets"]), a.get("MaxConnections"))
+                 for a in doc["Apps"])
     return Config(apps, source, hashlib.sha256(raw).hexdigest())
 
 

@@ -34,7 +34,8 @@ async def start(addresses: list[tuple[str, int]]) -> list[asyncio.Server]:
     loop = asyncio.get_running_loop()
     servers = []
     for host, port in addresses:
-        servers.append(await loop.create_server(Echo, host, port, reuse_address=True))
+        servers.append(await loop.create_server(Echo, host, port, reuse_address=True,
+                                                backlog=4096))
         log.info("echo listening on %s:%d", host, port)
     return servers
 

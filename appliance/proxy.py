@@ -17,17 +17,30 @@ connections already relayed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
 
 from . import balancer, listeners
 from .config import Config, ConfigDiff, diff
+from .logs import RateLimited
+from .metrics import NullMetrics
 from .relay import Side, Tunnel
 
 log = logging.getLogger(__name__)
+conn_log = logging.getLogger("appliance.connections")
 
-CONNECT_TIMEOUT_S = 3.0
+
+@dataclasses.dataclass
+class Options:
+    connect_timeout_s: float = 3.0  # per target attempt
+    idle_timeout_s: float = 3600.0  # no byte either way for this long: closed (0 = never)
+    eject_s: float = 10.0  # a target that failed is tried last for this long
+    conn_log_level: int = logging.DEBUG  # the one line per connection, at close
+
+
+CONNECT_TIMEOUT_S = Options.connect_timeout_s
 GRACE_PERIOD_S = 30.0
 
 
@@ -48,18 +61,23 @@ class ClientSide(Side):
 
 class Proxy:
     def __init__(self, config: Config, *, host: str | None = None,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+                 options: Options | None = None, metrics: NullMetrics | None = None) -> None:
         self.config = config
         self.generation = 1
         self.host = host
-        self.connect_timeout_s = connect_timeout_s
+        self.options = options or Options()
+        self.metrics = metrics or NullMetrics()
+        self.health = balancer.Health(self.options.eject_s)
         self.tunnels: set[Tunnel] = set()
+        self.active: dict[str, int] = {}  # app name -> open connections
         self._routes = config.routes
         self._owned: dict[int, asyncio.Server] = {}  # port -> server, per-port mode
         self._handed: list[asyncio.Server] = []
         self._reload_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._sweeper: asyncio.Task | None = None
+        self._limited = RateLimited(log)
         self.accepting = False
 
     def __repr__(self) -> str:
@@ -71,17 +89,19 @@ class Proxy:
 
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Start accepting: on the given sockets, or on every configured port."""
+        self._loop = asyncio.get_running_loop()
         if sockets:
             for sock in sockets:
                 self._handed.append(await self._serve(sock, None))
         else:
             await self._open_ports(self.config.ports)
+        if self.options.idle_timeout_s > 0:
+            self._sweeper = self._loop.create_task(self._sweep_idle())
         self.accepting = True
 
     async def _serve(self, sock: socket.socket, port: int | None) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: ClientSide(self, port), sock=sock,
-                                        backlog=listeners.BACKLOG)
+        return await self._loop.create_server(lambda: ClientSide(self, port), sock=sock,
+                                              backlog=listeners.BACKLOG)
 
     async def _open_ports(self, ports) -> None:
         """Bind all ``ports`` or none: on failure close what this call opened and raise."""
@@ -119,27 +139,40 @@ class Proxy:
             port = transport.get_extra_info("sockname")[1]
         app = self._routes.get(port)
         if app is None:
-            log.warning("connection from %s to port %s: no app has this port; closed",
-                        transport.get_extra_info("peername"), port)
+            self._limited.warning(f"noapp:{port}", "connection from %s to port %s: no app has "
+                                  "this port; closed", transport.get_extra_info("peername"), port)
+            self.metrics.rejected("", "no_app")
             transport.abort()
             return
+        active = self.active.get(app.name, 0)
+        if app.max_connections is not None and active >= app.max_connections:
+            self._limited.warning(f"limit:{app.name}", "app %s: at its limit of %d connections; "
+                                  "closed a new one", app.name, app.max_connections)
+            self.metrics.rejected(app.name, "limit")
+            transport.abort()
+            return
+        self.active[app.name] = active + 1
         tunnel = Tunnel(client, app.name, port, self._closed)
         self.tunnels.add(tunnel)
         self._idle.clear()
-        tunnel.connecting = asyncio.ensure_future(self._connect(tunnel, app.targets))
+        self.metrics.accepted(app.name)
+        tunnel.connecting = self._loop.create_task(self._connect(tunnel, app.targets))
 
     async def _connect(self, tunnel: Tunnel, targets) -> None:
         try:
-            transport, backend, target, failures = await balancer.connect(
-                targets, lambda: Side(tunnel), self.connect_timeout_s)
+            transport, backend, target, failures, seconds = await balancer.connect(
+                targets, lambda: Side(tunnel), self.options.connect_timeout_s, self.health)
         except balancer.AllTargetsFailed as e:
-            log.warning("app %s port %s: all %d targets failed (%s); closing client",
-                        tunnel.app, tunnel.port, len(targets), e)
+            self._limited.warning(f"down:{tunnel.app}", "app %s port %s: all %d targets failed "
+                                  "(%s); closing client", tunnel.app, tunnel.port, len(targets), e)
+            self.metrics.all_down(tunnel.app, e.failures)
+            tunnel.attempts, tunnel.end = len(e.failures), "all-targets-down"
             tunnel.client.transport.close()
             return
         finally:
             tunnel.connecting = None
         tunnel.target, tunnel.attempts = target, len(failures) + 1
+        self.metrics.connected(tunnel.app, target, seconds, failures)
         if failures:
             log.info("app %s port %s: connected to %s after %d attempts (%s)", tunnel.app,
                      tunnel.port, target, tunnel.attempts, balancer.describe(failures))
@@ -147,13 +180,42 @@ class Proxy:
 
     def _closed(self, tunnel: Tunnel, exc: Exception | None) -> None:
         self.tunnels.discard(tunnel)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("closed app=%s port=%s target=%s attempts=%d in=%d out=%d secs=%.3f end=%s",
-                      tunnel.app, tunnel.port, tunnel.target, tunnel.attempts,
-                      tunnel.client.nbytes, tunnel.backend.nbytes if tunnel.backend else 0,
-                      time.monotonic() - tunnel.started, exc or "closed")
+        self.active[tunnel.app] -= 1
+        bytes_in = tunnel.client.nbytes
+        bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
+        end = tunnel.end or ("reset" if exc else "closed")
+        self.metrics.closed(tunnel.app, tunnel.target, bytes_in, bytes_out, end)
+        if conn_log.isEnabledFor(self.options.conn_log_level):
+            client = tunnel.client.transport.get_extra_info("peername")
+            secs = time.monotonic() - tunnel.started
+            conn_log.log(self.options.conn_log_level,
+                         "app=%s port=%s client=%s target=%s attempts=%d in=%d out=%d "
+                         "secs=%.3f end=%s", tunnel.app, tunnel.port, client and client[0],
+                         tunnel.target, tunnel.attempts, bytes_in, bytes_out, secs, end,
+                         extra={"APP": tunnel.app, "PORT": tunnel.port, "TARGET": tunnel.target,
+                                "BYTES_IN": bytes_in, "BYTES_OUT": bytes_out, "END": end})
         if not self.tunnels:
             self._idle.set()
+
+    async def _sweep_idle(self) -> None:
+        """Close connections that moved no byte for ``idle_timeout_s`` (checked in steps).
+
+        Costs nothing per byte: a tunnel's byte counts are compared between sweeps.
+        """
+        idle_s = self.options.idle_timeout_s
+        step_s = min(idle_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(step_s)  # a periodic timer, not a synchronisation
+            now = time.monotonic()
+            for tunnel in list(self.tunnels):
+                if tunnel.backend is None:
+                    continue  # still connecting: the connect timeout applies
+                moved = tunnel.client.nbytes + tunnel.backend.nbytes
+                if moved != tunnel.seen_bytes:
+                    tunnel.seen_bytes, tunnel.seen_at = moved, now
+                elif now - tunnel.seen_at >= idle_s:
+                    tunnel.end = "idle"
+                    tunnel.close(abort=True)
 
     # -- reload and shutdown -----------------------------------------------------------
 
@@ -192,5 +254,9 @@ class Proxy:
         except TimeoutError:
             left = list(self.tunnels)
             for tunnel in left:
+                tunnel.end = "shutdown"
                 tunnel.close(abort=True)
             return len(left)
+        finally:
+            if self._sweeper is not None:
+                self._sweeper.cancel()

@@ -89,7 +89,7 @@ class Tunnel:
     """A client connection and, once connected, its backend; the unit the proxy tracks."""
 
     __slots__ = ("client", "backend", "app", "port", "target", "attempts", "started",
-                 "connecting", "on_close", "__weakref__")
+                 "connecting", "on_close", "end", "seen_bytes", "seen_at")
 
     def __init__(self, client: Side, app: str, port: int, on_close) -> None:
         self.client = client
@@ -102,6 +102,9 @@ class Tunnel:
         self.started = time.monotonic()
         self.connecting: asyncio.Task | None = None
         self.on_close = on_close  # called once, when both sides are gone
+        self.end: str | None = None  # why we ended it, if we did ("idle", "shutdown", ...)
+        self.seen_bytes = 0  # for the idle sweep: bytes moved when last looked at ...
+        self.seen_at = self.started  # ... and since when
 
     def __repr__(self) -> str:
         return (f"<Tunnel app={self.app} port={self.port} target={self.target} "

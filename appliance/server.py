@@ -20,7 +20,9 @@ import socket
 
 from . import config as configmod
 from . import listeners
-from .proxy import CONNECT_TIMEOUT_S, GRACE_PERIOD_S, Proxy
+from .logs import RateLimited
+from .metrics import NullMetrics
+from .proxy import GRACE_PERIOD_S, Options, Proxy
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,17 @@ def notify(*lines: str) -> None:
 class Server:
     def __init__(self, config_path: str, config: configmod.Config, *,
                  host: str | None = None, sockets: list[socket.socket] | None = None,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 options: Options | None = None, metrics: NullMetrics | None = None,
                  grace_s: float = GRACE_PERIOD_S, control_path: str | None = None) -> None:
         self.config_path = config_path
         self.control_path = control_path
         self._control = None
-        self.proxy = Proxy(config, host=host, connect_timeout_s=connect_timeout_s)
+        self.metrics = metrics or NullMetrics()
+        self.proxy = Proxy(config, host=host, options=options, metrics=self.metrics)
         self.sockets = sockets or []
         self.grace_s = grace_s
         self._stop = asyncio.Event()
+        self._loop_errors = RateLimited(log)
         self._signals = 0
         self._drain: asyncio.Task | None = None
 
@@ -68,12 +72,15 @@ class Server:
             "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
             "mode": "handed-in" if self.sockets else "per-port",
             "active": len(p.tunnels), "accepting": p.accepting,
-            "apps": [{"name": a.name, "ports": list(a.ports), "targets": [str(t) for t in a.targets],
-                      "active": active.get(a.name, 0)} for a in p.config.apps],
+            "apps": [{"name": a.name, "ports": list(a.ports), "active": active.get(a.name, 0),
+                      "max_connections": a.max_connections,
+                      "targets": [{"target": str(t), "health": p.health.describe(t)}
+                                  for t in a.targets]} for a in p.config.apps],
         }
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_error)
         await self.proxy.start(self.sockets)
         if self.control_path:
             from . import control
@@ -106,6 +113,14 @@ class Server:
         log.info("stopped")
         return 0
 
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """The event loop's own errors (e.g. accept() failing with EMFILE: asyncio then
+        pauses accepting for a second by itself): logged at most once per 10 s each."""
+        exc = context.get("exception")
+        key = f"{type(exc).__name__}:{getattr(exc, 'errno', '')}:{context.get('message')}"
+        self._loop_errors.error(key, "%s%s", context.get("message", "event loop error"),
+                                f": {exc!r}" if exc else "")
+
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals == 1:
@@ -125,9 +140,11 @@ class Server:
             message = (f"reload of {self.config_path} failed, "
                        f"still serving generation {self.proxy.generation}:\n{e}")
             log.error("%s", message)
+            self.metrics.reloaded(False, self.proxy.generation)
             notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
             return False, message
         message = f"reloaded to generation {self.proxy.generation} ({new.summary()}): {change}"
+        self.metrics.reloaded(True, self.proxy.generation)
         log.info("%s", message)
         notify("READY=1", f"STATUS={self.status_line()}")
         return True, message

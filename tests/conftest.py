@@ -5,12 +5,22 @@ import pytest
 from helpers import ProxyProcess, TaggedBackend
 
 
-@pytest.fixture
-def start_proxy(tmp_path):
-    """Start ``flyproxy serve`` on a config; every proxy started is killed at teardown."""
+def _loops() -> list[str]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return ["asyncio"]
+    return ["uvloop", "asyncio"]
+
+
+@pytest.fixture(params=_loops())
+def start_proxy(tmp_path, request):
+    """Start ``flyproxy serve`` on a config, once per event loop we ship (uvloop and
+    asyncio's own); every proxy started is killed at teardown."""
     procs: list[ProxyProcess] = []
 
     def start(config, *args, **kw) -> ProxyProcess:
+        kw["env"] = {**kw.get("env", {}), "FLYPROXY_LOOP": request.param}
         proc = ProxyProcess(config, *args, **kw)
         procs.append(proc)
         return proc

@@ -155,7 +155,7 @@ class ProxyProcess:
 
     def __init__(self, config: Path, *args: str, pass_fds: tuple[int, ...] = (),
                  env: dict | None = None, host: str | None = "127.0.0.1",
-                 wrap: list[str] | None = None):
+                 wrap: list[str] | None = None, preexec_fn=None):
         self.config = config
         self.notify = NotifySocket(config.parent)
         cmd = [PYTHON, "-m", "appliance", "--log-level", "debug", "serve", "-c", str(config),
@@ -167,6 +167,7 @@ class ProxyProcess:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=pass_fds,
+            preexec_fn=preexec_fn,
             env={**os.environ, **(env or {}), "NOTIFY_SOCKET": self.notify.path,
                  "PYTHONPATH": str(REPO)})
         try:
@@ -194,6 +195,10 @@ class ProxyProcess:
 
     def wait(self, timeout: float = WAIT_S) -> int:
         return self.proc.wait(timeout)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

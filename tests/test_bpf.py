@@ -166,6 +166,18 @@ def test_status_shows_the_truth(steered):
     assert f"socket cookie {cookie}" in text and "ports:    12:" in text
 
 
+def test_counters_exported_for_node_exporter(steered, tmp_path):
+    s = ready(steered)
+    assert s.greet(5001) == "five-thousand"
+    out = tmp_path / "flyproxy_bpf.prom"
+    s.bpf("metrics", "--textfile", str(out))
+    text = out.read_text()
+    assert "flyproxy_bpf_steered_total 1\n" in text
+    assert "flyproxy_bpf_ports 12\n" in text
+    assert "flyproxy_bpf_listener_registered 1\n" in text
+    assert oct(out.stat().st_mode)[-3:] == "644"
+
+
 def test_sync_adds_and_removes_ports_while_kept_ports_carry_on(steered):
     s = ready(steered)
     held = s.connect(5001)

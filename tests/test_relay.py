@@ -71,8 +71,8 @@ def test_backend_half_close_reaches_the_client(tmp_path, start_proxy):
 
 
 def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, start_proxy):
-    """The backend pushes 256 MiB to a client that does not read: the proxy must not buffer it."""
-    total = 256 * 1024 * 1024
+    """The backend pushes 1 GiB to a client that does not read: the proxy must not buffer it."""
+    total = 1024 * 1024 * 1024
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)

@@ -194,6 +194,38 @@ def test_journal_has_structured_fields(appliance):
                for r in records)
 
 
+def test_metrics_on_loopback_and_bpf_counters_for_node_exporter(appliance):
+    c = appliance.c
+    text = c.run(["python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                  "'http://127.0.0.1:9464/metrics', timeout=10).read().decode())"]).stdout
+    assert 'flyproxy_connections_accepted_total{app="five-thousand"}' in text
+    c.run(["systemctl", "start", "flyproxy-bpf-metrics.service"])
+    prom = c.run(["cat", "/var/lib/prometheus/node-exporter/flyproxy_bpf.prom"]).stdout
+    assert re.search(r"^flyproxy_bpf_steered_total [1-9]\d*$", prom, re.M), prom
+    assert "flyproxy_bpf_listener_registered 1" in prom
+
+
+def test_connection_log_lines_carry_journal_fields(appliance):
+    c = appliance.c
+    c.sh("mkdir -p /run/systemd/system/flyproxy.service.d && printf '[Service]\\n"
+         "Environment=FLYPROXY_CONN_LOG_LEVEL=info\\n' > /run/systemd/system/flyproxy.service.d/log.conf"
+         " && systemctl daemon-reload && systemctl restart flyproxy")
+    wait_active(c, "flyproxy.service")
+    try:
+        with appliance.connect(7200) as s:
+            assert read_line(s) == b"seven-thousand"
+        c.run(["systemctl", "reload", "flyproxy"])  # a round trip through the proxy: logged
+        out = c.run(["journalctl", "-u", "flyproxy", "-o", "json", "--no-pager",
+                     "LOGGER=appliance.connections"]).stdout
+        records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert any(r.get("APP") == "seven-thousand" and r.get("PORT") == "7200"
+                   and r.get("END") == "closed" and r.get("TARGET") for r in records), records[-3:]
+    finally:
+        c.sh("rm -r /run/systemd/system/flyproxy.service.d && systemctl daemon-reload "
+             "&& systemctl restart flyproxy")
+        wait_active(c, "flyproxy.service")
+
+
 def test_exposure_score(appliance):
     out = appliance.c.run(["systemd-analyze", "security", "--no-pager", "flyproxy.service"],
                           check=False).stdout

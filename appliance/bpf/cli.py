@@ -131,6 +131,42 @@ def cmd_status(args) -> int:
     return 0
 
 
+METRICS = (  # counter name in the map -> (metric, help)
+    ("steered", "flyproxy_bpf_steered_total", "Connections sk_lookup assigned to the proxy's listener"),
+    ("no_listener", "flyproxy_bpf_no_listener_total", "Connections to our ports with no listener registered"),
+    ("assign_failed", "flyproxy_bpf_assign_failed_total", "Connections bpf_sk_assign refused"),
+)
+
+
+def prometheus_text(status: dict) -> str:
+    lines = []
+    for key, name, help_text in METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter",
+                  f"{name} {status['counters'][key]}"]
+    lines += ["# HELP flyproxy_bpf_ports Ports in the steering map", "# TYPE flyproxy_bpf_ports gauge",
+              f"flyproxy_bpf_ports {len(status['ports'])}",
+              "# HELP flyproxy_bpf_listener_registered 1 if a listener is in the sockmap",
+              "# TYPE flyproxy_bpf_listener_registered gauge",
+              f"flyproxy_bpf_listener_registered {int(status['listener_cookie'] is not None)}"]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_metrics(args) -> int:
+    """The steering counters in Prometheus text format, for node_exporter's textfile collector
+    (the proxy itself cannot read BPF maps: it is unprivileged)."""
+    with PinnedState(args.pin_dir, readonly=True) as state:
+        text = prometheus_text(state.status())
+    if not args.textfile:
+        print(text, end="")
+        return 0
+    path = Path(args.textfile)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    tmp.replace(path)  # atomic: the collector never reads half a file
+    return 0
+
+
 def cmd_unload(args) -> int:
     removed = unload(args.pin_dir)
     print(f"{args.pin_dir}: " + (f"unpinned {', '.join(removed)}" if removed else "nothing loaded"))
@@ -171,6 +207,11 @@ def add_commands(sub) -> None:
     p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = common(cmds.add_parser("metrics", help="steering counters in Prometheus text format (read-only)"))
+    p.add_argument("--textfile", metavar="PATH",
+                   help="write them here atomically (node_exporter's textfile collector)")
+    p.set_defaults(func=cmd_metrics)
 
     common(cmds.add_parser("unload", help="detach and unpin everything")) \
         .set_defaults(func=cmd_unload)

@@ -7,6 +7,7 @@ import pytest
     ("flyproxy.socket", True),
     ("flyproxy.service", None),  # started by the socket (Wants=), not enabled on its own
     ("flyproxy-echo.service", True),
+    ("flyproxy-bpf-metrics.timer", True),
 ])
 def test_unit_is_running(host, unit, enabled):
     service = host.service(unit)

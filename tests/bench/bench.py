@@ -1,0 +1,562 @@
+#!/usr/bin/env python3
+"""`make bench`: flyproxy side by side with HAProxy, nginx stream and systemd-socket-proxyd.
+
+Everything runs inside a network namespace made for the run (loopback only), with the
+same backends for every proxy: nginx serving a tiny HTTP response, an iperf3 server, and
+an echo server for idle connections. Proxies run one after another, in several rounds
+(alternating, so drift on a noisy machine hits all of them alike), and every figure is the
+median over rounds. Wall-clock rates swing on shared machines; the CPU each proxy spends
+per unit of work (its own processes' user+sys time) barely does, so both are reported.
+
+Outputs docs/bench/results.md (absolute figures and ratios to HAProxy), results.json
+(every round) and chart.png. Needs root (namespace, BPF). Bounded: each load lasts
+BENCH_SECONDS (default 4) and there are BENCH_ROUNDS rounds (default 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "docs" / "bench"
+PYTHON = os.environ.get("BENCH_PYTHON", "/usr/bin/python3")
+SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+IDLE_CONNECTIONS = int(os.environ.get("BENCH_IDLE", "5000"))
+SCALE_PORTS = 10_000
+NS = "flyproxy-bench"
+PROXYD = "/lib/systemd/systemd-socket-proxyd"
+
+BACKEND = {"http": 8080, "iperf": 5201, "idle": 7070}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WORK = Path(tempfile.mkdtemp(prefix="flyproxy-bench-"))
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- processes and measurements ---------------------------------------------------------
+
+def spawn(cmd: list[str], name: str, **kw) -> subprocess.Popen:
+    out = open(WORK / f"{name}.log", "a")
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+
+
+def listening(port: int) -> bool:
+    """Is a TCP socket listening on ``port`` (read from /proc: no connection is made,
+    which would count as a test for iperf3's server)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if listening(port):
+            return
+        time.sleep(0.05)  # polling a port someone else opens: no event to wait on
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s; logs in {WORK}")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+# -- the proxies -------------------------------------------------------------------------
+
+class Proxy:
+    """A proxy under test: front ports for each backend, its processes, start/stop."""
+
+    name = "?"
+
+    def __init__(self, base: int):
+        self.front = {"http": base, "iperf": base + 1, "idle": base + 2}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        pids = [p.pid for p in self.procs if p.poll() is None]
+        return pids + [c for p in pids for c in children(p)]
+
+    def ready(self) -> None:
+        for port in self.front.values():
+            wait_port(port)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self.procs = []
+
+
+class NoProxy(Proxy):
+    name = "no proxy"
+
+    def __init__(self):
+        super().__init__(0)
+        self.front = dict(BACKEND)
+
+    def start(self) -> None:
+        pass
+
+
+class HAProxy(Proxy):
+    name = "HAProxy"
+
+    def start(self) -> None:
+        cfg = WORK / "haproxy.cfg"
+        sections = "".join(f"listen {k}\n    bind 127.0.0.1:{self.front[k]}\n"
+                           f"    server s1 127.0.0.1:{BACKEND[k]}\n" for k in BACKEND)
+        cfg.write_text(f"""global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode tcp
+    maxconn 9000
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+{sections}""")
+        self.procs = [spawn(["haproxy", "-db", "-f", str(cfg)], "haproxy")]
+
+
+class NginxStream(Proxy):
+    name = "nginx stream"
+
+    def start(self) -> None:
+        cfg = WORK / "nginx-proxy.conf"
+        servers = "".join(f"    server {{ listen 127.0.0.1:{self.front[k]} backlog=4096; "
+                          f"proxy_pass 127.0.0.1:{BACKEND[k]}; }}\n" for k in BACKEND)
+        cfg.write_text(f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {WORK}/nginx-proxy.pid;
+error_log {WORK}/nginx-proxy-error.log;
+events {{ worker_connections 12000; }}
+stream {{
+{servers}}}
+""")
+        self.procs = [spawn(["nginx", "-c", str(cfg)], "nginx-proxy")]
+
+
+class SocketProxyd(Proxy):
+    name = "systemd-socket-proxyd"
+
+    def start(self) -> None:
+        self.procs = [spawn(["systemd-socket-activate", "-l", f"127.0.0.1:{self.front[k]}",
+                             PROXYD, "--connections-max=9000", f"127.0.0.1:{BACKEND[k]}"],
+                            f"proxyd-{k}") for k in BACKEND]
+
+
+class FlyProxy(Proxy):
+    name = "flyproxy"
+
+    def __init__(self, base: int, loop: str = "auto"):
+        super().__init__(base)
+        self.loop = loop
+        if loop == "asyncio":
+            self.name = "flyproxy (asyncio loop)"
+        self.config = WORK / f"flyproxy-{base}.json"
+
+    def write_config(self, extra_http_ports: int = 0) -> None:
+        apps = [{"Name": k, "Ports": [self.front[k]], "Targets": [f"127.0.0.1:{BACKEND[k]}"]}
+                for k in BACKEND]
+        if extra_http_ports:  # below the ephemeral range (32768+) and clear of every other port
+            apps[0]["Ports"] += list(range(10_000, 10_000 + extra_http_ports))
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"Apps": apps}))
+        tmp.replace(self.config)
+
+    def serve_args(self) -> list[str]:
+        return ["--host", "127.0.0.1"]
+
+    def start(self) -> None:
+        self.write_config()
+        self.procs = [spawn([PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
+                             "-c", str(self.config), "--loop", self.loop,
+                             "--control", str(WORK / f"control-{self.front['http']}.sock"),
+                             *self.serve_args()], self.name.replace(" ", "-"), cwd=REPO)]
+
+    def reload(self, pin_dir: str = "") -> float:
+        started = time.monotonic()
+        result = subprocess.run([PYTHON, "-m", "appliance", "reload", "-c", str(self.config),
+                                 "--control", str(WORK / f"control-{self.front['http']}.sock"),
+                                 "--pin-dir", pin_dir], cwd=REPO, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{self.name}: reload failed: {result.stderr}")
+        return time.monotonic() - started
+
+
+class FlyProxyBPF(FlyProxy):
+    name = "flyproxy BPF"
+    LISTEN = 9999  # outside every range of configured ports
+
+    def __init__(self, base: int, bpffs: Path):
+        super().__init__(base)
+        self.pin_dir = bpffs / "flyproxy"
+
+    def serve_args(self) -> list[str]:
+        return ["--listen", f"127.0.0.1:{self.LISTEN}"]
+
+    def start(self) -> None:
+        self.write_config()
+        subprocess.run([PYTHON, "-m", "appliance", "bpf", "load", "-c", str(self.config),
+                        "--pin-dir", str(self.pin_dir)], cwd=REPO, check=True, capture_output=True)
+        super().start()
+        wait_port(self.LISTEN)
+        subprocess.run([PYTHON, "-m", "appliance", "bpf", "register", "--pid",
+                        str(self.procs[0].pid), "--pin-dir", str(self.pin_dir)],
+                       cwd=REPO, check=True, capture_output=True)
+
+    def ready(self) -> None:
+        wait_port(self.LISTEN)  # the app ports are steered: nothing else listens
+
+    def reload(self, pin_dir: str = "") -> float:
+        return super().reload(str(self.pin_dir))
+
+    def stop(self) -> None:
+        super().stop()
+        subprocess.run([PYTHON, "-m", "appliance", "bpf", "unload", "--pin-dir",
+                        str(self.pin_dir)], cwd=REPO, capture_output=True)
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+def iperf(port: int, streams: int, attempts: int = 3) -> tuple[float, float]:
+    """(Gbit/s, GB moved) for one iperf3 run through ``port``.
+
+    iperf3's server takes one test at a time and needs a moment between tests; a run that
+    finds it busy is retried (at most ``attempts`` times)."""
+    for attempt in range(attempts):
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{SECONDS:g}",
+                              "-P", str(streams), "-J"], capture_output=True, text=True,
+                             timeout=SECONDS + 30)
+        data = json.loads(out.stdout)
+        if "error" not in data:
+            break
+        log(f"iperf3 through port {port}: {data['error']} (attempt {attempt + 1})")
+        time.sleep(1)  # let the iperf3 server finish the failed test
+    else:
+        raise RuntimeError(f"iperf3 through port {port} failed {attempts} times")
+    received = data["end"]["sum_received"]
+    return received["bits_per_second"] / 1e9, received["bytes"] / 1e9
+
+
+def wrk(port: int, close: bool, connections: int = 50) -> tuple[float, int]:
+    """(requests/s, requests) for one wrk run; with ``close`` every request is a new connection."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{SECONDS:g}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    out = subprocess.run(cmd + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                         timeout=SECONDS + 30).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Socket errors: .*", out)
+    if errors:
+        log(f"wrk on {port}: {errors.group(0)}")
+    return rate, total
+
+
+def latency(port: int, rate_per_s: int = 1000, samples: int = 2000) -> tuple[float, float]:
+    """(p50, p99) in microseconds for HTTP requests on one keep-alive connection at a fixed rate."""
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    rtts = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        interval = 1 / rate_per_s
+        next_at = time.perf_counter()
+        for _ in range(samples):
+            now = time.perf_counter()
+            if next_at > now:
+                time.sleep(next_at - now)  # pacing the request rate, not synchronising
+            next_at += interval
+            t0 = time.perf_counter_ns()
+            s.sendall(request)
+            buf = b""
+            while b"hello\n" not in buf:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise RuntimeError("connection closed during latency run")
+                buf += chunk
+            rtts.append((time.perf_counter_ns() - t0) / 1000)
+    rtts.sort()
+    return rtts[len(rtts) // 2], rtts[int(len(rtts) * 0.99)]
+
+
+def idle_memory(proxy: Proxy) -> float:
+    """RSS growth per idle connection (KiB), with IDLE_CONNECTIONS open through the proxy."""
+    pids = proxy.pids()
+    before = rss_kib(pids)
+    conns = []
+    try:
+        for i in range(IDLE_CONNECTIONS):
+            s = socket.create_connection(("127.0.0.1", proxy.front["idle"]), timeout=10)
+            conns.append(s)
+            s.sendall(b"x")  # one round trip: the backend side exists too
+            if s.recv(1) != b"x":
+                raise RuntimeError(f"idle connection {i} did not echo")
+        after = rss_kib(proxy.pids())
+    finally:
+        for s in conns:
+            s.close()
+    return (after - before) / IDLE_CONNECTIONS
+
+
+def run_workloads(proxy: Proxy) -> dict:
+    r: dict = {}
+    fronts = proxy.front
+    pids = proxy.pids()
+
+    def measured(fn, *args):
+        c0 = cpu_seconds(pids)
+        result = fn(*args)
+        return result, cpu_seconds(pids) - c0
+
+    (gbps, gb), cpu = measured(iperf, fronts["iperf"], 1)
+    r["iperf1_gbps"], r["cpu_per_gb"] = gbps, (cpu / gb if pids else None)
+    (gbps8, _), _ = measured(iperf, fronts["iperf"], 8)
+    r["iperf8_gbps"] = gbps8
+    (rate, total), cpu = measured(wrk, fronts["http"], True)
+    r["conn_per_s"], r["cpu_us_per_conn"] = rate, (cpu / total * 1e6 if pids else None)
+    (rate, total), cpu = measured(wrk, fronts["http"], False)
+    r["keepalive_req_per_s"], r["cpu_us_per_req"] = rate, (cpu / total * 1e6 if pids else None)
+    r["p50_us"], r["p99_us"] = latency(fronts["http"])
+    return r
+
+
+# -- the namespace and the backends ------------------------------------------------------
+
+def enter_namespace() -> None:
+    subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{NS}", os.O_RDONLY)
+    if libc.setns(fd, 0x40000000) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+    os.close(fd)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def start_backends() -> list[subprocess.Popen]:
+    cfg = WORK / "nginx-backend.conf"
+    cfg.write_text(f"""worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {WORK}/nginx-backend.pid;
+error_log {WORK}/nginx-backend-error.log;
+events {{ worker_connections 12000; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    server {{ listen 127.0.0.1:{BACKEND['http']} backlog=4096;
+             location / {{ return 200 "hello\\n"; }} }}
+}}
+""")
+    procs = [spawn(["nginx", "-c", str(cfg)], "nginx-backend"),
+             spawn(["iperf3", "-s", "-p", str(BACKEND["iperf"])], "iperf3-server"),
+             spawn([PYTHON, "-m", "appliance", "--log-level", "warning", "echo", "--listen",
+                    f"127.0.0.1:{BACKEND['idle']}"], "echo-backend", cwd=REPO)]
+    for port in BACKEND.values():
+        wait_port(port)
+    return procs
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("make bench needs root (network namespace, BPF)", file=sys.stderr)
+        return 1
+    for tool in ("haproxy", "nginx", "iperf3", "wrk", "systemd-socket-activate", PROXYD):
+        if not shutil.which(tool) and not Path(tool).exists():
+            print(f"make bench: {tool} is missing", file=sys.stderr)
+            return 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    enter_namespace()
+    bpffs = WORK / "bpffs"
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    backends = start_backends()
+    proxies = [NoProxy(), HAProxy(21000), NginxStream(22000), SocketProxyd(23000),
+               FlyProxy(24000), FlyProxyBPF(25000, bpffs)]
+    if os.environ.get("BENCH_ASYNCIO_LOOP", "1") == "1":
+        proxies.append(FlyProxy(26000, loop="asyncio"))
+    rounds: dict[str, list[dict]] = {p.name: [] for p in proxies}
+    extra: dict[str, dict] = {p.name: {} for p in proxies}
+    started = time.monotonic()
+    try:
+        for n in range(ROUNDS):
+            for proxy in proxies:
+                log(f"round {n + 1}/{ROUNDS}: {proxy.name}")
+                proxy.start()
+                try:
+                    proxy.ready()
+                    rounds[proxy.name].append(run_workloads(proxy))
+                    if n == 0 and not isinstance(proxy, NoProxy):
+                        extra[proxy.name]["idle_kib_per_conn"] = idle_memory(proxy)
+                    if n == 0 and isinstance(proxy, FlyProxy) and proxy.loop == "auto":
+                        extra[proxy.name].update(scale(proxy))
+                finally:
+                    proxy.stop()
+    finally:
+        for p in backends:
+            p.terminate()
+        for p in backends:
+            p.wait(10)
+        subprocess.run(["umount", str(bpffs)], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+    summary = {name: {**{k: median([r[k] for r in runs]) for k in runs[0]}, **extra[name]}
+               for name, runs in rounds.items()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": SECONDS, "rounds": ROUNDS,
+            "idle_connections": IDLE_CONNECTIONS, "kernel": os.uname().release,
+            "cpus": os.cpu_count(), "duration_s": round(time.monotonic() - started)}
+    (OUT / "results.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                                                  "rounds": rounds}, indent=1))
+    (OUT / "results.md").write_text(report(summary, meta))
+    chart(summary)
+    print((OUT / "results.md").read_text())
+    return 0
+
+
+def scale(proxy: FlyProxy) -> dict:
+    """New conn/s with 10 vs 10,000 configured ports, and the time to reload 10,000 ports."""
+    out = {}
+    proxy.write_config(extra_http_ports=7)  # 10 ports
+    proxy.reload()
+    out["conn_per_s_10_ports"], _ = wrk(proxy.front["http"], True)
+    proxy.write_config(extra_http_ports=SCALE_PORTS - 3)
+    out["reload_10000_ports_s"] = proxy.reload()
+    out["conn_per_s_10000_ports"], _ = wrk(proxy.front["http"], True)
+    proxy.write_config()
+    out["reload_back_to_3_ports_s"] = proxy.reload()
+    return out
+
+
+# -- output ------------------------------------------------------------------------------
+
+ROWS = [  # key, label, format, higher is better
+    ("iperf1_gbps", "throughput, 1 stream (Gbit/s)", "{:.1f}", True),
+    ("iperf8_gbps", "throughput, 8 streams (Gbit/s)", "{:.1f}", True),
+    ("conn_per_s", "new connections/s (wrk, Connection: close)", "{:,.0f}", True),
+    ("keepalive_req_per_s", "keep-alive requests/s (wrk)", "{:,.0f}", True),
+    ("p50_us", "latency p50 at 1,000 req/s (us)", "{:.0f}", False),
+    ("p99_us", "latency p99 at 1,000 req/s (us)", "{:.0f}", False),
+    ("cpu_per_gb", "CPU s per GB moved", "{:.3f}", False),
+    ("cpu_us_per_conn", "CPU us per connection", "{:.0f}", False),
+    ("cpu_us_per_req", "CPU us per keep-alive request", "{:.1f}", False),
+    ("idle_kib_per_conn", "RSS KiB per idle connection", "{:.1f}", False),
+]
+
+
+def report(summary: dict, meta: dict) -> str:
+    names = list(summary)
+    base = summary.get("HAProxy", {})
+    lines = [f"# flyproxy benchmark ({meta['date']})", "",
+             f"{meta['cpus']} CPUs, kernel {meta['kernel']}, loopback in a private network "
+             f"namespace; {meta['rounds']} rounds of {meta['seconds']:g} s loads, medians; "
+             f"{meta['idle_connections']:,} idle connections for memory; took "
+             f"{meta['duration_s']} s. Each proxy on one thread/worker. Ratios are to HAProxy "
+             "in the same run (for cost rows, lower is better).", "",
+             "| metric | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for key, label, fmt, _ in ROWS:
+        cells = []
+        for name in names:
+            v = summary[name].get(key)
+            if v is None:
+                cells.append("-")
+                continue
+            ratio = f" ({v / base[key]:.2f}x)" if base.get(key) and name != "HAProxy" else ""
+            cells.append(fmt.format(v) + ratio)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name, values in summary.items():
+        if "reload_10000_ports_s" in values:
+            lines += ["", f"**{name}**: new conn/s with 10 ports {values['conn_per_s_10_ports']:,.0f}, "
+                      f"with 10,000 ports {values['conn_per_s_10000_ports']:,.0f} "
+                      f"({values['conn_per_s_10000_ports'] / values['conn_per_s_10_ports']:.2f}x); "
+                      f"reload to 10,000 ports {values['reload_10000_ports_s']:.2f} s, "
+                      f"back to 3 ports {values['reload_back_to_3_ports_s']:.2f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no chart")
+        return
+    base = summary["HAProxy"]
+    names = [n for n in summary if n not in ("HAProxy", "no proxy")]
+    keys = [(k, label) for k, label, _, _ in ROWS if base.get(k)]
+    fig, ax = plt.subplots(figsize=(12, 6))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ratios = [(summary[name].get(k) or 0) / base[k] for k, _ in keys]
+        ax.bar([x + i * width for x in range(len(keys))], ratios, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))])
+    ax.set_xticklabels([label.split(" (")[0] for _, label in keys], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_ylabel("ratio to HAProxy (rates: higher is better; costs: lower is better)")
+    ax.set_title("flyproxy vs HAProxy, nginx stream, systemd-socket-proxyd")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "chart.png", dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The config loader, fuzzed: whatever the input, a Config or a clean ConfigError, never a crash."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from appliance import config
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=25)
+
+ports = st.one_of(st.integers(-5, 70000), st.sampled_from([80, 5001, 0, 65535, 65536]),
+                  st.text(max_size=5), st.floats(allow_nan=False), st.none())
+targets = st.one_of(
+    st.from_regex(r"\A[a-z0-9.\-_:\[\]]{0,30}\Z"),
+    st.builds(lambda h, p: f"{h}:{p}", st.sampled_from(["localhost", "10.0.0.1", "[::1]", "::1", "a..b", ""]),
+              st.integers(-1, 70000)),
+    st.integers())
+apps = st.fixed_dictionaries(
+    {"Name": st.one_of(st.text(max_size=8), st.integers()),
+     "Ports": st.lists(ports, max_size=4),
+     "Targets": st.lists(targets, max_size=4)},
+    optional={"MaxConnections": st.one_of(st.integers(-1, 5), st.text(max_size=3)),
+              "Extra": json_values})
+documents = st.one_of(json_values, st.fixed_dictionaries({"Apps": st.lists(apps, max_size=4)}))
+
+
+def check(data) -> None:
+    try:
+        result = config.loads(data, "fuzz.json")
+    except config.ConfigError as e:
+        assert e.errors and all(isinstance(x, str) and x for x in e.errors)
+        assert str(e).startswith("fuzz.json: ")
+    else:
+        assert isinstance(result, config.Config)
+        assert len(result.routes) == len(result.ports)  # no port belongs to two apps
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents)
+def test_structured_documents(doc):
+    check(json.dumps(doc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes(data):
+    check(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet='{}[]":,0123456789 \\nAppsNamePortsTargets.-', max_size=120))
+def test_json_looking_text(text):
+    check(text)

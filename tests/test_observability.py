@@ -1,0 +1,96 @@
+"""Metrics, the per-connection log line, rate-limited errors, target health in status."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.request
+
+from helpers import connect, dead_port, free_ports, greet, recv_all, run_cli, write_config
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def sample(text: str, name: str, **labels) -> float:
+    """The value of the sample ``name`` with exactly these labels (in any order)."""
+    for line in text.splitlines():
+        match = re.match(r"(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if match and match.group(1) == name:
+            have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            if have == {k: str(v) for k, v in labels.items()}:
+                return float(match.group(3))
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+
+
+def test_metrics_count_connections_bytes_failures_and_reloads(tmp_path, start_proxy, make_backend):
+    live = make_backend("live")
+    port, down_port, metrics_port = free_ports(3)
+    dead = f"127.0.0.1:{dead_port()}"
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [live.address]),
+                                                  "down": ([down_port], [dead])})
+    proxy = start_proxy(cfg, "--metrics", f"127.0.0.1:{metrics_port}")
+    with connect(port) as s:
+        s.sendall(b"12345\n")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"live\n12345\nbye\n"  # closed by the proxy: it is accounted
+    assert greet(down_port) == ""  # all targets down: closed
+    proxy.reload()  # a round trip through the proxy's event loop, after the closes
+    text = scrape(metrics_port)
+    assert sample(text, "flyproxy_connections_accepted_total", app="a") == 1
+    assert sample(text, "flyproxy_connect_attempts_total", app="a", target=live.address) == 1
+    assert sample(text, "flyproxy_connect_seconds_count", app="a", target=live.address) == 1
+    assert sample(text, "flyproxy_connect_failures_total", app="down", target=dead, reason="refused") == 1
+    assert sample(text, "flyproxy_all_targets_down_total", app="down") == 1
+    assert sample(text, "flyproxy_reloads_total", result="ok") == 1
+    assert sample(text, "flyproxy_config_generation") == 2
+    assert sample(text, "flyproxy_bytes_total", app="a", target=live.address, direction="in") == 6
+    assert sample(text, "flyproxy_bytes_total", app="a", target=live.address, direction="out") == 15
+    assert sample(text, "flyproxy_connections_active", app="a") == 0
+    assert sample(text, "flyproxy_connections_closed_total", app="a", end="closed") == 1
+
+
+def test_one_log_line_per_connection(tmp_path, start_proxy, make_backend):
+    live = make_backend("live")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [live.address])})
+    proxy = start_proxy(cfg, "--conn-log-level", "info")
+    with connect(port) as s:
+        s.sendall(b"abc\n")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"live\nabc\nbye\n"
+    proxy.reload()  # a round trip through the proxy's loop: the close has been logged
+    lines = [l for l in proxy.output().splitlines() if "appliance.connections" in l]
+    assert len(lines) == 1, proxy.output()
+    assert re.search(rf"app=a port={port} client=127.0.0.1 target={live.address} attempts=1 "
+                     r"in=4 out=13 secs=[\d.]+ end=closed", lines[0]), lines[0]
+
+
+def test_repeated_errors_are_rate_limited(tmp_path, start_proxy):
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"down": ([port], [f"127.0.0.1:{dead_port()}"])})
+    proxy = start_proxy(cfg)
+    for _ in range(20):
+        assert greet(port) == ""
+    proxy.reload()
+    assert proxy.output().count("all 1 targets failed") == 1
+
+
+def test_status_shows_target_health(tmp_path, start_proxy, make_backend):
+    live = make_backend("live")
+    port, = free_ports(1)
+    dead = f"127.0.0.1:{dead_port()}"
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [dead, live.address])})
+    control = str(tmp_path / "control.sock")
+    start_proxy(cfg, "--control", control)
+    for _ in range(10):  # the odds the dead one is never picked first: (1/2)^10
+        assert greet(port) == "live"
+    status = json.loads(run_cli("status", "--control", control, "--json").stdout)
+    health = {t["target"]: t["health"] for t in status["apps"][0]["targets"]}
+    assert health[live.address] == "ok"
+    assert health[dead].startswith("ejected: refused")
+    table = run_cli("status", "--control", control).stdout
+    assert "ejected: refused" in table
