@@ -92,8 +92,17 @@ def write_config(path: Path, apps: dict[str, tuple[list[int], list[str]]]) -> Pa
     return path
 
 
-def connect(port: int, host: str = "127.0.0.1", timeout: float = WAIT_S) -> socket.socket:
-    s = socket.create_connection((host, port), timeout=timeout)
+def connect(port: int, host: str = "127.0.0.1", timeout: float = WAIT_S,
+            namespace=None) -> socket.socket:
+    """A connected socket; ``namespace`` (a context manager factory, e.g. NetNS.entered)
+    creates it in another network namespace."""
+    if namespace is None:
+        s = socket.create_connection((host, port), timeout=timeout)
+    else:
+        with namespace():
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        s.settimeout(timeout)
+        s.connect((host, port))
     s.settimeout(timeout)
     return s
 
@@ -109,10 +118,50 @@ def read_line(sock: socket.socket) -> bytes:
     return buf[:-1]
 
 
-def greet(port: int, host: str = "127.0.0.1") -> str:
+def greet(port: int, host: str = "127.0.0.1", namespace=None) -> str:
     """Connect through the proxy and return the backend's tag; '' if the proxy closed us."""
-    with connect(port, host) as s:
+    with connect(port, host, namespace=namespace) as s:
         return read_line(s).decode()
+
+
+@contextlib.contextmanager
+def scripted_backend(script):
+    """A backend that runs ``script(conn)`` on its first connection, in a thread.
+
+    Yields its ``127.0.0.1:PORT`` address; joins the thread (bounded) and closes on exit.
+    """
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(WAIT_S)
+
+    def run():
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(30)
+            try:
+                script(conn)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        srv.close()
+        thread.join(WAIT_S)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Did the peer close (EOF) or reset the connection? (False if it sent data instead.)"""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
 
 
 def recv_all(sock: socket.socket) -> bytes:

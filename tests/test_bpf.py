@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.demo import demo_document
-from helpers import PYTHON, REPO, ProxyProcess, TaggedBackend, read_line, run_cli
+from helpers import PYTHON, REPO, ProxyProcess, TaggedBackend, connect, greet, read_line, run_cli
 from netns import NetNS
 
 pytestmark = [
@@ -85,16 +85,10 @@ class Steered:
         return json.loads(self.bpf("status", "--json").stdout)
 
     def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 5) -> socket.socket:
-        with self.ns.entered():
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect((host, port))
-        return s
+        return connect(port, host, timeout, namespace=self.ns.entered)
 
     def greet(self, port: int, host: str = "127.0.0.1") -> str:
-        with self.connect(port, host) as s:
-            return read_line(s).decode()
+        return greet(port, host, namespace=self.ns.entered)
 
     def close(self) -> None:
         if self.proxy:

@@ -8,7 +8,8 @@ import socket
 import threading
 import time
 
-from helpers import connect, free_ports, read_line, recv_all, write_config
+from helpers import (closed_by_peer, connect, free_ports, read_line, recv_all, scripted_backend,
+                     write_config)
 
 
 def proxy_to(tmp_path, start_proxy, backend_address):
@@ -43,66 +44,48 @@ def test_half_close_reaches_the_backend_and_it_can_still_answer(tmp_path, start_
 
 def test_backend_half_close_reaches_the_client(tmp_path, start_proxy):
     """The backend sends and shuts down its write side; the client can still send to it."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
     got = []
 
-    def backend():
-        conn, _ = srv.accept()
-        with conn:
-            conn.sendall(b"hello")
-            conn.shutdown(socket.SHUT_WR)
-            conn.settimeout(10)
-            got.append(recv_all(conn))
+    def backend(conn):
+        conn.sendall(b"hello")
+        conn.shutdown(socket.SHUT_WR)
+        got.append(recv_all(conn))
 
-    t = threading.Thread(target=backend)
-    t.start()
-    try:
-        proxy, port = proxy_to(tmp_path, start_proxy, f"127.0.0.1:{srv.getsockname()[1]}")
+    with scripted_backend(backend) as address:
+        proxy, port = proxy_to(tmp_path, start_proxy, address)
         with connect(port) as s:
             assert recv_all(s) == b"hello"  # EOF from the backend arrived
             s.sendall(b"still talking")
             s.shutdown(socket.SHUT_WR)
-            t.join(10)
-        assert got == [b"still talking"]
-    finally:
-        srv.close()
+            assert recv_all(s) == b""
+    assert got == [b"still talking"]
 
 
 def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, start_proxy):
     """The backend pushes 1 GiB to a client that does not read: the proxy must not buffer it."""
     total = 1024 * 1024 * 1024
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
     sent = [0]
+    blocked = threading.Event()
 
-    def backend():
-        conn, _ = srv.accept()
-        with conn:
-            chunk = b"x" * 65536
-            conn.settimeout(30)
+    def backend(conn):
+        chunk = b"x" * 65536
+        conn.settimeout(0.5)
+        while sent[0] < total:
             try:
-                while sent[0] < total:
-                    conn.sendall(chunk)
-                    sent[0] += len(chunk)
-            except OSError:
-                pass
+                conn.sendall(chunk)
+            except TimeoutError:
+                blocked.set()  # our send blocked for 0.5 s: the proxy stopped reading us
+                conn.settimeout(30)
+                continue
+            sent[0] += len(chunk)
 
-    t = threading.Thread(target=backend, daemon=True)
-    t.start()
-    try:
-        proxy, port = proxy_to(tmp_path, start_proxy, f"127.0.0.1:{srv.getsockname()[1]}")
+    with scripted_backend(backend) as address:
+        proxy, port = proxy_to(tmp_path, start_proxy, address)
         before = proxy.rss_kib()
         with connect(port, timeout=30) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            # Wait until the backend is blocked: its count stops growing.
-            deadline, last = time.monotonic() + 10, -1
-            while time.monotonic() < deadline and sent[0] != last:
-                last = sent[0]
-                t.join(0.3)
-            assert sent[0] < total / 4, "backend was never slowed down: no backpressure"
+            assert blocked.wait(20), "backend was never slowed down: no backpressure"
+            assert sent[0] < total / 4
             grown = proxy.rss_kib() - before
             assert grown < 16 * 1024, f"proxy grew by {grown} KiB for one stalled connection"
             # Now read everything: backpressure released, all bytes arrive.
@@ -112,63 +95,36 @@ def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, start_proxy):
                 assert data, f"closed after {received} bytes"
                 received += len(data)
         assert received == total
-    finally:
-        srv.close()
 
 
 def test_backend_reset_closes_the_client(tmp_path, start_proxy):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-
-    def backend():
-        conn, _ = srv.accept()
+    def backend(conn):
         conn.sendall(b"about to reset\n")
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         conn.close()  # linger 0: RST
 
-    t = threading.Thread(target=backend)
-    t.start()
-    try:
-        proxy, port = proxy_to(tmp_path, start_proxy, f"127.0.0.1:{srv.getsockname()[1]}")
+    with scripted_backend(backend) as address:
+        proxy, port = proxy_to(tmp_path, start_proxy, address)
         with connect(port, timeout=5) as s:
-            t.join(5)
             assert read_line(s) == b"about to reset"
-            try:
-                rest = s.recv(100)
-            except ConnectionResetError:
-                rest = b""
-            assert rest == b""
-    finally:
-        srv.close()
+            assert closed_by_peer(s)
 
 
 def test_client_reset_closes_the_backend(tmp_path, start_proxy):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
     ended = threading.Event()
 
-    def backend():
-        conn, _ = srv.accept()
-        conn.settimeout(10)
+    def backend(conn):
+        conn.sendall(b"hi\n")
         try:
-            conn.sendall(b"hi\n")
             while conn.recv(100):
                 pass
-        except OSError:
-            pass
-        ended.set()
-        conn.close()
+        finally:
+            ended.set()
 
-    t = threading.Thread(target=backend)
-    t.start()
-    try:
-        proxy, port = proxy_to(tmp_path, start_proxy, f"127.0.0.1:{srv.getsockname()[1]}")
+    with scripted_backend(backend) as address:
+        proxy, port = proxy_to(tmp_path, start_proxy, address)
         s = connect(port, timeout=5)
         assert read_line(s) == b"hi"
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         s.close()
         assert ended.wait(5), "backend still open after the client reset"
-    finally:
-        srv.close()

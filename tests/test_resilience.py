@@ -11,17 +11,10 @@ import time
 
 import pytest
 
-from helpers import (PYTHON, REPO, connect, dead_port, free_ports, greet, read_line,
-                     recv_all, write_config)
+from helpers import (PYTHON, REPO, closed_by_peer, connect, dead_port, free_ports, greet,
+                     read_line, write_config)
 from load import LoadGenerator
 from test_observability import sample, scrape
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(100) == b""
-    except ConnectionResetError:
-        return True
 
 
 def test_idle_connections_are_closed_and_busy_ones_are_not(tmp_path, start_proxy, make_backend):

@@ -18,7 +18,7 @@ import pytest
 
 from appliance.demo import demo_document
 from container import Container
-from helpers import TaggedBackend, read_line
+from helpers import TaggedBackend, connect, greet, read_line
 from load import LoadGenerator
 
 pytestmark = [
@@ -66,16 +66,10 @@ class Appliance:
         self.c.write(CONFIG, json.dumps(document, indent=1))
 
     def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 10):
-        import socket
-        with self.c.entered():
-            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        s.settimeout(timeout)
-        s.connect((host, port))
-        return s
+        return connect(port, host, timeout, namespace=self.c.entered)
 
     def greet(self, port: int, host: str = "127.0.0.1") -> str:
-        with self.connect(port, host) as s:
-            return read_line(s).decode()
+        return greet(port, host, namespace=self.c.entered)
 
     def load(self, ports: list[int]) -> LoadGenerator:
         gen = LoadGenerator(ports, namespace=self.c.entered, max_seconds=120)

@@ -222,6 +222,8 @@ class FlyProxy(Proxy):
         self.procs = [spawn([PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
                              "-c", str(self.config), "--loop", self.loop,
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
+                             # as shipped: metrics on (the appliance unit turns them on)
+                             "--metrics", f"127.0.0.1:{self.front['http'] + 9}",
                              *self.serve_args()], self.name.replace(" ", "-"), cwd=REPO)]
 
     def reload(self, pin_dir: str = "") -> float:
@@ -330,23 +332,29 @@ def latency(port: int, rate_per_s: int = 1000, samples: int = 2000) -> tuple[flo
     return rtts[len(rtts) // 2], rtts[int(len(rtts) * 0.99)]
 
 
-def idle_memory(proxy: Proxy) -> float:
-    """RSS growth per idle connection (KiB), with IDLE_CONNECTIONS open through the proxy."""
+def idle_memory(proxy: Proxy) -> dict:
+    """RSS growth per idle connection (KiB), with IDLE_CONNECTIONS open through the proxy.
+
+    A proxy that cannot hold them all (e.g. out of fds) is reported with how many it held."""
     pids = proxy.pids()
     before = rss_kib(pids)
     conns = []
     try:
         for i in range(IDLE_CONNECTIONS):
-            s = socket.create_connection(("127.0.0.1", proxy.front["idle"]), timeout=10)
-            conns.append(s)
-            s.sendall(b"x")  # one round trip: the backend side exists too
-            if s.recv(1) != b"x":
-                raise RuntimeError(f"idle connection {i} did not echo")
+            try:
+                s = socket.create_connection(("127.0.0.1", proxy.front["idle"]), timeout=10)
+                conns.append(s)
+                s.sendall(b"x")  # one round trip: the backend side exists too
+                if s.recv(1) != b"x":
+                    raise ConnectionError("no echo")
+            except OSError as e:
+                log(f"{proxy.name}: idle connection {i + 1} failed: {e!r}")
+                return {"idle_kib_per_conn": None, "idle_failed_at": i + 1}
         after = rss_kib(proxy.pids())
     finally:
         for s in conns:
             s.close()
-    return (after - before) / IDLE_CONNECTIONS
+    return {"idle_kib_per_conn": (after - before) / IDLE_CONNECTIONS}
 
 
 def run_workloads(proxy: Proxy) -> dict:
@@ -444,7 +452,7 @@ def main() -> int:
                     proxy.ready()
                     rounds[proxy.name].append(run_workloads(proxy))
                     if n == 0 and not isinstance(proxy, NoProxy):
-                        extra[proxy.name]["idle_kib_per_conn"] = idle_memory(proxy)
+                        extra[proxy.name].update(idle_memory(proxy))
                     if n == 0 and isinstance(proxy, FlyProxy) and proxy.loop == "auto":
                         extra[proxy.name].update(scale(proxy))
                 finally:
@@ -516,7 +524,8 @@ def report(summary: dict, meta: dict) -> str:
         for name in names:
             v = summary[name].get(key)
             if v is None:
-                cells.append("-")
+                failed = summary[name].get("idle_failed_at") if key == "idle_kib_per_conn" else None
+                cells.append(f"failed at connection {failed:,}" if failed else "-")
                 continue
             ratio = f" ({v / base[key]:.2f}x)" if base.get(key) and name != "HAProxy" else ""
             cells.append(fmt.format(v) + ratio)
