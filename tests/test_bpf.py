@@ -258,6 +258,19 @@ def test_register_rejects_what_is_not_a_listening_tcp_socket(steered):
     assert result.returncode == 1 and "has 0 listening TCP sockets" in result.stderr
 
 
+def test_register_picks_the_listener_by_port(steered):
+    """With metrics on, the proxy has two listening sockets: --port says which to steer to."""
+    s = steered()
+    s.start_backends()
+    s.load()
+    s.proxy = ProxyProcess(s.cfg, "--listen", f"[::]:{LISTEN_PORT}", "--metrics", "127.0.0.1:9464",
+                           host=None, wrap=s.ns.command([]))
+    result = s.bpf("register", "--pid", str(s.proxy.pid), check=False)
+    assert result.returncode == 1 and "has 2 listening TCP sockets" in result.stderr
+    s.bpf("register", "--pid", str(s.proxy.pid), "--port", str(LISTEN_PORT))
+    assert s.greet(6001) == "six-thousand"
+
+
 def test_unprivileged_host_gets_one_clear_message(tmp_path):
     if not shutil.which("setpriv"):
         pytest.skip("needs setpriv")

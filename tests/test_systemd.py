@@ -42,7 +42,7 @@ def wait_active(c: Container, unit: str, want: str = "active", timeout: float = 
             return
         if state == "failed":
             break
-        time.sleep(0.2)
+        time.sleep(0.2)  # polling systemd: `systemctl` cannot wait for a state
     journal = c.run(["journalctl", "-u", unit, "--no-pager", "-n", "60"], check=False).stdout
     raise AssertionError(f"{unit} is {state}, not {want}:\n{journal}")
 

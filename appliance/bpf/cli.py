@@ -86,11 +86,18 @@ def listening_sockets_of(pid: int, fd: int | None) -> list[socket.socket]:
 def _listener(args) -> socket.socket:
     if args.pid is not None:
         found = listening_sockets_of(args.pid, args.fd)
+        if args.port is not None:
+            keep = [s for s in found if s.getsockname()[1] == args.port]
+            for s in found:
+                if s not in keep:
+                    s.close()
+            found = keep
         if len(found) != 1:
             for s in found:
                 s.close()
-            raise SteeringError(f"process {args.pid} has {len(found)} listening TCP sockets; "
-                                "name one with --fd")
+            on_port = f" on port {args.port}" if args.port is not None else ""
+            raise SteeringError(f"process {args.pid} has {len(found)} listening TCP sockets"
+                                f"{on_port}; name one with --fd or --port")
         return found[0]
     fds = [args.fd] if args.fd is not None else listeners.systemd_fds()
     if len(fds) != 1:
@@ -202,6 +209,7 @@ def add_commands(sub) -> None:
     p = common(cmds.add_parser("register", help="put the proxy's listening socket in the sockmap"))
     p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
     p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
+    p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
     p.set_defaults(func=cmd_register)
 
     p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))

@@ -254,7 +254,8 @@ class FlyProxyBPF(FlyProxy):
         super().start()
         wait_port(self.LISTEN)
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "register", "--pid",
-                        str(self.procs[0].pid), "--pin-dir", str(self.pin_dir)],
+                        str(self.procs[0].pid), "--port", str(self.LISTEN),
+                        "--pin-dir", str(self.pin_dir)],
                        cwd=REPO, check=True, capture_output=True)
 
     def ready(self) -> None:
