@@ -1,12 +1,15 @@
-"""Prometheus metrics for the data plane (python3-prometheus-client), served on loopback.
+"""Prometheus metrics for the data plane, served on loopback (python3-prometheus-client).
 
-Label children are looked up once per (app, target) and cached: the per-connection cost
-is a few counter increments, no label parsing. :class:`NullMetrics` is the same surface
-doing nothing, used when metrics are off.
+The hot path only adds to plain ints in dicts (one dict lookup and an add per event: no
+locks, no label parsing); a custom collector turns them into metric families when
+Prometheus scrapes. The scrape runs in prometheus_client's HTTP thread and copies each
+dict with ``list(d.items())``, which the GIL makes atomic. :class:`NullMetrics` is the
+same surface doing nothing, used when metrics are off.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 
 log = logging.getLogger(__name__)
@@ -25,83 +28,124 @@ class NullMetrics:
     def reloaded(self, ok: bool, generation: int) -> None: ...
 
 
+def _add(d: dict, key, n: int = 1) -> None:
+    d[key] = d.get(key, 0) + n
+
+
 class Metrics(NullMetrics):
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.accepted_n: dict[str, int] = {}
+        self.active_n: dict[str, int] = {}
+        self.rejected_n: dict[tuple[str, str], int] = {}
+        self.closed_n: dict[tuple[str, str], int] = {}
+        self.attempts_n: dict[tuple[str, str], int] = {}
+        self.failures_n: dict[tuple[str, str, str], int] = {}
+        self.retries_n: dict[str, int] = {}
+        self.all_down_n: dict[str, int] = {}
+        self.bytes_n: dict[tuple[str, str, str], int] = {}
+        # (app, target) -> [count per bucket (non-cumulative) ..., +Inf count, sum of seconds]
+        self.latency: dict[tuple[str, str], list] = {}
+        self.reloads_n: dict[str, int] = {}
+        self.generation = 1
 
-        self.registry = r = CollectorRegistry()
-        self._accepted = Counter("flyproxy_connections_accepted", "Connections accepted", ["app"], registry=r)
-        self._active = Gauge("flyproxy_connections_active", "Connections open now", ["app"], registry=r)
-        self._rejected = Counter("flyproxy_connections_rejected", "Connections closed at once",
-                                 ["app", "reason"], registry=r)
-        self._closed = Counter("flyproxy_connections_closed", "Connections ended, by how",
-                               ["app", "end"], registry=r)
-        self._attempts = Counter("flyproxy_connect_attempts", "Backend connect attempts",
-                                 ["app", "target"], registry=r)
-        self._failures = Counter("flyproxy_connect_failures", "Backend connect failures",
-                                 ["app", "target", "reason"], registry=r)
-        self._retries = Counter("flyproxy_retries", "Connections that needed more than one attempt",
-                                ["app"], registry=r)
-        self._all_down = Counter("flyproxy_all_targets_down", "Connections no target accepted",
-                                 ["app"], registry=r)
-        self._latency = Histogram("flyproxy_connect_seconds", "Time to connect to the chosen target",
-                                  ["app", "target"], buckets=CONNECT_BUCKETS_S, registry=r)
-        self._bytes = Counter("flyproxy_bytes", "Bytes relayed (in: from clients, out: to clients)",
-                              ["app", "target", "direction"], registry=r)
-        self._reloads = Counter("flyproxy_reloads", "Config reloads", ["result"], registry=r)
-        self._generation = Gauge("flyproxy_config_generation", "Config generation in force", registry=r)
-        self._generation.set(1)
-        self._cache: dict[tuple, object] = {}
-
-    def _child(self, metric, *labels):
-        key = (id(metric), labels)
-        child = self._cache.get(key)
-        if child is None:
-            child = self._cache[key] = metric.labels(*labels)
-        return child
+    # -- hooks, on the event loop's thread --------------------------------------------
 
     def accepted(self, app: str) -> None:
-        self._child(self._accepted, app).inc()
-        self._child(self._active, app).inc()
+        _add(self.accepted_n, app)
+        _add(self.active_n, app)
 
     def rejected(self, app: str, reason: str) -> None:
-        self._child(self._rejected, app, reason).inc()
+        _add(self.rejected_n, (app, reason))
 
     def _count_failures(self, app: str, failures) -> None:
         for target, reason in failures:
             t = str(target)
-            self._child(self._attempts, app, t).inc()
-            self._child(self._failures, app, t, reason).inc()
+            _add(self.attempts_n, (app, t))
+            _add(self.failures_n, (app, t, reason))
 
     def connected(self, app: str, target, seconds: float, failures) -> None:
-        t = str(target)
-        self._child(self._attempts, app, t).inc()
-        self._child(self._latency, app, t).observe(seconds)
+        key = (app, str(target))
+        _add(self.attempts_n, key)
+        hist = self.latency.get(key)
+        if hist is None:
+            hist = self.latency[key] = [0] * (len(CONNECT_BUCKETS_S) + 1) + [0.0]
+        hist[bisect.bisect_left(CONNECT_BUCKETS_S, seconds)] += 1
+        hist[-1] += seconds
         if failures:
             self._count_failures(app, failures)
-            self._child(self._retries, app).inc()
+            _add(self.retries_n, app)
 
     def all_down(self, app: str, failures) -> None:
         self._count_failures(app, failures)
-        self._child(self._all_down, app).inc()
+        _add(self.all_down_n, app)
 
     def closed(self, app: str, target, bytes_in: int, bytes_out: int, end: str) -> None:
-        self._child(self._active, app).dec()
-        self._child(self._closed, app, end).inc()
+        _add(self.active_n, app, -1)
+        _add(self.closed_n, (app, end))
         if target is not None:
             t = str(target)
-            self._child(self._bytes, app, t, "in").inc(bytes_in)
-            self._child(self._bytes, app, t, "out").inc(bytes_out)
+            _add(self.bytes_n, (app, t, "in"), bytes_in)
+            _add(self.bytes_n, (app, t, "out"), bytes_out)
 
     def reloaded(self, ok: bool, generation: int) -> None:
-        self._child(self._reloads, "ok" if ok else "failed").inc()
-        self._generation.set(generation)
+        _add(self.reloads_n, "ok" if ok else "failed")
+        self.generation = generation
+
+    # -- the scrape, on prometheus_client's thread -------------------------------------
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+        from prometheus_client.utils import floatToGoString
+
+        def family(cls, name, doc, labels, data):
+            f = cls(name, doc, labels=labels)
+            for key, value in list(data.items()):
+                f.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+            return f
+
+        yield family(CounterMetricFamily, "flyproxy_connections_accepted", "Connections accepted",
+                     ["app"], self.accepted_n)
+        yield family(GaugeMetricFamily, "flyproxy_connections_active", "Connections open now",
+                     ["app"], self.active_n)
+        yield family(CounterMetricFamily, "flyproxy_connections_rejected",
+                     "Connections closed at once", ["app", "reason"], self.rejected_n)
+        yield family(CounterMetricFamily, "flyproxy_connections_closed", "Connections ended, by how",
+                     ["app", "end"], self.closed_n)
+        yield family(CounterMetricFamily, "flyproxy_connect_attempts", "Backend connect attempts",
+                     ["app", "target"], self.attempts_n)
+        yield family(CounterMetricFamily, "flyproxy_connect_failures", "Backend connect failures",
+                     ["app", "target", "reason"], self.failures_n)
+        yield family(CounterMetricFamily, "flyproxy_retries",
+                     "Connections that needed more than one attempt", ["app"], self.retries_n)
+        yield family(CounterMetricFamily, "flyproxy_all_targets_down",
+                     "Connections no target accepted", ["app"], self.all_down_n)
+        yield family(CounterMetricFamily, "flyproxy_bytes",
+                     "Bytes relayed (in: from clients, out: to clients)",
+                     ["app", "target", "direction"], self.bytes_n)
+        hist = HistogramMetricFamily("flyproxy_connect_seconds",
+                                     "Time to connect to the chosen target", labels=["app", "target"])
+        for key, counts in list(self.latency.items()):
+            counts = list(counts)
+            cumulative, buckets = 0, []
+            for bound, n in zip((*map(floatToGoString, CONNECT_BUCKETS_S), "+Inf"), counts[:-1]):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            hist.add_metric(list(key), buckets, counts[-1])
+        yield hist
+        yield family(CounterMetricFamily, "flyproxy_reloads", "Config reloads", ["result"],
+                     self.reloads_n)
+        gen = GaugeMetricFamily("flyproxy_config_generation", "Config generation in force")
+        gen.add_metric([], self.generation)
+        yield gen
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics over HTTP from a daemon thread."""
-        from prometheus_client import start_http_server
+        from prometheus_client import CollectorRegistry, start_http_server
 
-        start_http_server(port, host, registry=self.registry)
+        registry = CollectorRegistry()
+        registry.register(self)
+        start_http_server(port, host, registry=registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
 

@@ -43,6 +43,8 @@ def test_metrics_count_connections_bytes_failures_and_reloads(tmp_path, start_pr
     assert sample(text, "flyproxy_connections_accepted_total", app="a") == 1
     assert sample(text, "flyproxy_connect_attempts_total", app="a", target=live.address) == 1
     assert sample(text, "flyproxy_connect_seconds_count", app="a", target=live.address) == 1
+    assert sample(text, "flyproxy_connect_seconds_bucket", app="a", target=live.address, le="+Inf") == 1
+    assert sample(text, "flyproxy_connect_seconds_bucket", app="a", target=live.address, le="5.0") == 1
     assert sample(text, "flyproxy_connect_failures_total", app="down", target=dead, reason="refused") == 1
     assert sample(text, "flyproxy_all_targets_down_total", app="down") == 1
     assert sample(text, "flyproxy_reloads_total", result="ok") == 1
