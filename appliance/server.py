@@ -52,6 +52,7 @@ class Server:
         self.grace_s = grace_s
         self._stop = asyncio.Event()
         self._loop_errors = RateLimited(log)
+        self._tasks: set[asyncio.Task] = set()
         self._signals = 0
         self._drain: asyncio.Task | None = None
 
@@ -65,14 +66,11 @@ class Server:
 
     def status(self) -> dict:
         p = self.proxy
-        active: dict[str, int] = {}
-        for tunnel in p.tunnels:
-            active[tunnel.app] = active.get(tunnel.app, 0) + 1
         return {
             "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
             "mode": "handed-in" if self.sockets else "per-port",
             "active": len(p.tunnels), "accepting": p.accepting,
-            "apps": [{"name": a.name, "ports": list(a.ports), "active": active.get(a.name, 0),
+            "apps": [{"name": a.name, "ports": list(a.ports), "active": p.active.get(a.name, 0),
                       "max_connections": a.max_connections,
                       "targets": [{"target": str(t), "health": p.health.describe(t)}
                                   for t in a.targets]} for a in p.config.apps],
@@ -85,7 +83,7 @@ class Server:
         if self.control_path:
             from . import control
             self._control = await control.start(self, self.control_path)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         where = (f"{len(self.sockets)} handed-in sockets" if self.sockets
@@ -120,6 +118,11 @@ class Server:
         key = f"{type(exc).__name__}:{getattr(exc, 'errno', '')}:{context.get('message')}"
         self._loop_errors.error(key, "%s%s", context.get("message", "event loop error"),
                                 f": {exc!r}" if exc else "")
+
+    def _on_hup(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._tasks.add(task)  # the loop keeps only a weak reference to tasks
+        task.add_done_callback(self._tasks.discard)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
