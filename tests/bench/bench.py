@@ -479,20 +479,42 @@ def main() -> int:
     return 0
 
 
+def bpf_prog_stats(proxy: Proxy) -> tuple[int, int] | None:
+    """(run_time_ns, run_cnt) of the steering program (kernel.bpf_stats_enabled must be 1)."""
+    if not isinstance(proxy, FlyProxyBPF):
+        return None
+    status = json.loads(subprocess.run(
+        [PYTHON, "-m", "appliance", "bpf", "status", "--json", "--pin-dir", str(proxy.pin_dir)],
+        cwd=REPO, check=True, capture_output=True, text=True).stdout)
+    info = json.loads(subprocess.run(["bpftool", "--json", "prog", "show", "id",
+                                      str(status["program"]["id"])],
+                                     check=True, capture_output=True, text=True).stdout)
+    return info.get("run_time_ns", 0), info.get("run_cnt", 0)
+
+
 def scale(proxy: FlyProxy, repeats: int = 3) -> dict:
     """New conn/s (and CPU per connection) with 10 vs 10,000 configured ports, alternating
-    ``repeats`` times, medians; and the time to reload to 10,000 ports and back."""
+    ``repeats`` times, medians; the time to reload to 10,000 ports and back; and in BPF mode
+    the kernel's own count of the steering program's run time per lookup."""
     runs: dict[str, list] = {}
     pids = proxy.pids()
-    for _ in range(repeats):
-        for label, extra in (("10_ports", 7), ("10000_ports", SCALE_PORTS - 3)):
-            proxy.write_config(extra_http_ports=extra)
-            runs.setdefault(f"reload_{label}_s", []).append(proxy.reload())
-            c0 = cpu_seconds(pids)
-            rate, total = wrk(proxy.front["http"], True)
-            runs.setdefault(f"conn_per_s_{label}", []).append(rate)
-            runs.setdefault(f"cpu_us_per_conn_{label}", []).append(
-                (cpu_seconds(pids) - c0) / total * 1e6)
+    Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+    try:
+        for _ in range(repeats):
+            for label, extra in (("10_ports", 7), ("10000_ports", SCALE_PORTS - 3)):
+                proxy.write_config(extra_http_ports=extra)
+                runs.setdefault(f"reload_{label}_s", []).append(proxy.reload())
+                c0, b0 = cpu_seconds(pids), bpf_prog_stats(proxy)
+                rate, total = wrk(proxy.front["http"], True)
+                runs.setdefault(f"conn_per_s_{label}", []).append(rate)
+                runs.setdefault(f"cpu_us_per_conn_{label}", []).append(
+                    (cpu_seconds(pids) - c0) / total * 1e6)
+                if b0 is not None:
+                    b1 = bpf_prog_stats(proxy)
+                    runs.setdefault(f"bpf_ns_per_lookup_{label}", []).append(
+                        (b1[0] - b0[0]) / max(1, b1[1] - b0[1]))
+    finally:
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text("0")
     proxy.write_config()
     proxy.reload()
     return {key: median(values) for key, values in runs.items()}
@@ -547,6 +569,10 @@ def report(summary: dict, meta: dict) -> str:
                       f"({v['cpu_us_per_conn_10000_ports'] / v['cpu_us_per_conn_10_ports']:.2f}x); "
                       f"reload to 10,000 ports {v['reload_10000_ports_s']:.2f} s "
                       f"(to 10 ports {v['reload_10_ports_s']:.2f} s)."]
+            if "bpf_ns_per_lookup_10_ports" in v:
+                lines[-1] += (f" The sk_lookup program itself (kernel.bpf_stats_enabled): "
+                              f"{v['bpf_ns_per_lookup_10_ports']:.0f} ns per run with 10 ports, "
+                              f"{v['bpf_ns_per_lookup_10000_ports']:.0f} ns with 10,000.")
     return "\n".join(lines) + "\n"
 
 
