@@ -21,8 +21,6 @@ from . import listeners
 DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
 DEFAULT_CONTROL = os.environ.get("FLYPROXY_CONTROL", "/run/flyproxy/control.sock")
 
-log = logging.getLogger("appliance")
-
 
 def _setup_logging(level: str) -> None:
     if os.environ.get("JOURNAL_STREAM") and os.environ.get("INVOCATION_ID"):

@@ -7,7 +7,6 @@ starts those echo servers, and runs the proxy in per-port mode in the foreground
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tempfile

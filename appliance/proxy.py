@@ -40,7 +40,6 @@ class Options:
     conn_log_level: int = logging.DEBUG  # the one line per connection, at close
 
 
-CONNECT_TIMEOUT_S = Options.connect_timeout_s
 GRACE_PERIOD_S = 30.0
 
 

@@ -171,12 +171,3 @@ class Container:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def booted(name: str, log_path: Path, **kw):
-    container = Container(name, log_path, **kw)
-    try:
-        yield container
-    finally:
-        container.stop()

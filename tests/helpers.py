@@ -263,16 +263,6 @@ class ProxyProcess:
         self.notify.close()
 
 
-@contextlib.contextmanager
-def backends(*tags: str):
-    servers = [TaggedBackend(tag) for tag in tags]
-    try:
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
-
-
 def run_cli(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "appliance", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout,

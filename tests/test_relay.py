@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
-import time
 
 from helpers import (closed_by_peer, connect, free_ports, read_line, recv_all, scripted_backend,
                      write_config)

@@ -80,7 +80,6 @@ def test_silent_target_times_out_and_the_next_is_tried(tmp_path, start_proxy, ma
 
 
 def test_ipv6_target(tmp_path, start_proxy):
-    import socketserver, threading
     from helpers import TaggedBackend
 
     class V6(TaggedBackend):

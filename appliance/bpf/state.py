@@ -13,7 +13,6 @@ Nothing here imports bcc: after loading, everything is plain bpf() commands.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import struct
@@ -27,7 +26,6 @@ PORTS, LISTENER, COUNTERS = "flyproxy_ports", "flyproxy_listener", "flyproxy_cou
 COUNTER_NAMES = ("steered", "no_listener", "assign_failed")  # the enum in bpf/steer.c
 # What a compatible pinned map looks like: (key size, value size).
 MAP_SHAPES = {PORTS: (2, 4), LISTENER: (4, 8), COUNTERS: (4, 8)}
-BPF_FS_MAGIC = 0xCAFE4A11
 
 
 class SteeringError(Exception):
@@ -62,11 +60,6 @@ def ensure_bpffs(pin_dir: str | Path) -> None:
         raise SteeringError(f"cannot mount bpffs on /sys/fs/bpf: {result.stderr.strip()}")
     raise SteeringError(f"{pin_dir.parent} is not on a bpf filesystem "
                         f"(mount one: mount -t bpf bpf {pin_dir.parent})")
-
-
-@dataclasses.dataclass
-class Listener:
-    cookie: int
 
 
 class PinnedState:
