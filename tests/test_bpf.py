@@ -270,15 +270,24 @@ def test_register_picks_the_listener_by_port(steered):
     assert s.greet(6001) == "six-thousand"
 
 
-def test_unprivileged_host_gets_one_clear_message(tmp_path):
+def test_unprivileged_host_gets_one_clear_message():
     if not shutil.which("setpriv"):
         pytest.skip("needs setpriv")
-    result = subprocess.run(
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-         PYTHON, "-m", "appliance", "bpf", "build"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 1
+    # A copy the unprivileged user can read wherever the checkout lives.
+    copy = Path(tempfile.mkdtemp(prefix="flyproxy-unpriv-", dir="/tmp"))
+    try:
+        shutil.copytree(REPO / "appliance", copy / "appliance")
+        shutil.copytree(REPO / "bpf", copy / "bpf")
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        result = subprocess.run(
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+             "/usr/bin/python3", "-m", "appliance", "bpf", "build"],
+            capture_output=True, text=True, cwd=copy, timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)})
+    finally:
+        shutil.rmtree(copy)
+    assert result.returncode == 1, result.stderr
     assert "BPF steering cannot run on this host; missing:" in result.stderr
     assert "root (CAP_BPF" in result.stderr
     assert "Traceback" not in result.stderr
