@@ -20,6 +20,7 @@ CONNECT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 class NullMetrics:
     """Metrics off: every hook is a no-op."""
 
+    def track_active(self, active: dict[str, int]) -> None: ...
     def accepted(self, app: str) -> None: ...
     def rejected(self, app: str, reason: str) -> None: ...
     def connected(self, app: str, target, seconds: float, failures) -> None: ...
@@ -35,7 +36,7 @@ def _add(d: dict, key, n: int = 1) -> None:
 class Metrics(NullMetrics):
     def __init__(self) -> None:
         self.accepted_n: dict[str, int] = {}
-        self.active_n: dict[str, int] = {}
+        self.active_n: dict[str, int] = {}  # the proxy's own count, read at scrape time
         self.rejected_n: dict[tuple[str, str], int] = {}
         self.closed_n: dict[tuple[str, str], int] = {}
         self.attempts_n: dict[tuple[str, str], int] = {}
@@ -50,9 +51,12 @@ class Metrics(NullMetrics):
 
     # -- hooks, on the event loop's thread --------------------------------------------
 
+    def track_active(self, active: dict[str, int]) -> None:
+        """Report the proxy's per-app open-connection count (no second count kept here)."""
+        self.active_n = active
+
     def accepted(self, app: str) -> None:
         _add(self.accepted_n, app)
-        _add(self.active_n, app)
 
     def rejected(self, app: str, reason: str) -> None:
         _add(self.rejected_n, (app, reason))
@@ -80,7 +84,6 @@ class Metrics(NullMetrics):
         _add(self.all_down_n, app)
 
     def closed(self, app: str, target, bytes_in: int, bytes_out: int, end: str) -> None:
-        _add(self.active_n, app, -1)
         _add(self.closed_n, (app, end))
         if target is not None:
             t = str(target)

@@ -69,6 +69,7 @@ class Proxy:
         self.health = balancer.Health(self.options.eject_s)
         self.tunnels: set[Tunnel] = set()
         self.active: dict[str, int] = {}  # app name -> open connections
+        self.metrics.track_active(self.active)
         self._routes = config.routes
         self._owned: dict[int, asyncio.Server] = {}  # port -> server, per-port mode
         self._handed: list[asyncio.Server] = []

@@ -149,5 +149,9 @@ class Tunnel:
 
     def close(self, abort: bool = False) -> None:
         for side in (self.client, self.backend):
-            if side is not None and side.transport is not None and not side.closed:
-                side.transport.abort() if abort else side.transport.close()
+            if side is None or side.transport is None or side.closed:
+                continue
+            if abort:
+                side.transport.abort()
+            else:
+                side.transport.close()
