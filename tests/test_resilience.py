@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import (PYTHON, REPO, closed_by_peer, connect, dead_port, free_ports, greet,
-                     read_line, write_config)
+                     read_line, recv_all, write_config)
 from load import LoadGenerator
 from test_observability import sample, scrape
 
@@ -50,8 +50,11 @@ def test_app_connection_limit(tmp_path, start_proxy, make_backend):
     third = connect(port)
     assert closed_by_peer(third)  # at the limit: closed at once
     assert greet(other) == "b"  # other apps are not limited
+    # End the first connection fully: the client sees EOF only after the proxy has closed
+    # both sides; the reload that follows is a round trip through the proxy's loop.
+    first.shutdown(socket.SHUT_WR)
+    assert recv_all(first) == b"bye\n"
     first.close()
-    # The slot frees once the proxy has seen the close; a reload is a round trip through it.
     proxy.reload()
     assert greet(port) == "b"
     second.close()
