@@ -52,10 +52,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import metrics as metricsmod
+    from . import workers as workersmod
     from .proxy import Options
     from .server import Server
 
     config = _load_or_exit(args.config)
+    try:
+        n_workers = workersmod.count(args.workers)
+    except ValueError as e:
+        print(f"flyproxy serve: {e}", file=sys.stderr)
+        return 1
     try:
         if args.listen:
             host, port = listeners.parse_hostport(args.listen)
@@ -70,17 +76,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"flyproxy serve: cannot listen on {args.listen}: {e.strerror}", file=sys.stderr)
         return 1
 
+    if n_workers > 1 and args.worker_channel is None:
+        worker_argv = ["--log-level", args.log_level, "serve", "-c", args.config,
+                       "--loop", args.loop, "--workers", str(n_workers),
+                       "--connect-timeout", str(args.connect_timeout),
+                       "--grace-period", str(args.grace_period),
+                       "--idle-timeout", str(args.idle_timeout), "--eject", str(args.eject),
+                       "--conn-log-level", args.conn_log_level]
+        if args.host:
+            worker_argv += ["--host", args.host]
+        if args.metrics:
+            worker_argv.append("--collect-metrics")
+        supervisor = workersmod.Supervisor(
+            args.config, config, n_workers, worker_argv, sockets, control_path=args.control,
+            metrics_address=args.metrics, grace_s=args.grace_period)
+        try:
+            supervisor.serve_metrics()
+        except (OSError, ValueError) as e:
+            print(f"flyproxy serve: --metrics {args.metrics}: {e}", file=sys.stderr)
+            return 1
+        try:
+            return asyncio.run(supervisor.serve())
+        except OSError as e:  # the control socket or the metrics port
+            print(f"flyproxy serve: {e}", file=sys.stderr)
+            return 1
+
     options = Options(connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
-                      eject_s=args.eject, conn_log_level=logging.getLevelName(args.conn_log_level.upper()))
-    try:
-        metrics = metricsmod.create(args.metrics)
-    except (OSError, ValueError) as e:
-        print(f"flyproxy serve: --metrics {args.metrics}: {e}", file=sys.stderr)
-        return 1
+                      eject_s=args.eject, workers=n_workers,
+                      conn_log_level=logging.getLevelName(args.conn_log_level.upper()))
+    channel = None
+    if args.worker_channel is not None:  # a worker: counts go to the supervisor, which serves them
+        channel = listeners.channel_from_fd(args.worker_channel)
+        metrics = metricsmod.Metrics() if args.collect_metrics else metricsmod.NullMetrics()
+    else:
+        try:
+            metrics = metricsmod.create(args.metrics)
+        except (OSError, ValueError) as e:
+            print(f"flyproxy serve: --metrics {args.metrics}: {e}", file=sys.stderr)
+            return 1
 
     async def main() -> int:
         server = Server(args.config, config, host=args.host, sockets=sockets, options=options,
-                        metrics=metrics, grace_s=args.grace_period, control_path=args.control)
+                        metrics=metrics, grace_s=args.grace_period, control_path=args.control,
+                        channel=channel)
+        server.proxy.generation = args.generation
         return await server.serve()
 
     try:
@@ -156,6 +195,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"config {reply['config']} (generation {reply['generation']}, {reply['mode']} mode, "
           f"{reply['active']} active connections)")
+    if "workers" in reply:
+        print(f"{len(reply['workers'])} workers ({reply['restarts']} restarts): " + ", ".join(
+            f"pid {w['pid']} {w['active'] if w['ready'] else 'starting'}" for w in reply["workers"]))
     rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH")]
     for a in reply["apps"]:
         limit = f"/{a['max_connections']}" if a.get("max_connections") else ""
@@ -243,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level of the one log line per connection (default debug)")
     p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
                    help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
+    p.add_argument("--workers", default=os.environ.get("FLYPROXY_WORKERS", "1"), metavar="N",
+                   help="worker processes sharing the listeners: a number, or auto for one per "
+                        "CPU (default 1: a single process; the unit uses auto)")
+    # set by a supervisor for its workers (see appliance/workers.py)
+    p.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--collect-metrics", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--generation", type=int, default=1, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")

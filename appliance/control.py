@@ -1,8 +1,9 @@
 """The local control socket: a synchronous reload and a status view of the running proxy.
 
 Protocol: one JSON object per line each way, one request per connection.
-Requests are ``{"command": "reload"}`` and ``{"command": "status"}``; every reply
-has ``"ok"`` and, when it is false, ``"error"``. The socket is a Unix socket in
+Requests are ``{"command": "reload"}`` and ``{"command": "status"}`` (and, from a
+supervisor to its workers, ``{"command": "metrics"}``); every reply has ``"ok"`` and,
+when it is false, ``"error"``. The socket is a Unix socket in
 the service's runtime dir, reachable by root only (mode 0600).
 """
 
@@ -58,17 +59,30 @@ async def _handle(server: Server, reader: asyncio.StreamReader, writer: asyncio.
 
 
 async def _dispatch(server: Server, command: str) -> dict:
-    if command == "reload":
-        ok, message = await server.reload()
-        proxy = server.proxy
-        reply = {"ok": ok, "message": message, "generation": proxy.generation,
-                 "digest": proxy.config.digest}
-        if not ok:
-            reply["error"] = message
-        return reply
-    if command == "status":
-        return {"ok": True, **server.status()}
-    return {"ok": False, "error": f"unknown command {command!r}"}
+    try:
+        return await server.handle_command(command)
+    except ControlError as e:
+        return {"ok": False, "error": str(e)}
+
+
+async def serve_channel(server: Server, sock: socket.socket) -> None:
+    """Answer requests on a worker's channel to its supervisor (a socketpair, one JSON
+    line each way per request, in order) until the supervisor closes it."""
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        while line := await reader.readline():
+            try:
+                command = json.loads(line)["command"]
+            except (ValueError, KeyError, TypeError):
+                reply = {"ok": False, "error": "expected a JSON line with a command"}
+            else:
+                reply = await _dispatch(server, command)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
 
 
 def request(path: str, command: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:

@@ -24,27 +24,34 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def bind(port: int, host: str | None = None, backlog: int = BACKLOG) -> socket.socket:
+def bind(port: int, host: str | None = None, backlog: int = BACKLOG,
+         reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on ``host:port``; with no host (or ``::``), dual-stack on every address.
 
     Then we bind ``::`` with IPV6_V6ONLY off (IPv4 and IPv6 on one socket), and
-    fall back to ``0.0.0.0`` where the host has no IPv6.
+    fall back to ``0.0.0.0`` where the host has no IPv6. With ``reuse_port`` (more
+    than one worker) each worker binds its own socket on the port and the kernel
+    spreads new connections over them.
     """
     if not host or host == "::":
         try:
-            return _listen(socket.AF_INET6, ("::", port), backlog, dual_stack=True)
+            return _listen(socket.AF_INET6, ("::", port), backlog, dual_stack=True,
+                           reuse_port=reuse_port)
         except OSError as e:
             if e.errno not in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here
                 raise
             host = "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return _listen(family, (host, port), backlog)
+    return _listen(family, (host, port), backlog, reuse_port=reuse_port)
 
 
-def _listen(family: int, addr: tuple, backlog: int, dual_stack: bool = False) -> socket.socket:
+def _listen(family: int, addr: tuple, backlog: int, dual_stack: bool = False,
+            reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind(addr)
@@ -63,6 +70,18 @@ def from_fd(fd: int) -> socket.socket:
     except OSError as e:
         raise ListenerError(f"fd {fd} is not a socket: {e.strerror}") from None
     check_listening_tcp(sock, f"fd {fd}")
+    sock.setblocking(False)
+    return sock
+
+
+def channel_from_fd(fd: int) -> socket.socket:
+    """Adopt an inherited Unix stream socket (a worker's channel to its supervisor)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise ListenerError(f"fd {fd} is not a socket: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX:
+        raise ListenerError(f"fd {fd} is not a Unix socket")
     sock.setblocking(False)
     return sock
 

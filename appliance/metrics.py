@@ -94,6 +94,36 @@ class Metrics(NullMetrics):
         _add(self.reloads_n, "ok" if ok else "failed")
         self.generation = generation
 
+    # -- more than one worker: a snapshot each, summed by the supervisor -----------------
+
+    COUNTS = ("accepted_n", "active_n", "rejected_n", "closed_n", "attempts_n", "failures_n",
+              "retries_n", "all_down_n", "bytes_n", "latency", "reloads_n")
+
+    def snapshot(self) -> dict:
+        """Every count as JSON (tuple keys become lists), for the supervisor to sum."""
+        snap: dict = {"generation": self.generation}
+        for name in self.COUNTS:
+            snap[name] = [[list(k) if isinstance(k, tuple) else k, v]
+                          for k, v in list(getattr(self, name).items())]
+        return snap
+
+    @classmethod
+    def merged(cls, snapshots: list[dict]) -> Metrics:
+        """The sum of workers' snapshots (histogram buckets add up too)."""
+        total = cls()
+        for snap in snapshots:
+            total.generation = max(total.generation, snap["generation"])
+            for name in cls.COUNTS:
+                d = getattr(total, name)
+                for k, v in snap[name]:
+                    key = tuple(k) if isinstance(k, list) else k
+                    if isinstance(v, list):  # a histogram row
+                        old = d.get(key)
+                        d[key] = v if old is None else [a + b for a, b in zip(old, v)]
+                    else:
+                        d[key] = d.get(key, 0) + v
+        return total
+
     # -- the scrape, on prometheus_client's thread -------------------------------------
 
     def collect(self):
@@ -144,12 +174,17 @@ class Metrics(NullMetrics):
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics over HTTP from a daemon thread."""
-        from prometheus_client import CollectorRegistry, start_http_server
+        serve(self, host, port)
 
-        registry = CollectorRegistry()
-        registry.register(self)
-        start_http_server(port, host, registry=registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+
+def serve(collector, host: str, port: int) -> None:
+    """Serve ``collector``'s families on http://host:port/metrics from a daemon thread."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    start_http_server(port, host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def create(address: str | None) -> NullMetrics:

@@ -38,6 +38,7 @@ class Options:
     idle_timeout_s: float = 3600.0  # no byte either way for this long: closed (0 = never)
     eject_s: float = 10.0  # a target that failed is tried last for this long
     conn_log_level: int = logging.DEBUG  # the one line per connection, at close
+    workers: int = 1  # processes sharing the listeners; >1: ports bound with SO_REUSEPORT
 
 
 GRACE_PERIOD_S = 30.0
@@ -109,7 +110,8 @@ class Proxy:
         try:
             for port in sorted(ports):
                 try:
-                    sock = listeners.bind(port, self.host)
+                    sock = listeners.bind(port, self.host,
+                                          reuse_port=self.options.workers > 1)
                 except OSError as e:
                     raise listeners.ListenerError(
                         f"cannot listen on {self.host or '*'}:{port}: {e.strerror}") from None
@@ -145,9 +147,10 @@ class Proxy:
             transport.abort()
             return
         active = self.active.get(app.name, 0)
-        if app.max_connections is not None and active >= app.max_connections:
-            self._limited.warning(f"limit:{app.name}", "app %s: at its limit of %d connections; "
-                                  "closed a new one", app.name, app.max_connections)
+        if app.max_connections is not None and active >= self.limit(app.max_connections):
+            self._limited.warning(f"limit:{app.name}", "app %s: at its limit of %d connections "
+                                  "(%d in this worker); closed a new one", app.name,
+                                  app.max_connections, self.limit(app.max_connections))
             self.metrics.rejected(app.name, "limit")
             transport.abort()
             return
@@ -157,6 +160,12 @@ class Proxy:
         self._idle.clear()
         self.metrics.accepted(app.name)
         tunnel.connecting = self._loop.create_task(self._connect(tunnel, app.targets))
+
+    def limit(self, max_connections: int) -> int:
+        """This process's share of an app's connection limit: with N workers each takes
+        limit // N (at least 1), so together they never exceed the limit (but for limits
+        below N)."""
+        return max(1, max_connections // self.options.workers)
 
     async def _connect(self, tunnel: Tunnel, targets) -> None:
         try:

@@ -21,6 +21,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+# Bytes a side may read before its peer exists (the client's first request while the
+# backend connects); past this we stop reading it until link(). Most first requests fit,
+# so most connections never pause and resume (two epoll changes saved per connection).
+EARLY_LIMIT = 64 * 1024
+
 
 class Side(asyncio.Protocol):
     """One end of a relayed connection. ``peer`` is the other end, set by :meth:`link`."""
@@ -45,9 +50,10 @@ class Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
-        if self.peer is None:  # backend not connected yet: hold this, read no more
+        if self.peer is None:  # backend not connected yet: hold this (bounded)
             self.early.append(data)
-            self.transport.pause_reading()
+            if self.nbytes >= EARLY_LIMIT:
+                self.transport.pause_reading()
             return
         self.peer.transport.write(data)
 
@@ -136,7 +142,7 @@ class Tunnel:
             elif side.eof:
                 if not peer.closed:
                     peer.transport.write_eof()
-            else:
+            elif not side.transport.is_reading():
                 side.transport.resume_reading()
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:

@@ -42,9 +42,11 @@ class Server:
     def __init__(self, config_path: str, config: configmod.Config, *,
                  host: str | None = None, sockets: list[socket.socket] | None = None,
                  options: Options | None = None, metrics: NullMetrics | None = None,
-                 grace_s: float = GRACE_PERIOD_S, control_path: str | None = None) -> None:
+                 grace_s: float = GRACE_PERIOD_S, control_path: str | None = None,
+                 channel: socket.socket | None = None) -> None:
         self.config_path = config_path
         self.control_path = control_path
+        self.channel = channel  # set in a worker: its supervisor's requests come here
         self._control = None
         self.metrics = metrics or NullMetrics()
         self.proxy = Proxy(config, host=host, options=options, metrics=self.metrics)
@@ -68,7 +70,7 @@ class Server:
         p = self.proxy
         return {
             "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
-            "mode": "handed-in" if self.sockets else "per-port",
+            "mode": "handed-in" if self.sockets else "per-port", "pid": os.getpid(),
             "active": len(p.tunnels), "accepting": p.accepting,
             "apps": [{"name": a.name, "ports": list(a.ports), "active": p.active.get(a.name, 0),
                       "max_connections": a.max_connections,
@@ -84,8 +86,12 @@ class Server:
             from . import control
             self._control = await control.start(self, self.control_path)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
+        if self.channel is None:
+            loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
+        else:  # a worker: Ctrl-C in a terminal reaches the supervisor, which passes on SIGTERM
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self._spawn(self._serve_channel())
         where = (f"{len(self.sockets)} handed-in sockets" if self.sockets
                  else f"{len(self.proxy.listening_ports)} ports")
         log.info("serving %s on %s", self.proxy.config.summary(), where)
@@ -119,10 +125,35 @@ class Server:
         self._loop_errors.error(key, "%s%s", context.get("message", "event loop error"),
                                 f": {exc!r}" if exc else "")
 
-    def _on_hup(self) -> None:
-        task = asyncio.ensure_future(self.reload())
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # the loop keeps only a weak reference to tasks
         task.add_done_callback(self._tasks.discard)
+
+    def _on_hup(self) -> None:
+        self._spawn(self.reload())
+
+    async def _serve_channel(self) -> None:
+        from . import control
+        await control.serve_channel(self, self.channel)
+        if not self._stop.is_set():
+            log.warning("the supervisor went away: shutting down gracefully")
+            self._stop.set()
+
+    async def handle_command(self, command: str) -> dict:
+        """One control request (from the control socket or a supervisor's channel)."""
+        if command == "reload":
+            ok, message = await self.reload()
+            reply = {"ok": ok, "message": message, "generation": self.proxy.generation,
+                     "digest": self.proxy.config.digest}
+            if not ok:
+                reply["error"] = message
+            return reply
+        if command == "status":
+            return {"ok": True, **self.status()}
+        if command == "metrics" and hasattr(self.metrics, "snapshot"):
+            return {"ok": True, "metrics": self.metrics.snapshot()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

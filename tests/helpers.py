@@ -216,7 +216,7 @@ class ProxyProcess:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-            preexec_fn=preexec_fn,
+            preexec_fn=preexec_fn, start_new_session=True,  # its workers too: see stop()
             env={**os.environ, **(env or {}), "NOTIFY_SOCKET": self.notify.path,
                  "PYTHONPATH": str(REPO)})
         try:
@@ -256,9 +256,12 @@ class ProxyProcess:
         raise RuntimeError("no VmRSS")
 
     def stop(self) -> None:
+        """Kill the proxy and any worker processes it started (its process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(WAIT_S)
+        self.proc.wait(WAIT_S)
         self.log.close()
         self.notify.close()
 

@@ -126,3 +126,34 @@ def test_client_reset_closes_the_backend(tmp_path, start_proxy):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         s.close()
         assert ended.wait(5), "backend still open after the client reset"
+
+
+def test_data_sent_while_the_backend_connects_is_kept_bounded_and_exact(tmp_path, start_proxy):
+    """The client talks before the backend has accepted: the proxy holds a bounded amount
+    (then stops reading the client) and delivers every byte once connected."""
+    backend = socket.socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen(0)
+    filler = socket.create_connection(backend.getsockname(), timeout=5)  # accept queue full:
+    port, = free_ports(1)  # the proxy's SYN is dropped and retried a second later
+    target = f"127.0.0.1:{backend.getsockname()[1]}"
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [target])})
+    start_proxy(cfg, "--connect-timeout", "10")
+    with connect(port) as s, backend, filler:
+        s.settimeout(0.5)  # a send blocked this long: the proxy stopped reading us
+        chunk, sent = os.urandom(65536), []
+        try:
+            for _ in range(1024):  # at most 64 MiB
+                sent.append(chunk[:s.send(chunk)])
+        except TimeoutError:
+            pass
+        payload = b"".join(sent)
+        assert len(payload) < 32 * 1024 * 1024, "the proxy read everything the client sent"
+        backend.settimeout(10)
+        backend.accept()[0].close()  # free the queue: the proxy's retried SYN gets in
+        conn, _ = backend.accept()
+        s.settimeout(10)
+        s.shutdown(socket.SHUT_WR)
+        with conn:
+            conn.settimeout(10)
+            assert recv_all(conn) == payload

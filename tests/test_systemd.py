@@ -115,17 +115,21 @@ def test_socket_start_brings_up_steering_and_every_port_answers(appliance):
 
 
 def test_the_proxy_is_unprivileged_and_never_loads_bcc(appliance):
-    pid = appliance.main_pid()
-    proc = appliance.c.run(["cat", f"/proc/{pid}/status"]).stdout
-    assert re.search(r"^CapEff:\s+0+$", proc, re.M), proc
-    assert re.search(r"^Uid:\s+([1-9]\d*)\s", proc, re.M), "the proxy runs as root"
-    maps = appliance.c.run(["cat", f"/proc/{pid}/maps"]).stdout
-    assert "libbcc" not in maps and "libclang" not in maps
+    status = json.loads(appliance.c.run(["flyproxy", "status", "--json"]).stdout)
+    pids = [appliance.main_pid()] + [w["pid"] for w in status["workers"]]
+    for pid in pids:  # the supervisor and every worker
+        proc = appliance.c.run(["cat", f"/proc/{pid}/status"]).stdout
+        assert re.search(r"^CapEff:\s+0+$", proc, re.M), proc
+        assert re.search(r"^Uid:\s+([1-9]\d*)\s", proc, re.M), "the proxy runs as root"
+        maps = appliance.c.run(["cat", f"/proc/{pid}/maps"]).stdout
+        assert "libbcc" not in maps and "libclang" not in maps
 
 
 def test_status_over_the_control_socket(appliance):
     out = appliance.c.run(["flyproxy", "status"]).stdout
     assert "handed-in mode" in out and "six-thousand" in out
+    cpus = int(appliance.c.run(["nproc"]).stdout)  # the unit runs FLYPROXY_WORKERS=auto
+    assert f"{cpus} workers (0 restarts)" in out, out
 
 
 def test_reload_under_load_loses_nothing(appliance):

@@ -1,0 +1,401 @@
+"""More than one worker process: a supervisor and N workers sharing the listeners.
+
+One event loop uses one core, and a new connection costs a Python proxy more CPU than it
+costs HAProxy; ``flyproxy serve --workers N`` spreads connections over N processes.
+
+The supervisor is the service's main process. It validates the config, holds the
+listening sockets (handed in by systemd, or bound for ``--listen``), and starts each
+worker as a fresh ``flyproxy serve`` (exec'd: no event loop state is inherited across
+fork) with those sockets and one end of a socketpair, its *channel*:
+
+- handed-in sockets are shared: the kernel gives each new connection to one worker's
+  accept(); in per-port mode every worker binds every port with SO_REUSEPORT and the
+  kernel spreads new connections over them by hash;
+- the channel carries the control protocol (``control.py``, one JSON line each way).
+  The supervisor's control socket, SIGHUP and metrics endpoint fan out over the
+  channels: a reload is validated once, then applied by every worker; status and
+  metrics are gathered and summed;
+- READY=1 goes to systemd once every worker has answered; a worker that dies is logged
+  and started again (at most ``RESTARTS`` times in ``RESTART_WINDOW_S``, then the
+  supervisor gives up and exits 1 for systemd to restart the service);
+- SIGTERM/SIGINT are passed on to the workers (once per signal received: the second
+  aborts what is left), and the supervisor exits when they have. A worker whose channel
+  closes (its supervisor killed) shuts down gracefully by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import config as configmod
+from .server import notify
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 60.0  # a worker binds every port (thousands, per-port mode) and imports
+REQUEST_TIMEOUT_S = 30.0
+RESTARTS, RESTART_WINDOW_S = 5, 60.0
+CHANNEL_LIMIT = 64 * 1024 * 1024  # a status line lists every port: 10,000 ports is ~60 KB
+_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+         "from appliance.cli import main; sys.exit(main())")
+
+
+def count(text: str) -> int:
+    """``--workers``: a number, or ``auto`` for the CPUs this process may run on."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise ValueError(f"--workers {text}: expected 1 to 64 or auto")
+    return int(text)
+
+
+class WorkerGone(Exception):
+    pass
+
+
+class Worker:
+    """One worker process and its channel; requests on it are answered in order."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = False
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
+
+    async def start(self, argv: list[str], fds: list[int]) -> None:
+        mine, theirs = socket.socketpair()
+        try:
+            env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, "--worker-channel", str(theirs.fileno()), pass_fds=[*fds, theirs.fileno()],
+                env=env, stdin=asyncio.subprocess.DEVNULL)
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()  # the worker has it; EOF on ours means the worker is gone
+        self._reader, self._writer = await asyncio.open_connection(sock=mine, limit=CHANNEL_LIMIT)
+
+    async def request(self, command: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
+        if self._writer is None:
+            raise WorkerGone(f"{self} is not running")
+        async with self._lock:
+            try:
+                self._writer.write(json.dumps({"command": command}).encode() + b"\n")
+                await self._writer.drain()
+                async with asyncio.timeout(timeout_s):
+                    line = await self._reader.readline()
+            except (ConnectionError, OSError) as e:
+                raise WorkerGone(f"{self}: {e}") from None
+            except TimeoutError:
+                self.kill()  # its channel is out of step now; a fresh worker replaces it
+                raise WorkerGone(f"{self} did not answer {command!r} in {timeout_s:g}s; "
+                                 "killed") from None
+        if not line:
+            raise WorkerGone(f"{self} exited")
+        return json.loads(line)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def close_channel(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+        self.ready = False
+
+
+class Supervisor:
+    def __init__(self, config_path: str, config: configmod.Config, workers: int,
+                 worker_argv: list[str], sockets: list[socket.socket], *,
+                 control_path: str | None = None, metrics_address: str | None = None,
+                 grace_s: float = 30.0) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.generation = 1
+        self.workers = [Worker(i) for i in range(workers)]
+        self.worker_argv = worker_argv
+        self.sockets = sockets
+        self.control_path = control_path
+        self.metrics_address = metrics_address
+        self.grace_s = grace_s
+        self.reloads = {"ok": 0, "failed": 0}
+        self.restarts = 0
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._exit = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<Supervisor {self.config_path} workers={len(self.workers)}>"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        self._loop = loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        try:
+            await asyncio.gather(*(self._start(w) for w in self.workers))
+        except WorkerGone as e:
+            log.error("%s", e)
+            await self._shutdown()
+            return 1
+        for w in self.workers:
+            self._spawn(self._watch(w))
+        control = None
+        if self.control_path:
+            from . import control as controlmod
+            control = await controlmod.start(self, self.control_path)
+        pids = ", ".join(str(w.proc.pid) for w in self.workers)
+        log.info("serving %s with %d workers (pids %s)", self.config.summary(),
+                 len(self.workers), pids)
+        notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+        await self._stop.wait()
+        notify("STOPPING=1", "STATUS=draining connections")
+        if control is not None:
+            control.close()
+        await self._shutdown()
+        log.info("stopped")
+        return self._exit
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _worker_args(self) -> list[str]:
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        flags = ["-I"] if sys.flags.isolated else []
+        fds = [str(s.fileno()) for s in self.sockets]
+        return [sys.executable, *flags, "-c", _BOOT, package_parent, *self.worker_argv,
+                "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
+
+    async def _start(self, w: Worker) -> None:
+        await w.start(self._worker_args(), [s.fileno() for s in self.sockets])
+        try:
+            await w.request("status", STARTUP_TIMEOUT_S)
+        except WorkerGone:
+            code = await w.proc.wait()
+            w.close_channel()
+            raise WorkerGone(f"{w} exited with status {code} before it was ready "
+                             "(its error is logged above)") from None
+        w.ready = True
+
+    async def _watch(self, w: Worker) -> None:
+        """Wait for the worker to exit; unless we are stopping, start another."""
+        while True:
+            code = await w.proc.wait()
+            w.close_channel()
+            if self._stop.is_set():
+                return
+            log.error("%s exited with status %s; starting another", w, code)
+            now = time.monotonic()
+            self._restart_times.append(now)
+            while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
+                self._restart_times.popleft()
+            if len(self._restart_times) > RESTARTS:
+                log.error("workers failed %d times in %gs; giving up", len(self._restart_times),
+                          RESTART_WINDOW_S)
+                self._exit = 1
+                self._stop.set()
+                return
+            self.restarts += 1
+            try:
+                await self._start(w)
+            except WorkerGone as e:
+                log.error("%s", e)
+                continue  # counted against the restart budget on the next pass
+            log.info("%s started", w)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: shutting down gracefully (send again to stop at once)", sig.name)
+            self._stop.set()
+        else:
+            log.info("%s again: workers close all connections now", sig.name)
+            for w in self.workers:
+                w.signal(signal.SIGTERM)
+
+    async def _shutdown(self) -> None:
+        """SIGTERM every worker and wait for them (bounded: then they are killed)."""
+        for w in self.workers:
+            w.signal(signal.SIGTERM)
+        running = [w.proc.wait() for w in self.workers
+                   if w.proc is not None and w.proc.returncode is None]
+        try:
+            async with asyncio.timeout(self.grace_s + 15):
+                await asyncio.gather(*running)
+        except TimeoutError:
+            log.error("workers still running %gs after SIGTERM; killing them", self.grace_s + 15)
+            for w in self.workers:
+                w.kill()
+            await asyncio.gather(*(w.proc.wait() for w in self.workers if w.proc is not None))
+        for w in self.workers:
+            w.close_channel()
+
+    # -- the control surface (same commands as a single process's) ----------------------
+
+    async def _gather(self, command: str) -> list[tuple[Worker, dict | WorkerGone]]:
+        ready = [w for w in self.workers if w.ready]
+        replies = await asyncio.gather(*(w.request(command) for w in ready),
+                                       return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException) and not isinstance(r, WorkerGone):
+                raise r
+        return list(zip(ready, replies))
+
+    async def handle_command(self, command: str) -> dict:
+        if command == "reload":
+            ok, message = await self.reload()
+            reply = {"ok": ok, "message": message, "generation": self.generation,
+                     "digest": self.config.digest}
+            if not ok:
+                reply["error"] = message
+            return reply
+        if command == "status":
+            return {"ok": True, **await self.status()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    async def reload(self) -> tuple[bool, str]:
+        """Validate once, then have every worker apply the file; (ok, message)."""
+        async with self._reload_lock:
+            notify("RELOADING=1", "STATUS=reloading")
+            try:
+                new = configmod.load(self.config_path)
+            except configmod.ConfigError as e:
+                return self._reload_failed(f"reload of {self.config_path} failed, "
+                                           f"still serving generation {self.generation}:\n{e}")
+            replies = await self._gather("reload")
+            failed = [f"{w}: {r}" if isinstance(r, WorkerGone) else f"{w}: {r.get('error')}"
+                      for w, r in replies if isinstance(r, WorkerGone) or not r.get("ok")]
+            digests = {r.get("digest") for _, r in replies if isinstance(r, dict) and r.get("ok")}
+            if failed:
+                return self._reload_failed(
+                    f"reload of {self.config_path} failed in {len(failed)} of "
+                    f"{len(replies)} workers:\n" + "\n".join(failed))
+            if digests != {new.digest}:
+                return self._reload_failed(f"{self.config_path} changed while the workers "
+                                           "reloaded it; run reload again")
+            change = configmod.diff(self.config, new)
+            self.config = new
+            self.generation += 1
+            self.reloads["ok"] += 1
+            message = (f"reloaded to generation {self.generation} ({new.summary()}) "
+                       f"in {len(replies)} workers: {change}")
+            log.info("%s", message)
+            notify("READY=1", f"STATUS={self.status_line()}")
+            return True, message
+
+    def _reload_failed(self, message: str) -> tuple[bool, str]:
+        self.reloads["failed"] += 1
+        log.error("%s", message)
+        notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
+        return False, message
+
+    def status_line(self) -> str:
+        return (f"generation {self.generation}: {self.config.summary()}, "
+                f"{sum(w.ready for w in self.workers)}/{len(self.workers)} workers")
+
+    async def status(self) -> dict:
+        """Every worker's status, summed: connection counts add up; a target's health is
+        shown per worker where the workers (which eject targets on their own) disagree."""
+        replies = [(w, r) for w, r in await self._gather("status") if isinstance(r, dict)]
+        workers = [{"index": w.index, "pid": w.proc.pid if w.proc else None,
+                    "ready": w.ready, "active": 0} for w in self.workers]
+        status = {"config": self.config_path, "digest": self.config.digest,
+                  "generation": self.generation, "mode": "per-port", "active": 0,
+                  "accepting": bool(replies), "workers": workers, "restarts": self.restarts}
+        apps: dict[str, dict] = {}
+        for w, r in replies:
+            status["mode"] = r["mode"]
+            status["active"] += r["active"]
+            status["accepting"] = status["accepting"] and r["accepting"]
+            workers[w.index]["active"] = r["active"]
+            for a in r["apps"]:
+                merged = apps.setdefault(a["name"], {**a, "active": 0, "targets": [
+                    {"target": t["target"], "health": {}} for t in a["targets"]]})
+                merged["active"] += a["active"]
+                health = {t["target"]: t["health"] for t in a["targets"]}
+                for t in merged["targets"]:
+                    t["health"][w.index] = health.get(t["target"], "?")
+        for a in apps.values():
+            for t in a["targets"]:
+                seen = set(t["health"].values())
+                t["health"] = (seen.pop() if len(seen) == 1 else
+                               "; ".join(f"worker {i}: {h}" for i, h in sorted(t["health"].items())))
+        status["apps"] = list(apps.values())
+        return status
+
+    # -- metrics: gathered from the workers at scrape time ---------------------------------
+
+    def serve_metrics(self) -> None:
+        """Start the metrics endpoint (before :meth:`serve`, so a bad address fails early)."""
+        from . import metrics as metricsmod
+        from .listeners import parse_hostport
+
+        if self.metrics_address:
+            host, port = parse_hostport(self.metrics_address)
+            metricsmod.serve(_GatheredMetrics(self), host or "127.0.0.1", port)
+
+    async def gather_metrics(self) -> dict:
+        from .metrics import Metrics
+
+        snaps = [r["metrics"] for _, r in await self._gather("metrics")
+                 if isinstance(r, dict) and r.get("ok")]
+        total = Metrics.merged(snaps)
+        total.reloads_n = dict(self.reloads)  # one reload is one, however many workers
+        total.generation = self.generation
+        return total
+
+
+class _GatheredMetrics:
+    """A prometheus_client collector: on each scrape (in its HTTP thread) the supervisor's
+    loop asks every worker for its counts and sums them."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sup = self.supervisor
+        if sup._loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(sup.gather_metrics(), sup._loop)
+        try:
+            total = future.result(REQUEST_TIMEOUT_S)
+        except Exception as e:  # a scrape must not take the proxy down; say what failed
+            log.error("metrics scrape: could not gather the workers' counts: %r", e)
+            future.cancel()
+            return
+        yield from total.collect()
+        workers = GaugeMetricFamily("flyproxy_workers", "Worker processes serving now")
+        workers.add_metric([], sum(w.ready for w in sup.workers))
+        yield workers
+        restarts = CounterMetricFamily("flyproxy_worker_restarts",
+                                       "Workers started again after they exited")
+        restarts.add_metric([], sup.restarts)
+        yield restarts
