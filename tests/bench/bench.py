@@ -149,12 +149,18 @@ class NoProxy(Proxy):
 class HAProxy(Proxy):
     name = "HAProxy"
 
+    def __init__(self, base: int, threads: int = 1):
+        super().__init__(base)
+        self.threads = threads
+        if threads > 1:
+            self.name = f"HAProxy ({threads} threads)"
+
     def start(self) -> None:
         cfg = WORK / "haproxy.cfg"
         sections = "".join(f"listen {k}\n    bind 127.0.0.1:{self.front[k]}\n"
                            f"    server s1 127.0.0.1:{BACKEND[k]}\n" for k in BACKEND)
         cfg.write_text(f"""global
-    nbthread 1
+    nbthread {self.threads}
     maxconn 9000
 defaults
     mode tcp
@@ -163,7 +169,7 @@ defaults
     timeout client 300s
     timeout server 300s
 {sections}""")
-        self.procs = [spawn(["haproxy", "-db", "-f", str(cfg)], "haproxy")]
+        self.procs = [spawn(["haproxy", "-db", "-f", str(cfg)], self.name.replace(" ", "-"))]
 
 
 class NginxStream(Proxy):
@@ -198,11 +204,13 @@ class SocketProxyd(Proxy):
 class FlyProxy(Proxy):
     name = "flyproxy"
 
-    def __init__(self, base: int, loop: str = "auto"):
+    def __init__(self, base: int, loop: str = "auto", workers: str = "auto"):
         super().__init__(base)
-        self.loop = loop
+        self.loop, self.workers = loop, workers
+        if workers != "auto":
+            self.name = f"flyproxy ({workers} worker{'s' if workers != '1' else ''})"
         if loop == "asyncio":
-            self.name = "flyproxy (asyncio loop)"
+            self.name = f"flyproxy (asyncio loop, {workers} worker)"
         self.config = WORK / f"flyproxy-{base}.json"
 
     def write_config(self, extra_http_ports: int = 0) -> None:
@@ -221,10 +229,28 @@ class FlyProxy(Proxy):
         self.write_config()
         self.procs = [spawn([PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
                              "-c", str(self.config), "--loop", self.loop,
+                             "--workers", self.workers,  # as shipped: auto, one per CPU
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
                              # as shipped: metrics on (the appliance unit turns them on)
                              "--metrics", f"127.0.0.1:{self.front['http'] + 9}",
                              *self.serve_args()], self.name.replace(" ", "-"), cwd=REPO)]
+
+    def ready(self) -> None:
+        super().ready()
+        self.wait_workers()
+
+    def wait_workers(self, timeout: float = 30) -> None:
+        """Every worker serving (the ports listen as soon as the first one has bound them)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run([PYTHON, "-m", "appliance", "status", "--json", "--control",
+                                  str(WORK / f"control-{self.front['http']}.sock")],
+                                 cwd=REPO, capture_output=True, text=True)
+            if out.returncode == 0 and all(w["ready"] for w in
+                                           json.loads(out.stdout).get("workers", [])):
+                return
+            time.sleep(0.1)  # polling another process's state, bounded
+        raise RuntimeError(f"{self.name}: workers not ready after {timeout}s; logs in {WORK}")
 
     def reload(self, pin_dir: str = "") -> float:
         started = time.monotonic()
@@ -240,8 +266,9 @@ class FlyProxyBPF(FlyProxy):
     name = "flyproxy BPF"
     LISTEN = 9999  # outside every range of configured ports
 
-    def __init__(self, base: int, bpffs: Path):
-        super().__init__(base)
+    def __init__(self, base: int, bpffs: Path, workers: str = "auto"):
+        super().__init__(base, workers=workers)
+        self.name = "flyproxy BPF" + ("" if workers == "auto" else f" ({workers} worker)")
         self.pin_dir = bpffs / "flyproxy"
 
     def serve_args(self) -> list[str]:
@@ -260,6 +287,7 @@ class FlyProxyBPF(FlyProxy):
 
     def ready(self) -> None:
         wait_port(self.LISTEN)  # the app ports are steered: nothing else listens
+        self.wait_workers()
 
     def reload(self, pin_dir: str = "") -> float:
         return super().reload(str(self.pin_dir))
@@ -438,9 +466,10 @@ def main() -> int:
     subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
     backends = start_backends()
     proxies = [NoProxy(), HAProxy(21000), NginxStream(22000), SocketProxyd(23000),
-               FlyProxy(24000), FlyProxyBPF(25000, bpffs)]
-    if os.environ.get("BENCH_ASYNCIO_LOOP", "1") == "1":
-        proxies.append(FlyProxy(26000, loop="asyncio"))
+               FlyProxy(24000), FlyProxyBPF(25000, bpffs), FlyProxy(26000, workers="1"),
+               HAProxy(28000, threads=os.cpu_count())]
+    if os.environ.get("BENCH_ASYNCIO_LOOP", "0") == "1":
+        proxies.append(FlyProxy(27000, loop="asyncio", workers="1"))
     rounds: dict[str, list[dict]] = {p.name: [] for p in proxies}
     extra: dict[str, dict] = {p.name: {} for p in proxies}
     started = time.monotonic()
@@ -454,7 +483,7 @@ def main() -> int:
                     rounds[proxy.name].append(run_workloads(proxy))
                     if n == 0 and not isinstance(proxy, NoProxy):
                         extra[proxy.name].update(idle_memory(proxy))
-                    if n == 0 and isinstance(proxy, FlyProxy) and proxy.loop == "auto":
+                    if n == 0 and isinstance(proxy, FlyProxy) and proxy.workers == "auto":
                         extra[proxy.name].update(scale(proxy))
                 finally:
                     proxy.stop()
@@ -543,8 +572,11 @@ def report(summary: dict, meta: dict) -> str:
              f"{meta['cpus']} CPUs, kernel {meta['kernel']}, loopback in a private network "
              f"namespace; {meta['rounds']} rounds of {meta['seconds']:g} s loads, medians; "
              f"{meta['idle_connections']:,} idle connections for memory; took "
-             f"{meta['duration_s']} s. Each proxy on one thread/worker. Ratios are to HAProxy "
-             "in the same run (for cost rows, lower is better).", "",
+             f"{meta['duration_s']} s. HAProxy, nginx and systemd-socket-proxyd on one "
+             "thread/worker; flyproxy and flyproxy BPF as shipped, one worker process per CPU "
+             f"({meta['cpus']} here); flyproxy with one worker and HAProxy with one thread per "
+             "CPU for comparison. Ratios are to HAProxy (one thread) in the same run (for "
+             "cost rows, lower is better).", "",
              "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for key, label, fmt, _ in ROWS:
