@@ -82,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        "--connect-timeout", str(args.connect_timeout),
                        "--grace-period", str(args.grace_period),
                        "--idle-timeout", str(args.idle_timeout), "--eject", str(args.eject),
+                       "--splice-after", str(args.splice_after),
                        "--conn-log-level", args.conn_log_level]
         if args.host:
             worker_argv += ["--host", args.host]
@@ -102,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 1
 
     options = Options(connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
-                      eject_s=args.eject, workers=n_workers,
+                      eject_s=args.eject, workers=n_workers, splice_after=args.splice_after,
                       conn_log_level=logging.getLevelName(args.conn_log_level.upper()))
     channel = None
     if args.worker_channel is not None:  # a worker: counts go to the supervisor, which serves them
@@ -285,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level of the one log line per connection (default debug)")
     p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
                    help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
+    p.add_argument("--splice-after", type=int, default=1 << 20, metavar="BYTES",
+                   help="once one direction of a connection has carried this many bytes, move "
+                        "it with splice() (kernel-side copy, a pipe per direction); 0: never "
+                        "(default 1 MiB)")
     p.add_argument("--workers", default=os.environ.get("FLYPROXY_WORKERS", "1"), metavar="N",
                    help="worker processes sharing the listeners: a number, or auto for one per "
                         "CPU (default 1: a single process; the unit uses auto)")

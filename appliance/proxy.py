@@ -39,6 +39,7 @@ class Options:
     eject_s: float = 10.0  # a target that failed is tried last for this long
     conn_log_level: int = logging.DEBUG  # the one line per connection, at close
     workers: int = 1  # processes sharing the listeners; >1: ports bound with SO_REUSEPORT
+    splice_after: int = 1 << 20  # bytes one direction carries before splice() takes over (0: never)
 
 
 GRACE_PERIOD_S = 30.0
@@ -155,7 +156,7 @@ class Proxy:
             transport.abort()
             return
         self.active[app.name] = active + 1
-        tunnel = Tunnel(client, app.name, port, self._closed)
+        tunnel = Tunnel(client, app.name, port, self._closed, self.options.splice_after)
         self.tunnels.add(tunnel)
         self._idle.clear()
         self.metrics.accepted(app.name)

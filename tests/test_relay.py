@@ -5,20 +5,36 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
+
+import pytest
 
 from helpers import (closed_by_peer, connect, free_ports, read_line, recv_all, scripted_backend,
                      write_config)
 
+SPLICE = {"default": [],  # splice() from 1 MiB on: the switch happens mid-transfer
+          "never": ["--splice-after", "0"],  # transports only
+          "at-once": ["--splice-after", "1"]}  # splice() from the first byte on
 
-def proxy_to(tmp_path, start_proxy, backend_address):
+
+@pytest.fixture(params=list(SPLICE))
+def relay_proxy(start_proxy, request):
+    """Every relay test on each data path (transports, splice(), and the switch between),
+    each on both event loops."""
+    def start(config, *args, **kw):
+        return start_proxy(config, *args, *SPLICE[request.param], **kw)
+    return start
+
+
+def proxy_to(tmp_path, relay_proxy, backend_address):
     port, = free_ports(1)
     cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend_address])})
-    return start_proxy(cfg), port
+    return relay_proxy(cfg), port
 
 
-def test_multi_mib_transfer_is_byte_exact_both_ways(tmp_path, start_proxy, make_backend):
+def test_multi_mib_transfer_is_byte_exact_both_ways(tmp_path, relay_proxy, make_backend):
     backend = make_backend("echo")
-    proxy, port = proxy_to(tmp_path, start_proxy, backend.address)
+    proxy, port = proxy_to(tmp_path, relay_proxy, backend.address)
     payload = os.urandom(8 * 1024 * 1024)
     with connect(port) as s:
         assert read_line(s) == b"echo"
@@ -30,9 +46,9 @@ def test_multi_mib_transfer_is_byte_exact_both_ways(tmp_path, start_proxy, make_
     assert received[len(payload):] == b"bye\n"
 
 
-def test_half_close_reaches_the_backend_and_it_can_still_answer(tmp_path, start_proxy, make_backend):
+def test_half_close_reaches_the_backend_and_it_can_still_answer(tmp_path, relay_proxy, make_backend):
     backend = make_backend("echo")
-    proxy, port = proxy_to(tmp_path, start_proxy, backend.address)
+    proxy, port = proxy_to(tmp_path, relay_proxy, backend.address)
     with connect(port) as s:
         s.sendall(b"ping\n")
         s.shutdown(socket.SHUT_WR)  # our FIN must travel to the backend
@@ -40,7 +56,7 @@ def test_half_close_reaches_the_backend_and_it_can_still_answer(tmp_path, start_
     assert backend.eofs == 1
 
 
-def test_backend_half_close_reaches_the_client(tmp_path, start_proxy):
+def test_backend_half_close_reaches_the_client(tmp_path, relay_proxy):
     """The backend sends and shuts down its write side; the client can still send to it."""
     got = []
 
@@ -50,7 +66,7 @@ def test_backend_half_close_reaches_the_client(tmp_path, start_proxy):
         got.append(recv_all(conn))
 
     with scripted_backend(backend) as address:
-        proxy, port = proxy_to(tmp_path, start_proxy, address)
+        proxy, port = proxy_to(tmp_path, relay_proxy, address)
         with connect(port) as s:
             assert recv_all(s) == b"hello"  # EOF from the backend arrived
             s.sendall(b"still talking")
@@ -59,7 +75,7 @@ def test_backend_half_close_reaches_the_client(tmp_path, start_proxy):
     assert got == [b"still talking"]
 
 
-def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, start_proxy):
+def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, relay_proxy):
     """The backend pushes 1 GiB to a client that does not read: the proxy must not buffer it."""
     total = 1024 * 1024 * 1024
     sent = [0]
@@ -78,7 +94,7 @@ def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, start_proxy):
             sent[0] += len(chunk)
 
     with scripted_backend(backend) as address:
-        proxy, port = proxy_to(tmp_path, start_proxy, address)
+        proxy, port = proxy_to(tmp_path, relay_proxy, address)
         before = proxy.rss_kib()
         with connect(port, timeout=30) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -95,20 +111,20 @@ def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, start_proxy):
         assert received == total
 
 
-def test_backend_reset_closes_the_client(tmp_path, start_proxy):
+def test_backend_reset_closes_the_client(tmp_path, relay_proxy):
     def backend(conn):
         conn.sendall(b"about to reset\n")
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         conn.close()  # linger 0: RST
 
     with scripted_backend(backend) as address:
-        proxy, port = proxy_to(tmp_path, start_proxy, address)
+        proxy, port = proxy_to(tmp_path, relay_proxy, address)
         with connect(port, timeout=5) as s:
             assert read_line(s) == b"about to reset"
             assert closed_by_peer(s)
 
 
-def test_client_reset_closes_the_backend(tmp_path, start_proxy):
+def test_client_reset_closes_the_backend(tmp_path, relay_proxy):
     ended = threading.Event()
 
     def backend(conn):
@@ -120,7 +136,7 @@ def test_client_reset_closes_the_backend(tmp_path, start_proxy):
             ended.set()
 
     with scripted_backend(backend) as address:
-        proxy, port = proxy_to(tmp_path, start_proxy, address)
+        proxy, port = proxy_to(tmp_path, relay_proxy, address)
         s = connect(port, timeout=5)
         assert read_line(s) == b"hi"
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -128,7 +144,7 @@ def test_client_reset_closes_the_backend(tmp_path, start_proxy):
         assert ended.wait(5), "backend still open after the client reset"
 
 
-def test_data_sent_while_the_backend_connects_is_kept_bounded_and_exact(tmp_path, start_proxy):
+def test_data_sent_while_the_backend_connects_is_kept_bounded_and_exact(tmp_path, relay_proxy):
     """The client talks before the backend has accepted: the proxy holds a bounded amount
     (then stops reading the client) and delivers every byte once connected."""
     backend = socket.socket()
@@ -138,7 +154,7 @@ def test_data_sent_while_the_backend_connects_is_kept_bounded_and_exact(tmp_path
     port, = free_ports(1)  # the proxy's SYN is dropped and retried a second later
     target = f"127.0.0.1:{backend.getsockname()[1]}"
     cfg = write_config(tmp_path / "config.json", {"a": ([port], [target])})
-    start_proxy(cfg, "--connect-timeout", "10")
+    relay_proxy(cfg, "--connect-timeout", "10")
     with connect(port) as s, backend, filler:
         s.settimeout(0.5)  # a send blocked this long: the proxy stopped reading us
         chunk, sent = os.urandom(65536), []
@@ -157,3 +173,47 @@ def test_data_sent_while_the_backend_connects_is_kept_bounded_and_exact(tmp_path
         with conn:
             conn.settimeout(10)
             assert recv_all(conn) == payload
+
+
+def _fds(pid: int) -> list[str]:
+    return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+
+
+def _pipes(pid: int) -> int:
+    return sum(link.startswith("pipe:") for link in _fds(pid))
+
+
+def _echo(s: socket.socket, data: bytes) -> bytes:
+    sender = threading.Thread(target=s.sendall, args=(data,))
+    sender.start()
+    got = bytearray()
+    while len(got) < len(data):
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    sender.join(10)
+    return bytes(got)
+
+
+def test_a_bulk_connection_moves_to_splice_after_the_threshold_and_frees_it_all(
+        tmp_path, start_proxy, make_backend):
+    backend = make_backend("echo")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    proxy = start_proxy(cfg, "--splice-after", str(1 << 20))
+    fds_before, pipes_before = len(_fds(proxy.pid)), _pipes(proxy.pid)
+    with connect(port) as s:
+        assert read_line(s) == b"echo"
+        small = os.urandom(100_000)
+        assert _echo(s, small) == small
+        assert _pipes(proxy.pid) == pipes_before  # a short exchange never pays for a pipe
+        bulk = os.urandom(3 << 20)
+        assert _echo(s, bulk) == bulk
+        assert _pipes(proxy.pid) == pipes_before + 4  # a pipe each way (two fds each)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"bye\n"  # half-close still travels both ways
+    deadline = time.monotonic() + 10
+    while len(_fds(proxy.pid)) != fds_before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the proxy closes its side after ours: poll, bounded
+    assert len(_fds(proxy.pid)) == fds_before, _fds(proxy.pid)  # pipes and dups all closed
