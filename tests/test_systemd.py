@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
 import uuid
 
@@ -18,7 +20,7 @@ import pytest
 
 from appliance.demo import demo_document
 from container import Container
-from helpers import TaggedBackend, connect, greet, read_line
+from helpers import TaggedBackend, connect, greet, read_line, recv_all
 from load import LoadGenerator
 
 pytestmark = [
@@ -130,6 +132,31 @@ def test_status_over_the_control_socket(appliance):
     assert "handed-in mode" in out and "six-thousand" in out
     cpus = int(appliance.c.run(["nproc"]).stdout)  # the unit runs FLYPROXY_WORKERS=auto
     assert f"{cpus} workers (0 restarts)" in out, out
+
+
+def test_a_bulk_transfer_is_spliced_inside_the_sandbox(appliance):
+    """Past 1 MiB a direction moves with splice() through a pipe: the unit's system call
+    filter must allow it (a refused splice would abort the connection)."""
+    payload = os.urandom(4 << 20)
+    workers = [w["pid"] for w in
+               json.loads(appliance.c.run(["flyproxy", "status", "--json"]).stdout)["workers"]]
+    def pipes() -> int:
+        ls = " ".join(f"ls -l /proc/{pid}/fd;" for pid in workers)
+        return appliance.c.run(["sh", "-c", ls]).stdout.count("pipe:")
+
+    before = pipes()
+    with appliance.connect(5001) as s:
+        assert read_line(s) == b"five-thousand"
+        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        deadline, during = time.monotonic() + 10, before
+        while during == before and time.monotonic() < deadline:  # unread, it stays open
+            during = pipes()
+            time.sleep(0.05)  # polling another process's fd table, bounded
+        received = recv_all(s)
+        sender.join(10)
+    assert during >= before + 2, "no worker opened a pipe for the bulk connection"
+    assert received == payload + b"bye\n"
 
 
 def test_reload_under_load_loses_nothing(appliance):
