@@ -4,10 +4,15 @@ running out of file descriptors, thousands of connections, reloads under traffic
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import socket
 import subprocess
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +170,58 @@ def test_reload_under_a_steady_stream_of_connections(tmp_path, start_proxy, make
     ok, failures = load.stop()
     assert failures == []
     assert ok > 0
+
+
+def test_over_the_pipe_quota_bulk_connections_stay_on_the_transports(tmp_path, make_backend):
+    """An unprivileged proxy past fs.pipe-user-pages-soft gets tiny pipes; it must not
+    splice through them (a callback per few KiB) nor fail: it keeps the transports."""
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv")
+    backend = make_backend("echo")
+    port, = free_ports(1)
+    copy = Path(tempfile.mkdtemp(prefix="flyproxy-pipes-", dir="/tmp"))  # nobody can read it
+    shutil.copytree(REPO / "appliance", copy / "appliance")
+    write_config(copy / "config.json", {"a": ([port], [backend.address])})
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    soft = Path("/proc/sys/fs/pipe-user-pages-soft")
+    old = soft.read_text()
+    soft.write_text("1")  # every pipe of an unprivileged user is over the quota
+    proxy = subprocess.Popen(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3",
+         "-m", "appliance", "serve", "-c", "config.json", "--host", "127.0.0.1",
+         "--splice-after", "1"], cwd=copy, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait for the port: no notify socket as nobody
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the unprivileged proxy never listened")
+        def pipes() -> int:  # the event loop has pipes of its own (signal wakeups)
+            return sum(os.readlink(f"/proc/{proxy.pid}/fd/{fd}").startswith("pipe:")
+                       for fd in os.listdir(f"/proc/{proxy.pid}/fd"))
+
+        with s:
+            assert read_line(s) == b"echo"
+            before = pipes()
+            payload = os.urandom(4 << 20)
+            s.sendall(payload[:1 << 20])  # past --splice-after: it would switch now
+            got = s.recv(1 << 20, socket.MSG_WAITALL)
+            assert pipes() == before, "spliced through a pipe over the quota"
+            sender = threading.Thread(target=lambda: (s.sendall(payload[1 << 20:]),
+                                                      s.shutdown(socket.SHUT_WR)))
+            sender.start()
+            got += recv_all(s)
+            sender.join(10)
+        assert got == payload + b"bye\n"
+    finally:
+        soft.write_text(old)
+        proxy.kill()
+        _, err = proxy.communicate(timeout=10)
+        shutil.rmtree(copy)
+    assert "Traceback" not in err, err
