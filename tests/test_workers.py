@@ -232,3 +232,14 @@ def test_bad_worker_count_is_refused(tmp_path):
     result = run_cli("serve", "-c", str(cfg), "--workers", "0")
     assert result.returncode == 1
     assert "--workers 0: expected 1 to 64 or auto" in result.stderr
+
+
+def test_a_port_in_use_stops_startup_with_the_workers_error(tmp_path, make_backend):
+    backend = make_backend("one")
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # no SO_REUSEPORT: none may join
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+        result = run_cli("serve", "-c", str(cfg), "--host", "127.0.0.1", "--workers", str(N))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "exited with status 1 before it was ready" in result.stderr

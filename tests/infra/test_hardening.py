@@ -1,5 +1,7 @@
 """The proxy's sandbox, as systemd reports it."""
 
+import json
+
 import pytest
 
 
@@ -31,3 +33,14 @@ def test_exposure_score(host):
     out = host.run("systemd-analyze security --no-pager flyproxy.service").stdout
     score = float(out.rsplit("Overall exposure level for flyproxy.service:", 1)[1].split()[0])
     assert score <= 1.5
+
+
+def test_workers_as_configured_and_unprivileged(host):
+    """flyproxy_workers defaults to auto: one worker per CPU, none with a capability."""
+    status = json.loads(host.check_output("flyproxy status --json"))
+    assert len(status["workers"]) == int(host.check_output("nproc"))
+    assert all(w["ready"] for w in status["workers"])
+    for w in status["workers"]:
+        assert host.check_output(f"grep CapEff /proc/{w['pid']}/status").split()[1] == "0" * 16
+    dropin = host.file("/etc/systemd/system/flyproxy.service.d/workers.conf")
+    assert dropin.contains("FLYPROXY_WORKERS=auto")
