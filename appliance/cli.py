@@ -97,6 +97,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"flyproxy serve: --metrics {args.metrics}: {e}", file=sys.stderr)
             return 1
         try:
+            supervisor.make_group()
+        except OSError as e:
+            print(f"flyproxy serve: cannot make the workers' listening group: {e.strerror}",
+                  file=sys.stderr)
+            return 1
+        try:
             return asyncio.run(supervisor.serve())
         except OSError as e:  # the control socket or the metrics port
             print(f"flyproxy serve: {e}", file=sys.stderr)

@@ -133,6 +133,7 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(workers)]
         self.worker_argv = worker_argv
         self.sockets = sockets
+        self.group: list[socket.socket] = []  # one per worker, with handed-in sockets
         self.control_path = control_path
         self.metrics_address = metrics_address
         self.grace_s = grace_s
@@ -150,6 +151,20 @@ class Supervisor:
         return f"<Supervisor {self.config_path} workers={len(self.workers)}>"
 
     # -- lifecycle ---------------------------------------------------------------------
+
+    def make_group(self) -> None:
+        """With handed-in sockets: one SO_REUSEPORT listener per worker on an ephemeral port
+        (dual-stack on every address, as the BPF program assigns both families to it;
+        connections that reach it directly find no app for its port and are closed)."""
+        from . import listeners
+
+        if not self.sockets or len(self.workers) < 2:
+            return
+        first = listeners.bind(0, None, reuse_port=True)
+        host, port = first.getsockname()[:2]
+        self.group = [first] + [listeners.bind(port, host, reuse_port=True)
+                                for _ in self.workers[1:]]
+        log.info("worker group on [%s]:%d (spread by flyproxy bpf register --spread)", host, port)
 
     async def serve(self) -> int:
         self._loop = loop = asyncio.get_running_loop()
@@ -174,6 +189,8 @@ class Supervisor:
         notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
         await self._stop.wait()
         notify("STOPPING=1", "STATUS=draining connections")
+        for member in self.group:  # once the workers close theirs, the group is gone and
+            member.close()  # the BPF program sends new connections to the listener
         if control is not None:
             control.close()
         await self._shutdown()
@@ -185,15 +202,20 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _worker_args(self) -> list[str]:
+    def _fds(self, w: Worker) -> list[int]:
+        """The sockets worker ``w`` serves: every handed-in one, and its group member."""
+        own = [self.group[w.index].fileno()] if self.group else []
+        return [s.fileno() for s in self.sockets] + own
+
+    def _worker_args(self, w: Worker) -> list[str]:
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         flags = ["-I"] if sys.flags.isolated else []
-        fds = [str(s.fileno()) for s in self.sockets]
+        fds = [str(fd) for fd in self._fds(w)]
         return [sys.executable, *flags, "-c", _BOOT, package_parent, *self.worker_argv,
                 "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
 
     async def _start(self, w: Worker) -> None:
-        await w.start(self._worker_args(), [s.fileno() for s in self.sockets])
+        await w.start(self._worker_args(w), self._fds(w))
         try:
             await w.request("status", STARTUP_TIMEOUT_S)
         except WorkerGone:
@@ -327,7 +349,8 @@ class Supervisor:
                     "ready": w.ready, "active": 0} for w in self.workers]
         status = {"config": self.config_path, "digest": self.config.digest,
                   "generation": self.generation, "mode": "per-port", "active": 0,
-                  "accepting": bool(replies), "workers": workers, "restarts": self.restarts}
+                  "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
+                  "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None}
         apps: dict[str, dict] = {}
         for w, r in replies:
             status["mode"] = r["mode"]

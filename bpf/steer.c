@@ -5,8 +5,12 @@
 //   - destination port not in flyproxy_ports  -> SK_PASS without a socket: the
 //     normal lookup runs (other services on the host are unaffected);
 //   - destination port in flyproxy_ports       -> the connection is assigned to
-//     the one listener in flyproxy_listener (a dual-stack listener takes both
-//     families), and the proxy routes it by the port the client dialled;
+//     the proxy's worker group if one is registered (flyproxy_group: a member of
+//     an SO_REUSEPORT group, one socket per worker; the kernel then picks the
+//     member by a hash of the connection, so workers share connections evenly),
+//     else to the one listener in flyproxy_listener (systemd's socket; it also
+//     takes over while the proxy restarts, when the group is gone). A dual-stack
+//     listener takes both families. The proxy routes by the port the client dialled;
 //   - port is ours but no listener registered  -> SK_DROP. We would rather drop
 //     the SYN silently (the client retransmits, and a listener being registered
 //     picks it up), but sk_lookup cannot: the kernel treats SK_DROP as "no
@@ -20,6 +24,7 @@
 // Maps (pinned under the state dir, updated by `flyproxy bpf sync/register`):
 //   flyproxy_ports     port (host byte order) -> app index in the config
 //   flyproxy_listener  one-slot sockmap holding the proxy's listening socket
+//   flyproxy_group     one-slot sockmap holding a member of the workers' group
 //   flyproxy_counters  per-CPU outcome counters (see enum below)
 
 #include <uapi/linux/bpf.h>
@@ -48,6 +53,7 @@ enum flyproxy_counter {
 
 FLYPROXY_TABLE("hash", u16, u32, flyproxy_ports, FLYPROXY_MAX_PORTS);
 FLYPROXY_TABLE("sockmap", u32, u64, flyproxy_listener, 1);
+FLYPROXY_TABLE("sockmap", u32, u64, flyproxy_group, 1);
 FLYPROXY_TABLE("percpu_array", u32, u64, flyproxy_counters, FLYPROXY_NCOUNTERS);
 
 static __always_inline void count(u32 which)
@@ -67,6 +73,16 @@ int flyproxy_steer(struct bpf_sk_lookup *ctx)
         return SK_PASS;  // not ours: normal socket lookup
 
     u32 zero = 0;
+    struct bpf_sock *group = (struct bpf_sock *)flyproxy_group.lookup(&zero);
+    if (group) {
+        long err = bpf_sk_assign(ctx, group, 0);
+        bpf_sk_release(group);
+        if (!err) {
+            count(FLYPROXY_STEERED);
+            return SK_PASS;
+        }
+        // e.g. an IPv4-only group and an IPv6 client: the listener may still take it
+    }
     struct bpf_sock *listener = (struct bpf_sock *)flyproxy_listener.lookup(&zero);
     if (!listener) {
         count(FLYPROXY_NO_LISTENER);

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -297,3 +298,42 @@ def test_make_bpf_compiles_and_verifies():
     result = run_cli("bpf", "build")
     assert result.returncode == 0, result.stderr
     assert "compiled and verified" in result.stdout
+
+
+def test_workers_share_connections_evenly_through_their_group(steered, tmp_path):
+    """With workers, `register --spread` puts their SO_REUSEPORT group in the program's group
+    map: the kernel hashes each connection to one worker (on the shared listener alone, the
+    first worker awake takes a whole burst). A killed worker's member stays open: its
+    connections wait for the replacement instead of failing."""
+    s = steered()
+    s.start_backends()
+    s.load()
+    control = str(tmp_path / "control.sock")
+    s.proxy = ProxyProcess(s.cfg, "--listen", f"[::]:{LISTEN_PORT}", "--workers", "2",
+                           "--control", control, host=None, wrap=s.ns.command([]))
+    out = s.bpf("register", "--pid", str(s.proxy.pid), "--port", str(LISTEN_PORT),
+                "--spread").stdout
+    assert "spread over the workers' group" in out
+    assert s.status()["group_cookie"] is not None
+
+    def workers() -> list[dict]:
+        result = run_cli("status", "--control", control, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["workers"]
+
+    held = []
+    for _ in range(20):  # opened at once, as a burst: the case the group is for
+        held.append(s.connect(5001))
+    assert all(read_line(c) == b"five-thousand" for c in held)
+    active = [w["active"] for w in workers()]
+    assert sum(active) == 20 and all(active), active  # all 20 on one worker: 2**-19
+    for c in held:
+        c.close()
+
+    os.kill(workers()[0]["pid"], signal.SIGKILL)  # its member stays open in the supervisor
+    assert all(s.greet(6001) == "six-thousand" for _ in range(20))
+
+    out = s.bpf("register", "--pid", str(s.proxy.pid), "--port", str(LISTEN_PORT),
+                "--no-spread").stdout
+    assert "cleared" in out and s.status()["group_cookie"] is None
+    assert s.greet(7001) == "seven-thousand"  # the listener takes everything again

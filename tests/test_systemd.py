@@ -134,6 +134,20 @@ def test_status_over_the_control_socket(appliance):
     assert f"{cpus} workers (0 restarts)" in out, out
 
 
+def test_a_burst_of_connections_is_shared_by_the_workers(appliance):
+    """ExecStartPost registered the workers' group (--spread): the kernel hashes each
+    connection to a worker, so even a burst opened at once lands on all of them."""
+    assert json.loads(appliance.c.run(["flyproxy", "bpf", "status", "--json"]).stdout)[
+        "group_cookie"] is not None
+    held = [appliance.connect(6001) for _ in range(20)]
+    assert all(read_line(c) == b"six-thousand" for c in held)
+    status = json.loads(appliance.c.run(["flyproxy", "status", "--json"]).stdout)
+    active = [w["active"] for w in status["workers"]]
+    assert sum(active) == 20 and all(active), active
+    for c in held:
+        c.close()
+
+
 def test_a_bulk_transfer_is_spliced_inside_the_sandbox(appliance):
     """Past 1 MiB a direction moves with splice() through a pipe: the unit's system call
     filter must allow it (a refused splice would abort the connection)."""

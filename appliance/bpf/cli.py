@@ -8,6 +8,7 @@ Only ``build`` and ``load`` compile (and import bcc); the rest are plain bpf() c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ from .. import config as configmod
 from .. import listeners
 from . import syscalls as sc
 from .state import DEFAULT_PIN_DIR, PinnedState, SteeringError, unload
+from .state import socket_cookie as state_cookie
 
 
 def _config(path: str) -> configmod.Config:
@@ -109,7 +111,26 @@ def _listener(args) -> socket.socket:
         raise SteeringError(str(e)) from None
 
 
+def _group_member(pid: int, listener: socket.socket) -> socket.socket | None:
+    """A member of the process's workers' group: its listening sockets with SO_REUSEPORT
+    (other than the listener), all on one address. None when it has no group (one worker)."""
+    members = [s for s in listening_sockets_of(pid, None)
+               if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+               and state_cookie(s) != state_cookie(listener)]
+    try:
+        addresses = {s.getsockname()[:2] for s in members}
+        if len(addresses) > 1:
+            raise SteeringError(f"process {pid} has SO_REUSEPORT listeners on "
+                                f"{len(addresses)} addresses; expected one worker group")
+        return members.pop(0) if members else None
+    finally:
+        for s in members:
+            s.close()
+
+
 def cmd_register(args) -> int:
+    if args.spread is not None and args.pid is None:
+        raise SteeringError("--spread/--no-spread need --pid (the proxy's main process)")
     sock = _listener(args)
     if sock.family == socket.AF_INET6 and sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
         print("warning: the listener is IPv6-only; IPv4 connections cannot be steered to it",
@@ -117,7 +138,21 @@ def cmd_register(args) -> int:
     with PinnedState(args.pin_dir) as state, sock:
         cookie = state.register(sock)
         host, port = sock.getsockname()[:2]
-    print(f"{args.pin_dir}: registered listener {host}:{port} (socket cookie {cookie})")
+        print(f"{args.pin_dir}: registered listener {host}:{port} (socket cookie {cookie})")
+        if args.spread is None:
+            return 0
+        member = _group_member(args.pid, sock) if args.spread else None
+        with contextlib.ExitStack() as stack:
+            if member is not None:
+                stack.enter_context(member)
+            group = state.register_group(member)
+            if member is not None:
+                ghost, gport = member.getsockname()[:2]
+                print(f"{args.pin_dir}: connections spread over the workers' group "
+                      f"{ghost}:{gport} (socket cookie {group})")
+            else:
+                print(f"{args.pin_dir}: no worker group"
+                      f"{'' if args.spread else ' (cleared)'}: every connection goes to the listener")
     return 0
 
 
@@ -133,6 +168,8 @@ def cmd_status(args) -> int:
     print(f"program:  id {status['program']['id']} tag {status['program']['tag']}")
     print(f"link:     id {status['link']['id']} netns inode {status['link']['netns_ino']}")
     print(f"listener: {'socket cookie %d' % cookie if cookie is not None else 'NONE (connections to our ports are refused)'}")
+    group = status["group_cookie"]
+    print(f"group:    {'socket cookie %d (spread over the workers)' % group if group is not None else 'none (the listener takes every connection)'}")
     print(f"ports:    {len(ports)}: {' '.join(map(str, ports[:40]))}{' ...' if len(ports) > 40 else ''}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in status["counters"].items()))
     return 0
@@ -210,6 +247,9 @@ def add_commands(sub) -> None:
     p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
     p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
     p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
+    p.add_argument("--spread", action=argparse.BooleanOptionalAction,
+                   help="with --pid: also register (or with --no-spread, clear) the process's "
+                        "worker group, so connections spread evenly over its workers")
     p.set_defaults(func=cmd_register)
 
     p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import Config
 from . import syscalls as sc
-from .state import COUNTERS, LISTENER, PORTS, PinnedState, SteeringError, ensure_bpffs
+from .state import COUNTERS, GROUP, LISTENER, PORTS, PinnedState, SteeringError, ensure_bpffs
 
 SOURCE = Path(__file__).resolve().parent.parent.parent / "bpf" / "steer.c"
 FUNCTION = "flyproxy_steer"
@@ -100,7 +100,7 @@ def _fresh(config: Config, pin_dir: Path, source: Path) -> str:
     netns = os.open("/proc/self/ns/net", os.O_RDONLY)
     link_fd = -1
     try:
-        for name in (PORTS, LISTENER, COUNTERS):
+        for name in (PORTS, LISTENER, COUNTERS, GROUP):
             sc.obj_pin(_map_fd(module, name), str(tmp / name))
         sc.obj_pin(prog_fd, str(tmp / "prog"))
         link_fd = sc.link_create(prog_fd, netns, sc.ATTACH_SK_LOOKUP)

@@ -6,6 +6,7 @@ State lives in pins, not in a daemon. A state dir in bpffs holds::
     link                the BPF link attaching it to one network namespace
     flyproxy_ports      hash: port (u16, host order) -> app index (u32)
     flyproxy_listener   sockmap, one slot: the proxy's listening socket
+    flyproxy_group      sockmap, one slot: a member of the workers' SO_REUSEPORT group
     flyproxy_counters   per-CPU array of outcome counters
 
 Nothing here imports bcc: after loading, everything is plain bpf() commands.
@@ -23,9 +24,10 @@ from . import syscalls as sc
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/flyproxy"
 PORTS, LISTENER, COUNTERS = "flyproxy_ports", "flyproxy_listener", "flyproxy_counters"
+GROUP = "flyproxy_group"  # pinned by `bpf load` (an older state gains it on its next load)
 COUNTER_NAMES = ("steered", "no_listener", "assign_failed")  # the enum in bpf/steer.c
 # What a compatible pinned map looks like: (key size, value size).
-MAP_SHAPES = {PORTS: (2, 4), LISTENER: (4, 8), COUNTERS: (4, 8)}
+MAP_SHAPES = {PORTS: (2, 4), LISTENER: (4, 8), COUNTERS: (4, 8), GROUP: (4, 8)}
 
 
 class SteeringError(Exception):
@@ -72,7 +74,9 @@ class PinnedState:
                                 f"(run: flyproxy bpf load -c CONFIG --pin-dir {self.pin_dir})")
         self.fds: dict[str, int] = {}
         try:
-            for name in ("prog", "link", PORTS, LISTENER, COUNTERS):
+            for name in ("prog", "link", PORTS, LISTENER, COUNTERS, GROUP):
+                if name == GROUP and not (self.pin_dir / name).exists():
+                    continue  # pinned by an older version; `bpf load` adds it
                 self.fds[name] = sc.obj_get(str(self.pin_dir / name), readonly and name in MAP_SHAPES)
             self._check_compatible()
         except BaseException:
@@ -81,6 +85,8 @@ class PinnedState:
 
     def _check_compatible(self) -> None:
         for name, (key_size, value_size) in MAP_SHAPES.items():
+            if name not in self.fds:
+                continue
             info = sc.map_info(self.fds[name])
             if (info["key_size"], info["value_size"]) != (key_size, value_size):
                 raise SteeringError(
@@ -138,6 +144,29 @@ class PinnedState:
         value = sc.map_lookup(self.fds[LISTENER], struct.pack("=I", 0), 8)
         return None if value is None else struct.unpack("=Q", value)[0]
 
+    def register_group(self, sock: socket.socket | None) -> int | None:
+        """Put a member of the workers' SO_REUSEPORT group in its sockmap (None: clear it,
+        so everything goes to the listener); returns the member's socket cookie."""
+        if GROUP not in self.fds:
+            raise SteeringError(f"{self.pin_dir} has no {GROUP} map (pinned by an older "
+                                "version): run `flyproxy bpf load` to add it")
+        key = struct.pack("=I", 0)
+        if sock is None:
+            try:
+                sc.map_delete(self.fds[GROUP], key)
+            except OSError as e:
+                if e.errno != 2:  # ENOENT: nothing registered
+                    raise
+            return None
+        sc.map_update(self.fds[GROUP], key, struct.pack("=Q", sock.fileno()))
+        return socket_cookie(sock)
+
+    def group_cookie(self) -> int | None:
+        if GROUP not in self.fds:
+            return None
+        value = sc.map_lookup(self.fds[GROUP], struct.pack("=I", 0), 8)
+        return None if value is None else struct.unpack("=Q", value)[0]
+
     # -- introspection ------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
@@ -157,6 +186,7 @@ class PinnedState:
             "link": {"id": link["id"], "prog_id": link["prog_id"], "netns_ino": link["netns_ino"]},
             "ports": self.ports(),
             "listener_cookie": self.listener_cookie(),
+            "group_cookie": self.group_cookie(),
             "counters": self.counters(),
         }
 
