@@ -279,9 +279,9 @@ class FlyProxyBPF(FlyProxy):
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "load", "-c", str(self.config),
                         "--pin-dir", str(self.pin_dir)], cwd=REPO, check=True, capture_output=True)
         super().start()
-        wait_port(self.LISTEN)
+        self.wait_workers()  # then the workers' group exists too
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "register", "--pid",
-                        str(self.procs[0].pid), "--port", str(self.LISTEN),
+                        str(self.procs[0].pid), "--port", str(self.LISTEN), "--spread",
                         "--pin-dir", str(self.pin_dir)],
                        cwd=REPO, check=True, capture_output=True)
 
