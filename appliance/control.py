@@ -43,14 +43,7 @@ async def start(server: Server, path: str) -> asyncio.AbstractServer:
 async def _handle(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            line = await reader.readline()
-            try:
-                command = json.loads(line)["command"]
-            except (ValueError, KeyError, TypeError):
-                reply = {"ok": False, "error": "expected a JSON line with a command"}
-            else:
-                reply = await _dispatch(server, command)
-            writer.write(json.dumps(reply).encode() + b"\n")
+            writer.write(await _answer(server, await reader.readline()))
             await writer.drain()
     except (TimeoutError, ConnectionError) as e:
         log.warning("control connection: %s", e or type(e).__name__)
@@ -58,11 +51,15 @@ async def _handle(server: Server, reader: asyncio.StreamReader, writer: asyncio.
         writer.close()
 
 
-async def _dispatch(server: Server, command: str) -> dict:
+async def _answer(server: Server, line: bytes) -> bytes:
+    """One request line -> one reply line."""
     try:
-        return await server.handle_command(command)
-    except ControlError as e:
-        return {"ok": False, "error": str(e)}
+        command = json.loads(line)["command"]
+    except (ValueError, KeyError, TypeError):
+        reply = {"ok": False, "error": "expected a JSON line with a command"}
+    else:
+        reply = await server.handle_command(command)
+    return json.dumps(reply).encode() + b"\n"
 
 
 async def serve_channel(server: Server, sock: socket.socket) -> None:
@@ -71,13 +68,7 @@ async def serve_channel(server: Server, sock: socket.socket) -> None:
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
         while line := await reader.readline():
-            try:
-                command = json.loads(line)["command"]
-            except (ValueError, KeyError, TypeError):
-                reply = {"ok": False, "error": "expected a JSON line with a command"}
-            else:
-                reply = await _dispatch(server, command)
-            writer.write(json.dumps(reply).encode() + b"\n")
+            writer.write(await _answer(server, line))
             await writer.drain()
     except ConnectionError:
         pass
