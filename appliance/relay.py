@@ -242,6 +242,8 @@ class Splice:
         self.loop.add_reader(rfd, self._readable)
 
     def _readable(self) -> None:
+        if self.pipe_r < 0:  # stopped by a callback earlier in this loop iteration
+            return
         try:
             n = os.splice(self.rfd, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
         except BlockingIOError:
@@ -257,6 +259,8 @@ class Splice:
         self._flush()
 
     def _flush(self) -> None:
+        if self.pipe_r < 0:
+            return
         while self.pending:
             try:
                 self.pending -= os.splice(self.pipe_r, self.wfd, self.pending, flags=SPLICE_FLAGS)
