@@ -337,3 +337,16 @@ def test_workers_share_connections_evenly_through_their_group(steered, tmp_path)
                 "--no-spread").stdout
     assert "cleared" in out and s.status()["group_cookie"] is None
     assert s.greet(7001) == "seven-thousand"  # the listener takes everything again
+
+
+def test_spread_with_a_single_process_registers_no_group(steered):
+    """On a one-CPU host the unit's `register --spread` finds no worker group: not an error,
+    every connection goes to the listener."""
+    s = steered()
+    s.start_backends()
+    s.load()
+    s.start_proxy()
+    out = s.bpf("register", "--pid", str(s.proxy.pid), "--spread").stdout
+    assert "no worker group" in out
+    assert s.status()["group_cookie"] is None and s.status()["listener_cookie"] is not None
+    assert s.greet(5001) == "five-thousand"

@@ -152,11 +152,8 @@ class PinnedState:
                                 "version): run `flyproxy bpf load` to add it")
         key = struct.pack("=I", 0)
         if sock is None:
-            try:
+            if self.group_cookie() is not None:  # deleting an empty sockmap slot is EINVAL
                 sc.map_delete(self.fds[GROUP], key)
-            except OSError as e:
-                if e.errno != 2:  # ENOENT: nothing registered
-                    raise
             return None
         sc.map_update(self.fds[GROUP], key, struct.pack("=Q", sock.fileno()))
         return socket_cookie(sock)
