@@ -56,7 +56,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .proxy import Options
     from .server import Server
 
-    config = _load_or_exit(args.config)
+    if args.config_fd is not None:  # a worker: the config in force, from its supervisor
+        with os.fdopen(args.config_fd, "rb") as f:
+            try:
+                config = configmod.loads(f.read(), args.config)
+            except configmod.ConfigError as e:
+                print(e, file=sys.stderr)
+                return 1
+    else:
+        config = _load_or_exit(args.config)
     try:
         n_workers = workersmod.count(args.workers)
     except ValueError as e:
@@ -303,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
     p.add_argument("--collect-metrics", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generation", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")

@@ -84,11 +84,12 @@ class App:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A validated configuration. ``digest`` identifies the exact bytes it came from."""
+    """A validated configuration. ``digest`` identifies the exact bytes it came from, ``raw``."""
 
     apps: tuple[App, ...]
     source: str = "<config>"
     digest: str = ""
+    raw: bytes = dataclasses.field(default=b"", repr=False, compare=False)
 
     @property
     def routes(self) -> dict[int, App]:
@@ -202,7 +203,7 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
     apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
                      tuple(Target.parse(t) for t in a["Targets"]), a.get("MaxConnections"))
                  for a in doc["Apps"])
-    return Config(apps, source, hashlib.sha256(raw).hexdigest())
+    return Config(apps, source, hashlib.sha256(raw).hexdigest(), raw)
 
 
 def _message(error: jsonschema.ValidationError) -> str:

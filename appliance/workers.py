@@ -16,8 +16,9 @@ fork) with those sockets and one end of a socketpair, its *channel*:
   channels: a reload is validated once, then applied by every worker; status and
   metrics are gathered and summed;
 - READY=1 goes to systemd once every worker has answered; a worker that dies is logged
-  and started again (at most ``RESTARTS`` times in ``RESTART_WINDOW_S``, then the
-  supervisor gives up and exits 1 for systemd to restart the service);
+  and started again, on the config in force (not the file, which may hold an edit not yet
+  reloaded), after a pause that doubles from 0.1 s; more than ``RESTARTS`` deaths in
+  ``RESTART_WINDOW_S`` and the supervisor gives up and exits 1 for systemd to restart it;
 - SIGTERM/SIGINT are passed on to the workers (once per signal received: the second
   aborts what is left), and the supervisor exits when they have. A worker whose channel
   closes (its supervisor killed) shuts down gracefully by itself.
@@ -61,6 +62,20 @@ class WorkerGone(Exception):
     pass
 
 
+def _anonymous_file(data: bytes) -> int:
+    """An fd on a file holding ``data``, positioned at its start, with no name anywhere."""
+    try:
+        fd = os.memfd_create("flyproxy-config", os.MFD_CLOEXEC)
+    except OSError:  # no memfd (or filtered): an unnamed temporary file
+        import tempfile
+        fd = os.dup(tempfile.TemporaryFile().fileno())
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 class Worker:
     """One worker process and its channel; requests on it are answered in order."""
 
@@ -75,18 +90,23 @@ class Worker:
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
 
-    async def start(self, argv: list[str], fds: list[int]) -> None:
+    async def start(self, argv: list[str], fds: list[int], config: bytes) -> None:
+        """Start the worker on ``config`` (the bytes in force, not the file: it may hold an
+        edit not yet reloaded, or a broken one), handed over in an anonymous file."""
         mine, theirs = socket.socketpair()
+        config_fd = _anonymous_file(config)
         try:
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, "--worker-channel", str(theirs.fileno()), pass_fds=[*fds, theirs.fileno()],
-                env=env, stdin=asyncio.subprocess.DEVNULL)
+                *argv, "--worker-channel", str(theirs.fileno()), "--config-fd", str(config_fd),
+                pass_fds=[*fds, theirs.fileno(), config_fd], env=env,
+                stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             mine.close()
             raise
         finally:
             theirs.close()  # the worker has it; EOF on ours means the worker is gone
+            os.close(config_fd)
         self._reader, self._writer = await asyncio.open_connection(sock=mine, limit=CHANNEL_LIMIT)
 
     async def request(self, command: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
@@ -215,7 +235,7 @@ class Supervisor:
                 "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
 
     async def _start(self, w: Worker) -> None:
-        await w.start(self._worker_args(w), self._fds(w))
+        await w.start(self._worker_args(w), self._fds(w), self.config.raw)
         try:
             await w.request("status", STARTUP_TIMEOUT_S)
         except WorkerGone:
@@ -243,6 +263,13 @@ class Supervisor:
                 self._exit = 1
                 self._stop.set()
                 return
+            backoff_s = min(5.0, 0.1 * 2 ** (len(self._restart_times) - 1))
+            try:  # a short pause, longer each time, so a crash loop is not a busy loop
+                async with asyncio.timeout(backoff_s):
+                    await self._stop.wait()
+                return  # stopping meanwhile
+            except TimeoutError:
+                pass
             self.restarts += 1
             try:
                 await self._start(w)

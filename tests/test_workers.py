@@ -243,3 +243,23 @@ def test_a_port_in_use_stops_startup_with_the_workers_error(tmp_path, make_backe
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "exited with status 1 before it was ready" in result.stderr
+
+
+def test_a_replaced_worker_serves_the_config_in_force_not_a_broken_file(workers):
+    """An edit not yet reloaded (here a broken one) must not reach a worker started to
+    replace one that died: it gets the config the others serve."""
+    proxy, cfg, control, port = workers
+    good = cfg.read_bytes()
+    cfg.write_text('{"Apps": [')  # broken, and never reloaded
+    victim = status(control)["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced():
+        st = status(control)
+        return st if victim not in [w["pid"] for w in st["workers"]] and all(
+            w["ready"] for w in st["workers"]) else None
+
+    st = wait_until(replaced, "the killed worker replaced")
+    assert st["restarts"] == 1 and st["digest"] != ""
+    assert all(greet(port) == "one" for _ in range(20))  # both workers serve the old config
+    cfg.write_bytes(good)
