@@ -333,10 +333,10 @@ def test_workers_share_connections_evenly_through_their_group(steered, tmp_path)
     os.kill(workers()[0]["pid"], signal.SIGKILL)  # its member stays open in the supervisor
     assert all(s.greet(6001) == "six-thousand" for _ in range(20))
 
-    out = s.bpf("register", "--pid", str(s.proxy.pid), "--port", str(LISTEN_PORT),
-                "--no-spread").stdout
-    assert "cleared" in out and s.status()["group_cookie"] is None
+    assert "worker group cleared" in s.bpf("unspread").stdout  # what the unit's ExecStop runs
+    assert s.status()["group_cookie"] is None
     assert s.greet(7001) == "seven-thousand"  # the listener takes everything again
+    assert "no worker group" in s.bpf("unspread").stdout  # idempotent (after a crash)
 
 
 def test_spread_with_a_single_process_registers_no_group(steered):

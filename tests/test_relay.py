@@ -210,7 +210,9 @@ def test_a_bulk_connection_moves_to_splice_after_the_threshold_and_frees_it_all(
         assert _pipes(proxy.pid) == pipes_before  # a short exchange never pays for a pipe
         bulk = os.urandom(3 << 20)
         assert _echo(s, bulk) == bulk
-        assert _pipes(proxy.pid) == pipes_before + 4  # a pipe each way (two fds each)
+        # a pipe (two fds) for each direction that found its peer's buffer empty past the
+        # threshold: both, nearly always; one at the least
+        assert _pipes(proxy.pid) in (pipes_before + 2, pipes_before + 4)
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"bye\n"  # half-close still travels both ways
     deadline = time.monotonic() + 10

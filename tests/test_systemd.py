@@ -154,6 +154,7 @@ def test_a_bulk_transfer_is_spliced_inside_the_sandbox(appliance):
     payload = os.urandom(4 << 20)
     workers = [w["pid"] for w in
                json.loads(appliance.c.run(["flyproxy", "status", "--json"]).stdout)["workers"]]
+
     def pipes() -> int:
         ls = " ".join(f"ls -l /proc/{pid}/fd;" for pid in workers)
         return appliance.c.run(["sh", "-c", ls]).stdout.count("pipe:")
@@ -161,16 +162,20 @@ def test_a_bulk_transfer_is_spliced_inside_the_sandbox(appliance):
     before = pipes()
     with appliance.connect(5001) as s:
         assert read_line(s) == b"five-thousand"
-        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+        sender = threading.Thread(target=s.sendall, args=(payload,))
         sender.start()
-        deadline, during = time.monotonic() + 10, before
-        while during == before and time.monotonic() < deadline:  # unread, it stays open
-            during = pipes()
-            time.sleep(0.05)  # polling another process's fd table, bounded
-        received = recv_all(s)
+        echoed = bytearray()
+        while len(echoed) < len(payload):  # read as it comes: the bytes keep flowing
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            echoed += chunk
         sender.join(10)
+        during = pipes()  # still open: a spliced direction keeps its pipe until the close
+        s.shutdown(socket.SHUT_WR)
+        rest = recv_all(s)
+    assert bytes(echoed) == payload and rest == b"bye\n"
     assert during >= before + 2, "no worker opened a pipe for the bulk connection"
-    assert received == payload + b"bye\n"
 
 
 def test_reload_under_load_loses_nothing(appliance):

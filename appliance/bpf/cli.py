@@ -129,8 +129,8 @@ def _group_member(pid: int, listener: socket.socket) -> socket.socket | None:
 
 
 def cmd_register(args) -> int:
-    if args.spread is not None and args.pid is None:
-        raise SteeringError("--spread/--no-spread need --pid (the proxy's main process)")
+    if args.spread and args.pid is None:
+        raise SteeringError("--spread needs --pid (the proxy's main process)")
     sock = _listener(args)
     if sock.family == socket.AF_INET6 and sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
         print("warning: the listener is IPv6-only; IPv4 connections cannot be steered to it",
@@ -139,9 +139,9 @@ def cmd_register(args) -> int:
         cookie = state.register(sock)
         host, port = sock.getsockname()[:2]
         print(f"{args.pin_dir}: registered listener {host}:{port} (socket cookie {cookie})")
-        if args.spread is None:
+        if not args.spread:
             return 0
-        member = _group_member(args.pid, sock) if args.spread else None
+        member = _group_member(args.pid, sock)
         with contextlib.ExitStack() as stack:
             if member is not None:
                 stack.enter_context(member)
@@ -151,8 +151,18 @@ def cmd_register(args) -> int:
                 print(f"{args.pin_dir}: connections spread over the workers' group "
                       f"{ghost}:{gport} (socket cookie {group})")
             else:
-                print(f"{args.pin_dir}: no worker group"
-                      f"{'' if args.spread else ' (cleared)'}: every connection goes to the listener")
+                print(f"{args.pin_dir}: no worker group: every connection goes to the listener")
+    return 0
+
+
+def cmd_unspread(args) -> int:
+    """Clear the workers' group: every new connection goes to the listener (idempotent).
+    The unit runs it before stopping the proxy, whose group is about to close."""
+    with PinnedState(args.pin_dir) as state:
+        had = state.group_cookie() is not None
+        state.register_group(None)
+    print(f"{args.pin_dir}: {'worker group cleared' if had else 'no worker group'}: "
+          "every connection goes to the listener")
     return 0
 
 
@@ -247,10 +257,14 @@ def add_commands(sub) -> None:
     p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
     p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
     p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
-    p.add_argument("--spread", action=argparse.BooleanOptionalAction,
-                   help="with --pid: also register (or with --no-spread, clear) the process's "
-                        "worker group, so connections spread evenly over its workers")
+    p.add_argument("--spread", action="store_true",
+                   help="with --pid: also register the process's worker group (if it has one), "
+                        "so connections spread evenly over its workers")
     p.set_defaults(func=cmd_register)
+
+    p = common(cmds.add_parser("unspread", help="clear the workers' group: the listener takes "
+                                                "every connection (before stopping the proxy)"))
+    p.set_defaults(func=cmd_unspread)
 
     p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))
     p.add_argument("--json", action="store_true")
