@@ -52,6 +52,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import metrics as metricsmod
+    from . import supervisor as supervisormod
     from . import workers as workersmod
     from .proxy import Options
     from .server import Server
@@ -96,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             worker_argv += ["--host", args.host]
         if args.metrics:
             worker_argv.append("--collect-metrics")
-        supervisor = workersmod.Supervisor(
+        supervisor = supervisormod.Supervisor(
             args.config, config, n_workers, worker_argv, sockets, control_path=args.control,
             metrics_address=args.metrics, grace_s=args.grace_period)
         try:
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default=os.environ.get("FLYPROXY_WORKERS", "1"), metavar="N",
                    help="worker processes sharing the listeners: a number, or auto for one per "
                         "CPU (default 1: a single process; the unit uses auto)")
-    # set by a supervisor for its workers (see appliance/workers.py)
+    # set by a supervisor for its workers (see appliance/supervisor.py)
     p.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
     p.add_argument("--collect-metrics", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generation", type=int, default=1, help=argparse.SUPPRESS)

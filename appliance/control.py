@@ -76,6 +76,14 @@ async def serve_channel(server: Server, sock: socket.socket) -> None:
         writer.close()
 
 
+def reload_reply(ok: bool, message: str, generation: int, digest: str) -> dict:
+    """The reply to ``reload``, from a single process or a supervisor alike."""
+    reply = {"ok": ok, "message": message, "generation": generation, "digest": digest}
+    if not ok:
+        reply["error"] = message
+    return reply
+
+
 def request(path: str, command: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
     """Send one command to a running proxy and return its reply (blocking, bounded)."""
     try:

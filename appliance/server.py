@@ -19,7 +19,7 @@ import signal
 import socket
 
 from . import config as configmod
-from . import listeners
+from . import control, listeners
 from .logs import RateLimited
 from .metrics import NullMetrics
 from .proxy import GRACE_PERIOD_S, Options, Proxy
@@ -83,7 +83,6 @@ class Server:
         loop.set_exception_handler(self._loop_error)
         await self.proxy.start(self.sockets)
         if self.control_path:
-            from . import control
             self._control = await control.start(self, self.control_path)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
@@ -134,7 +133,6 @@ class Server:
         self._spawn(self.reload())
 
     async def _serve_channel(self) -> None:
-        from . import control
         await control.serve_channel(self, self.channel)
         if not self._stop.is_set():
             log.warning("the supervisor went away: shutting down gracefully")
@@ -144,11 +142,8 @@ class Server:
         """One control request (from the control socket or a supervisor's channel)."""
         if command == "reload":
             ok, message = await self.reload()
-            reply = {"ok": ok, "message": message, "generation": self.proxy.generation,
-                     "digest": self.proxy.config.digest}
-            if not ok:
-                reply["error"] = message
-            return reply
+            return control.reload_reply(ok, message, self.proxy.generation,
+                                        self.proxy.config.digest)
         if command == "status":
             return {"ok": True, **self.status()}
         if command == "metrics" and hasattr(self.metrics, "snapshot"):

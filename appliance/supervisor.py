@@ -1,0 +1,355 @@
+"""More than one worker process: the supervisor, and N workers sharing the listeners.
+
+One event loop uses one core, and a new connection costs a Python proxy more CPU than it
+costs HAProxy; ``flyproxy serve --workers N`` spreads connections over N processes.
+
+The supervisor is the service's main process. It validates the config, holds the
+listening sockets (handed in by systemd, or bound for ``--listen``), and starts each
+worker (``workers.py``) with those sockets:
+
+- per-port mode: every worker binds every port with SO_REUSEPORT and the kernel spreads
+  new connections over them by hash;
+- handed-in sockets are shared: every worker accepts on them. They alone would balance
+  badly (whichever worker wakes first takes a whole burst), so the supervisor also makes
+  a *group*: one listening socket per worker, bound together with SO_REUSEPORT on an
+  ephemeral port. ``flyproxy bpf register --spread`` puts a member in the BPF program's
+  group map; the kernel then picks the member (the worker) by a hash of each connection.
+  The supervisor keeps every member open, so a restarted worker gets its member back and
+  connections hashed to it wait in its queue meanwhile;
+- the control socket, SIGHUP and the metrics endpoint fan out over the workers' channels:
+  a reload is validated once, then applied by every worker; status and metrics are
+  gathered and summed;
+- READY=1 goes to systemd once every worker has answered; a worker that dies is logged
+  and started again on the config in force, after a pause that doubles from 0.1 s; more
+  than ``RESTARTS`` deaths in ``RESTART_WINDOW_S`` and the supervisor gives up and exits 1
+  for systemd to restart it;
+- SIGTERM/SIGINT are passed on to the workers (once per signal received: the second
+  aborts what is left), and the supervisor exits when they have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import config as configmod
+from . import control
+from .server import notify
+from .workers import REQUEST_TIMEOUT_S, Worker, WorkerGone
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 60.0  # a worker binds every port (thousands, per-port mode) and imports
+RESTARTS, RESTART_WINDOW_S = 5, 60.0
+_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+         "from appliance.cli import main; sys.exit(main())")
+
+
+class Supervisor:
+    def __init__(self, config_path: str, config: configmod.Config, workers: int,
+                 worker_argv: list[str], sockets: list[socket.socket], *,
+                 control_path: str | None = None, metrics_address: str | None = None,
+                 grace_s: float = 30.0) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.generation = 1
+        self.workers = [Worker(i) for i in range(workers)]
+        self.worker_argv = worker_argv
+        self.sockets = sockets
+        self.group: list[socket.socket] = []  # one per worker, with handed-in sockets
+        self.control_path = control_path
+        self.metrics_address = metrics_address
+        self.grace_s = grace_s
+        self.reloads = {"ok": 0, "failed": 0}
+        self.restarts = 0
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._exit = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<Supervisor {self.config_path} workers={len(self.workers)}>"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def make_group(self) -> None:
+        """With handed-in sockets: one SO_REUSEPORT listener per worker on an ephemeral port
+        (dual-stack on every address, as the BPF program assigns both families to it;
+        connections that reach it directly find no app for its port and are closed)."""
+        from . import listeners
+
+        if not self.sockets or len(self.workers) < 2:
+            return
+        first = listeners.bind(0, None, reuse_port=True)
+        host, port = first.getsockname()[:2]
+        self.group = [first] + [listeners.bind(port, host, reuse_port=True)
+                                for _ in self.workers[1:]]
+        log.info("worker group on [%s]:%d (spread by flyproxy bpf register --spread)", host, port)
+
+    async def serve(self) -> int:
+        self._loop = loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        try:
+            await asyncio.gather(*(self._start(w) for w in self.workers))
+        except WorkerGone as e:
+            log.error("%s", e)
+            await self._shutdown()
+            return 1
+        for w in self.workers:
+            self._spawn(self._watch(w))
+        control_server = None
+        if self.control_path:
+            control_server = await control.start(self, self.control_path)
+        pids = ", ".join(str(w.proc.pid) for w in self.workers)
+        log.info("serving %s with %d workers (pids %s)", self.config.summary(),
+                 len(self.workers), pids)
+        notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+        await self._stop.wait()
+        notify("STOPPING=1", "STATUS=draining connections")
+        for member in self.group:  # once the workers close theirs, the group is gone and
+            member.close()  # the BPF program sends new connections to the listener
+        if control_server is not None:
+            control_server.close()
+        await self._shutdown()
+        log.info("stopped")
+        return self._exit
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fds(self, w: Worker) -> list[int]:
+        """The sockets worker ``w`` serves: every handed-in one, and its group member."""
+        own = [self.group[w.index].fileno()] if self.group else []
+        return [s.fileno() for s in self.sockets] + own
+
+    def _worker_args(self, w: Worker) -> list[str]:
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        flags = ["-I"] if sys.flags.isolated else []
+        fds = [str(fd) for fd in self._fds(w)]
+        return [sys.executable, *flags, "-c", _BOOT, package_parent, *self.worker_argv,
+                "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
+
+    async def _start(self, w: Worker) -> None:
+        await w.start(self._worker_args(w), self._fds(w), self.config.raw)
+        try:
+            await w.request("status", STARTUP_TIMEOUT_S)
+        except WorkerGone:
+            code = await w.proc.wait()
+            w.close_channel()
+            raise WorkerGone(f"{w} exited with status {code} before it was ready "
+                             "(its error is logged above)") from None
+        w.ready = True
+
+    async def _watch(self, w: Worker) -> None:
+        """Wait for the worker to exit; unless we are stopping, start another."""
+        while True:
+            code = await w.proc.wait()
+            w.close_channel()
+            if self._stop.is_set():
+                return
+            log.error("%s exited with status %s; starting another", w, code)
+            now = time.monotonic()
+            self._restart_times.append(now)
+            while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
+                self._restart_times.popleft()
+            if len(self._restart_times) > RESTARTS:
+                log.error("workers failed %d times in %gs; giving up", len(self._restart_times),
+                          RESTART_WINDOW_S)
+                self._exit = 1
+                self._stop.set()
+                return
+            backoff_s = min(5.0, 0.1 * 2 ** (len(self._restart_times) - 1))
+            try:  # a short pause, longer each time, so a crash loop is not a busy loop
+                async with asyncio.timeout(backoff_s):
+                    await self._stop.wait()
+                return  # stopping meanwhile
+            except TimeoutError:
+                pass
+            self.restarts += 1
+            try:
+                await self._start(w)
+            except WorkerGone as e:
+                log.error("%s", e)
+                continue  # counted against the restart budget on the next pass
+            log.info("%s started", w)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: shutting down gracefully (send again to stop at once)", sig.name)
+            self._stop.set()
+        else:
+            log.info("%s again: workers close all connections now", sig.name)
+            for w in self.workers:
+                w.signal(signal.SIGTERM)
+
+    async def _shutdown(self) -> None:
+        """SIGTERM every worker and wait for them (bounded: then they are killed)."""
+        for w in self.workers:
+            w.signal(signal.SIGTERM)
+        running = [w.proc.wait() for w in self.workers
+                   if w.proc is not None and w.proc.returncode is None]
+        try:
+            async with asyncio.timeout(self.grace_s + 15):
+                await asyncio.gather(*running)
+        except TimeoutError:
+            log.error("workers still running %gs after SIGTERM; killing them", self.grace_s + 15)
+            for w in self.workers:
+                w.kill()
+            await asyncio.gather(*(w.proc.wait() for w in self.workers if w.proc is not None))
+        for w in self.workers:
+            w.close_channel()
+
+    # -- the control surface (same commands as a single process's) ----------------------
+
+    async def _gather(self, command: str) -> list[tuple[Worker, dict | WorkerGone]]:
+        ready = [w for w in self.workers if w.ready]
+        replies = await asyncio.gather(*(w.request(command) for w in ready),
+                                       return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException) and not isinstance(r, WorkerGone):
+                raise r
+        return list(zip(ready, replies))
+
+    async def handle_command(self, command: str) -> dict:
+        if command == "reload":
+            ok, message = await self.reload()
+            return control.reload_reply(ok, message, self.generation, self.config.digest)
+        if command == "status":
+            return {"ok": True, **await self.status()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    async def reload(self) -> tuple[bool, str]:
+        """Validate once, then have every worker apply the file; (ok, message)."""
+        async with self._reload_lock:
+            notify("RELOADING=1", "STATUS=reloading")
+            try:
+                new = configmod.load(self.config_path)
+            except configmod.ConfigError as e:
+                return self._reload_failed(f"reload of {self.config_path} failed, "
+                                           f"still serving generation {self.generation}:\n{e}")
+            replies = await self._gather("reload")
+            failed = [f"{w}: {r}" if isinstance(r, WorkerGone) else f"{w}: {r.get('error')}"
+                      for w, r in replies if isinstance(r, WorkerGone) or not r.get("ok")]
+            digests = {r.get("digest") for _, r in replies if isinstance(r, dict) and r.get("ok")}
+            if failed:
+                return self._reload_failed(
+                    f"reload of {self.config_path} failed in {len(failed)} of "
+                    f"{len(replies)} workers:\n" + "\n".join(failed))
+            if digests != {new.digest}:
+                return self._reload_failed(f"{self.config_path} changed while the workers "
+                                           "reloaded it; run reload again")
+            change = configmod.diff(self.config, new)
+            self.config = new
+            self.generation += 1
+            self.reloads["ok"] += 1
+            message = (f"reloaded to generation {self.generation} ({new.summary()}) "
+                       f"in {len(replies)} workers: {change}")
+            log.info("%s", message)
+            notify("READY=1", f"STATUS={self.status_line()}")
+            return True, message
+
+    def _reload_failed(self, message: str) -> tuple[bool, str]:
+        self.reloads["failed"] += 1
+        log.error("%s", message)
+        notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
+        return False, message
+
+    def status_line(self) -> str:
+        return (f"generation {self.generation}: {self.config.summary()}, "
+                f"{sum(w.ready for w in self.workers)}/{len(self.workers)} workers")
+
+    async def status(self) -> dict:
+        """Every worker's status, summed: connection counts add up; a target's health is
+        shown per worker where the workers (which eject targets on their own) disagree."""
+        replies = [(w, r) for w, r in await self._gather("status") if isinstance(r, dict)]
+        workers = [{"index": w.index, "pid": w.proc.pid if w.proc else None,
+                    "ready": w.ready, "active": 0} for w in self.workers]
+        status = {"config": self.config_path, "digest": self.config.digest,
+                  "generation": self.generation, "mode": "per-port", "active": 0,
+                  "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
+                  "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None}
+        apps: dict[str, dict] = {}
+        for w, r in replies:
+            status["mode"] = r["mode"]
+            status["active"] += r["active"]
+            status["accepting"] = status["accepting"] and r["accepting"]
+            workers[w.index]["active"] = r["active"]
+            for a in r["apps"]:
+                merged = apps.setdefault(a["name"], {**a, "active": 0, "targets": [
+                    {"target": t["target"], "health": {}} for t in a["targets"]]})
+                merged["active"] += a["active"]
+                health = {t["target"]: t["health"] for t in a["targets"]}
+                for t in merged["targets"]:
+                    t["health"][w.index] = health.get(t["target"], "?")
+        for a in apps.values():
+            for t in a["targets"]:
+                seen = set(t["health"].values())
+                t["health"] = (seen.pop() if len(seen) == 1 else
+                               "; ".join(f"worker {i}: {h}" for i, h in sorted(t["health"].items())))
+        status["apps"] = list(apps.values())
+        return status
+
+    # -- metrics: gathered from the workers at scrape time ---------------------------------
+
+    def serve_metrics(self) -> None:
+        """Start the metrics endpoint (before :meth:`serve`, so a bad address fails early)."""
+        from . import metrics as metricsmod
+        from .listeners import parse_hostport
+
+        if self.metrics_address:
+            host, port = parse_hostport(self.metrics_address)
+            metricsmod.serve(_GatheredMetrics(self), host or "127.0.0.1", port)
+
+    async def gather_metrics(self) -> dict:
+        from .metrics import Metrics
+
+        snaps = [r["metrics"] for _, r in await self._gather("metrics")
+                 if isinstance(r, dict) and r.get("ok")]
+        total = Metrics.merged(snaps)
+        total.reloads_n = dict(self.reloads)  # one reload is one, however many workers
+        total.generation = self.generation
+        return total
+
+
+class _GatheredMetrics:
+    """A prometheus_client collector: on each scrape (in its HTTP thread) the supervisor's
+    loop asks every worker for its counts and sums them."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sup = self.supervisor
+        if sup._loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(sup.gather_metrics(), sup._loop)
+        try:
+            total = future.result(REQUEST_TIMEOUT_S)
+        except Exception as e:  # a scrape must not take the proxy down; say what failed
+            log.error("metrics scrape: could not gather the workers' counts: %r", e)
+            future.cancel()
+            return
+        yield from total.collect()
+        workers = GaugeMetricFamily("flyproxy_workers", "Worker processes serving now")
+        workers.add_metric([], sum(w.ready for w in sup.workers))
+        yield workers
+        restarts = CounterMetricFamily("flyproxy_worker_restarts",
+                                       "Workers started again after they exited")
+        restarts.add_metric([], sup.restarts)
+        yield restarts
