@@ -65,23 +65,24 @@ def _listen(family: int, addr: tuple, backlog: int, dual_stack: bool = False,
 
 def from_fd(fd: int) -> socket.socket:
     """Adopt an inherited fd; it must be a listening TCP socket (family is detected)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as e:
-        raise ListenerError(f"fd {fd} is not a socket: {e.strerror}") from None
+    sock = _adopt(fd)
     check_listening_tcp(sock, f"fd {fd}")
-    sock.setblocking(False)
     return sock
 
 
 def channel_from_fd(fd: int) -> socket.socket:
     """Adopt an inherited Unix stream socket (a worker's channel to its supervisor)."""
+    sock = _adopt(fd)
+    if sock.family != socket.AF_UNIX:
+        raise ListenerError(f"fd {fd} is not a Unix socket")
+    return sock
+
+
+def _adopt(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
         raise ListenerError(f"fd {fd} is not a socket: {e.strerror}") from None
-    if sock.family != socket.AF_UNIX:
-        raise ListenerError(f"fd {fd} is not a Unix socket")
     sock.setblocking(False)
     return sock
 

@@ -23,6 +23,27 @@ PYTHON = os.environ.get("FLYPROXY_TEST_PYTHON", sys.executable)
 WAIT_S = 10.0  # the bound on any single wait for the proxy
 
 
+def wait_until(predicate, what: str, timeout: float = WAIT_S):
+    """Poll a state only another process changes (no event to wait on), bounded; returns
+    the predicate's first true value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def fds_of(pid: int) -> list[str]:
+    """What each open fd of process ``pid`` is (``socket:[..]``, ``pipe:[..]``, paths)."""
+    return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+
+
+def pipes_of(pid: int) -> int:
+    return sum(link.startswith("pipe:") for link in fds_of(pid))
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct TCP ports free right now on ``host`` (kept bound until all are picked)."""
     socks = []

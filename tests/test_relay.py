@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 
 import pytest
 
-from helpers import (closed_by_peer, connect, free_ports, read_line, recv_all, scripted_backend,
-                     write_config)
+from helpers import (closed_by_peer, connect, fds_of, free_ports, pipes_of, read_line, recv_all,
+                     scripted_backend, wait_until, write_config)
 
 SPLICE = {"default": [],  # splice() from 1 MiB on: the switch happens mid-transfer
           "never": ["--splice-after", "0"],  # transports only
@@ -175,14 +174,6 @@ def test_data_sent_while_the_backend_connects_is_kept_bounded_and_exact(tmp_path
             assert recv_all(conn) == payload
 
 
-def _fds(pid: int) -> list[str]:
-    return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-
-
-def _pipes(pid: int) -> int:
-    return sum(link.startswith("pipe:") for link in _fds(pid))
-
-
 def _echo(s: socket.socket, data: bytes) -> bytes:
     sender = threading.Thread(target=s.sendall, args=(data,))
     sender.start()
@@ -202,20 +193,18 @@ def test_a_bulk_connection_moves_to_splice_after_the_threshold_and_frees_it_all(
     port, = free_ports(1)
     cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
     proxy = start_proxy(cfg, "--splice-after", str(1 << 20))
-    fds_before, pipes_before = len(_fds(proxy.pid)), _pipes(proxy.pid)
+    fds_before, pipes_before = len(fds_of(proxy.pid)), pipes_of(proxy.pid)
     with connect(port) as s:
         assert read_line(s) == b"echo"
         small = os.urandom(100_000)
         assert _echo(s, small) == small
-        assert _pipes(proxy.pid) == pipes_before  # a short exchange never pays for a pipe
+        assert pipes_of(proxy.pid) == pipes_before  # a short exchange never pays for a pipe
         bulk = os.urandom(3 << 20)
         assert _echo(s, bulk) == bulk
         # a pipe (two fds) for each direction that found its peer's buffer empty past the
         # threshold: both, nearly always; one at the least
-        assert _pipes(proxy.pid) in (pipes_before + 2, pipes_before + 4)
+        assert pipes_of(proxy.pid) in (pipes_before + 2, pipes_before + 4)
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"bye\n"  # half-close still travels both ways
-    deadline = time.monotonic() + 10
-    while len(_fds(proxy.pid)) != fds_before and time.monotonic() < deadline:
-        time.sleep(0.05)  # the proxy closes its side after ours: poll, bounded
-    assert len(_fds(proxy.pid)) == fds_before, _fds(proxy.pid)  # pipes and dups all closed
+    # the proxy closes its side after ours: pipes and dups all closed
+    wait_until(lambda: len(fds_of(proxy.pid)) == fds_before, "every fd of the connection closed")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (PYTHON, REPO, closed_by_peer, connect, dead_port, free_ports, greet,
-                     read_line, recv_all, write_config)
+from helpers import (PYTHON, REPO, NotifySocket, closed_by_peer, connect, dead_port, free_ports,
+                     greet, pipes_of, read_line, recv_all, write_config)
 from load import LoadGenerator
 from test_observability import sample, scrape
 
@@ -184,35 +184,26 @@ def test_over_the_pipe_quota_bulk_connections_stay_on_the_transports(tmp_path, m
     write_config(copy / "config.json", {"a": ([port], [backend.address])})
     for path in [copy, *copy.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
+    notify = NotifySocket(copy)
+    os.chmod(notify.path, 0o666)  # nobody may tell us it is ready
     soft = Path("/proc/sys/fs/pipe-user-pages-soft")
     old = soft.read_text()
     soft.write_text("1")  # every pipe of an unprivileged user is over the quota
     proxy = subprocess.Popen(
         ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3",
          "-m", "appliance", "serve", "-c", "config.json", "--host", "127.0.0.1",
-         "--splice-after", "1"], cwd=copy, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--splice-after", "1"], cwd=copy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy),
+                        "NOTIFY_SOCKET": notify.path})
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # wait for the port: no notify socket as nobody
-            try:
-                s = socket.create_connection(("127.0.0.1", port), timeout=5)
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.05)
-        else:
-            raise AssertionError("the unprivileged proxy never listened")
-        def pipes() -> int:  # the event loop has pipes of its own (signal wakeups)
-            return sum(os.readlink(f"/proc/{proxy.pid}/fd/{fd}").startswith("pipe:")
-                       for fd in os.listdir(f"/proc/{proxy.pid}/fd"))
-
-        with s:
+        notify.wait_for("READY", "1")
+        with connect(port) as s:
             assert read_line(s) == b"echo"
-            before = pipes()
+            before = pipes_of(proxy.pid)  # the event loop has pipes of its own
             payload = os.urandom(4 << 20)
             s.sendall(payload[:1 << 20])  # past --splice-after: it would switch now
             got = s.recv(1 << 20, socket.MSG_WAITALL)
-            assert pipes() == before, "spliced through a pipe over the quota"
+            assert pipes_of(proxy.pid) == before, "spliced through a pipe over the quota"
             sender = threading.Thread(target=lambda: (s.sendall(payload[1 << 20:]),
                                                       s.shutdown(socket.SHUT_WR)))
             sender.start()
@@ -223,5 +214,6 @@ def test_over_the_pipe_quota_bulk_connections_stay_on_the_transports(tmp_path, m
         soft.write_text(old)
         proxy.kill()
         _, err = proxy.communicate(timeout=10)
+        notify.close()
         shutil.rmtree(copy)
     assert "Traceback" not in err, err

@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import socket
-import time
 
 import pytest
 
 from helpers import (WAIT_S, closed_by_peer, connect, free_ports, greet, read_line, run_cli,
-                     write_config)
+                     wait_until, write_config)
 from test_observability import sample, scrape
 
 N = 2
@@ -33,17 +32,6 @@ def alive(pid: int) -> bool:
     # a child of ours that exited is a zombie until reaped: that counts as gone
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_until(predicate, what: str, timeout: float = WAIT_S):
-    """Poll a state only another process changes (no event to wait on), bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def hold(port: int, n: int, tag: str) -> list[socket.socket]:
