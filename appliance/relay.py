@@ -214,6 +214,15 @@ class Splice:
     __slots__ = ("src", "dst", "loop", "rfd", "wfd", "pipe_r", "pipe_w", "pending", "eof",
                  "reading", "writing")
 
+    def __init__(self, src: Side, dst: Side, rfd: int, wfd: int, pipe_r: int, pipe_w: int):
+        self.src, self.dst, self.rfd, self.wfd = src, dst, rfd, wfd
+        self.pipe_r, self.pipe_w = pipe_r, pipe_w
+        self.loop = asyncio.get_running_loop()
+        self.pending = 0  # bytes in the pipe
+        self.eof = False
+        self.reading, self.writing = True, False
+        self.loop.add_reader(rfd, self._readable)
+
     @classmethod
     def start(cls, src: Side, dst: Side) -> None:
         """Move src -> dst through a pipe from now on; if fds run out, stay on transports."""
@@ -232,14 +241,7 @@ class Splice:
                 src.splice_at = NEVER
                 return
         src.transport.pause_reading()  # the transport no longer reads src: we do
-        src.splice = self = cls()
-        self.src, self.dst, self.rfd, self.wfd = src, dst, rfd, wfd
-        self.pipe_r, self.pipe_w = pipe_r, pipe_w
-        self.loop = asyncio.get_running_loop()
-        self.pending = 0  # bytes in the pipe
-        self.eof = False
-        self.reading, self.writing = True, False
-        self.loop.add_reader(rfd, self._readable)
+        src.splice = cls(src, dst, rfd, wfd, pipe_r, pipe_w)
 
     def _readable(self) -> None:
         if self.pipe_r < 0:  # stopped by a callback earlier in this loop iteration

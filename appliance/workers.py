@@ -39,7 +39,8 @@ def _anonymous_file(data: bytes) -> int:
         fd = os.memfd_create("flyproxy-config", os.MFD_CLOEXEC)
     except OSError:  # no memfd (or filtered): an unnamed temporary file
         import tempfile
-        fd = os.dup(tempfile.TemporaryFile().fileno())
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

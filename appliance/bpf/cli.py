@@ -8,7 +8,6 @@ Only ``build`` and ``load`` compile (and import bcc); the rest are plain bpf() c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
@@ -18,8 +17,7 @@ from pathlib import Path
 from .. import config as configmod
 from .. import listeners
 from . import syscalls as sc
-from .state import DEFAULT_PIN_DIR, PinnedState, SteeringError, unload
-from .state import socket_cookie as state_cookie
+from .state import DEFAULT_PIN_DIR, PinnedState, SteeringError, socket_cookie, unload
 
 
 def _config(path: str) -> configmod.Config:
@@ -116,7 +114,7 @@ def _group_member(pid: int, listener: socket.socket) -> socket.socket | None:
     (other than the listener), all on one address. None when it has no group (one worker)."""
     members = [s for s in listening_sockets_of(pid, None)
                if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
-               and state_cookie(s) != state_cookie(listener)]
+               and socket_cookie(s) != socket_cookie(listener)]
     try:
         addresses = {s.getsockname()[:2] for s in members}
         if len(addresses) > 1:
@@ -142,16 +140,15 @@ def cmd_register(args) -> int:
         if not args.spread:
             return 0
         member = _group_member(args.pid, sock)
-        with contextlib.ExitStack() as stack:
-            if member is not None:
-                stack.enter_context(member)
+        if member is None:
+            state.register_group(None)
+            print(f"{args.pin_dir}: no worker group: every connection goes to the listener")
+            return 0
+        with member:
             group = state.register_group(member)
-            if member is not None:
-                ghost, gport = member.getsockname()[:2]
-                print(f"{args.pin_dir}: connections spread over the workers' group "
-                      f"{ghost}:{gport} (socket cookie {group})")
-            else:
-                print(f"{args.pin_dir}: no worker group: every connection goes to the listener")
+            ghost, gport = member.getsockname()[:2]
+        print(f"{args.pin_dir}: connections spread over the workers' group {ghost}:{gport} "
+              f"(socket cookie {group})")
     return 0
 
 
