@@ -96,23 +96,21 @@ class Metrics(NullMetrics):
 
     # -- more than one worker: a snapshot each, summed by the supervisor -----------------
 
+    # Reloads and the generation are not here: the supervisor counts those itself (one
+    # reload is one, however many workers applied it).
     COUNTS = ("accepted_n", "active_n", "rejected_n", "closed_n", "attempts_n", "failures_n",
-              "retries_n", "all_down_n", "bytes_n", "latency", "reloads_n")
+              "retries_n", "all_down_n", "bytes_n", "latency")
 
     def snapshot(self) -> dict:
-        """Every count as JSON (tuple keys become lists), for the supervisor to sum."""
-        snap: dict = {"generation": self.generation}
-        for name in self.COUNTS:
-            snap[name] = [[list(k) if isinstance(k, tuple) else k, v]
-                          for k, v in list(getattr(self, name).items())]
-        return snap
+        """Every per-connection count as JSON (tuple keys become lists), for the supervisor."""
+        return {name: [[list(k) if isinstance(k, tuple) else k, v]
+                       for k, v in list(getattr(self, name).items())] for name in self.COUNTS}
 
     @classmethod
     def merged(cls, snapshots: list[dict]) -> Metrics:
         """The sum of workers' snapshots (histogram buckets add up too)."""
         total = cls()
         for snap in snapshots:
-            total.generation = max(total.generation, snap["generation"])
             for name in cls.COUNTS:
                 d = getattr(total, name)
                 for k, v in snap[name]:
