@@ -213,7 +213,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{reply['active']} active connections)")
     if "workers" in reply:
         print(f"{len(reply['workers'])} workers ({reply['restarts']} restarts): " + ", ".join(
-            f"pid {w['pid']} {w['active'] if w['ready'] else 'starting'}" for w in reply["workers"]))
+            f"pid {w['pid']} ({w['active']} active)" if w["ready"] else f"pid {w['pid']} (starting)"
+            for w in reply["workers"]))
     rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH")]
     for a in reply["apps"]:
         limit = f"/{a['max_connections']}" if a.get("max_connections") else ""

@@ -109,6 +109,11 @@ def _listener(args) -> socket.socket:
         raise SteeringError(str(e)) from None
 
 
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _group_member(pid: int, listener: socket.socket) -> socket.socket | None:
     """A member of the process's workers' group: its listening sockets with SO_REUSEPORT
     (other than the listener), all on one address. None when it has no group (one worker)."""
@@ -135,8 +140,7 @@ def cmd_register(args) -> int:
               file=sys.stderr)
     with PinnedState(args.pin_dir) as state, sock:
         cookie = state.register(sock)
-        host, port = sock.getsockname()[:2]
-        print(f"{args.pin_dir}: registered listener {host}:{port} (socket cookie {cookie})")
+        print(f"{args.pin_dir}: registered listener {_address(sock)} (socket cookie {cookie})")
         if not args.spread:
             return 0
         member = _group_member(args.pid, sock)
@@ -146,8 +150,8 @@ def cmd_register(args) -> int:
             return 0
         with member:
             group = state.register_group(member)
-            ghost, gport = member.getsockname()[:2]
-        print(f"{args.pin_dir}: connections spread over the workers' group {ghost}:{gport} "
+            where = _address(member)
+        print(f"{args.pin_dir}: connections spread over the workers' group {where} "
               f"(socket cookie {group})")
     return 0
 
