@@ -18,6 +18,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import socket
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -46,6 +47,19 @@ class Target:
 
     host: str
     port: int
+    # An IP literal's ((family, sockaddr),), worked out once here rather than per
+    # connection; None for a host name, which is resolved at each connect.
+    addrs: tuple | None = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError):
+            addrs = None
+        else:
+            addrs = tuple((family, sockaddr) for family, _, _, _, sockaddr in infos)
+        object.__setattr__(self, "addrs", addrs)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

@@ -11,7 +11,8 @@ listeners. Listeners come in two kinds:
 
 Either way a connection is routed by its local port, looked up in the config at
 accept time, so a reload changes where *new* connections go and never touches the
-connections already relayed.
+connections already relayed. The sockets themselves are handled by the relay's
+:class:`~appliance.relay.Engine` (one epoll set the event loop watches).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from . import balancer, listeners
 from .config import Config, ConfigDiff, diff
 from .logs import RateLimited
 from .metrics import NullMetrics
-from .relay import Side, Tunnel
+from .relay import Engine, Listener, Tunnel
 
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("appliance.connections")
@@ -45,21 +46,6 @@ class Options:
 GRACE_PERIOD_S = 30.0
 
 
-class ClientSide(Side):
-    """The accepted side; on connection_made it routes and starts the backend connect."""
-
-    __slots__ = ("proxy", "listen_port")
-
-    def __init__(self, proxy: Proxy, listen_port: int | None) -> None:
-        super().__init__(None)
-        self.proxy = proxy
-        self.listen_port = listen_port
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.proxy._accepted(self)
-
-
 class Proxy:
     def __init__(self, config: Config, *, host: str | None = None,
                  options: Options | None = None, metrics: NullMetrics | None = None) -> None:
@@ -73,8 +59,9 @@ class Proxy:
         self.active: dict[str, int] = {}  # app name -> open connections
         self.metrics.track_active(self.active)
         self._routes = config.routes
-        self._owned: dict[int, asyncio.Server] = {}  # port -> server, per-port mode
-        self._handed: list[asyncio.Server] = []
+        self._owned: dict[int, Listener] = {}  # port -> listener, per-port mode
+        self._handed: list[Listener] = []
+        self.engine: Engine | None = None
         self._reload_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -92,22 +79,22 @@ class Proxy:
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Start accepting: on the given sockets, or on every configured port."""
         self._loop = asyncio.get_running_loop()
+        self.engine = Engine(self._loop, self.options.connect_timeout_s)
         if sockets:
             for sock in sockets:
-                self._handed.append(await self._serve(sock, None))
+                self._handed.append(self._serve(sock, None))
         else:
             await self._open_ports(self.config.ports)
         if self.options.idle_timeout_s > 0:
             self._sweeper = self._loop.create_task(self._sweep_idle())
         self.accepting = True
 
-    async def _serve(self, sock: socket.socket, port: int | None) -> asyncio.Server:
-        return await self._loop.create_server(lambda: ClientSide(self, port), sock=sock,
-                                              backlog=listeners.BACKLOG)
+    def _serve(self, sock: socket.socket, port: int | None) -> Listener:
+        return self.engine.listen(sock, port, self._accepted)
 
     async def _open_ports(self, ports) -> None:
         """Bind all ``ports`` or none: on failure close what this call opened and raise."""
-        opened: dict[int, asyncio.Server] = {}
+        opened: dict[int, Listener] = {}
         try:
             for port in sorted(ports):
                 try:
@@ -116,7 +103,7 @@ class Proxy:
                 except OSError as e:
                     raise listeners.ListenerError(
                         f"cannot listen on {self.host or '*'}:{port}: {e.strerror}") from None
-                opened[port] = await self._serve(sock, port)
+                opened[port] = self._serve(sock, port)
         except BaseException:
             for server in opened.values():
                 server.close()
@@ -125,9 +112,9 @@ class Proxy:
 
     def _close_ports(self, ports) -> None:
         for port in ports:
-            server = self._owned.pop(port, None)
-            if server is not None:
-                server.close()  # stops accepting; established connections are untouched
+            listener = self._owned.pop(port, None)
+            if listener is not None:
+                listener.close()  # stops accepting; established connections are untouched
 
     @property
     def listening_ports(self) -> list[int]:
@@ -135,17 +122,15 @@ class Proxy:
 
     # -- connections ---------------------------------------------------------------
 
-    def _accepted(self, client: ClientSide) -> None:
-        transport = client.transport
-        port = client.listen_port
-        if port is None:
-            port = transport.get_extra_info("sockname")[1]
+    def _accepted(self, sock, addr, port: int | None) -> None:
+        if port is None:  # a handed-in socket: route by the port the client dialled
+            port = sock.getsockname()[1]
         app = self._routes.get(port)
         if app is None:
             self._limited.warning(f"noapp:{port}", "connection from %s to port %s: no app has "
-                                  "this port; closed", transport.get_extra_info("peername"), port)
+                                  "this port; closed", addr, port)
             self.metrics.rejected("", "no_app")
-            transport.abort()
+            sock.close()
             return
         active = self.active.get(app.name, 0)
         if app.max_connections is not None and active >= self.limit(app.max_connections):
@@ -153,14 +138,14 @@ class Proxy:
                                   "(%d in this worker); closed a new one", app.name,
                                   app.max_connections, self.limit(app.max_connections))
             self.metrics.rejected(app.name, "limit")
-            transport.abort()
+            sock.close()
             return
         self.active[app.name] = active + 1
-        tunnel = Tunnel(client, app.name, port, self._closed, self.options.splice_after)
+        tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.options.splice_after)
         self.tunnels.add(tunnel)
         self._idle.clear()
         self.metrics.accepted(app.name)
-        tunnel.connecting = self._loop.create_task(self._connect(tunnel, app.targets))
+        tunnel.connect(self.health.order(app.targets), self.health)
 
     def limit(self, max_connections: int) -> int:
         """This process's share of an app's connection limit: with N workers each takes
@@ -168,35 +153,42 @@ class Proxy:
         below N)."""
         return max(1, max_connections // self.options.workers)
 
-    async def _connect(self, tunnel: Tunnel, targets) -> None:
-        try:
-            transport, backend, target, failures, seconds = await balancer.connect(
-                targets, lambda: Side(tunnel), self.options.connect_timeout_s, self.health)
-        except balancer.AllTargetsFailed as e:
-            self._limited.warning(f"down:{tunnel.app}", "app %s port %s: all %d targets failed "
-                                  "(%s); closing client", tunnel.app, tunnel.port, len(targets), e)
-            self.metrics.all_down(tunnel.app, e.failures)
-            tunnel.attempts, tunnel.end = len(e.failures), "all-targets-down"
-            tunnel.client.transport.close()
-            return
-        finally:
-            tunnel.connecting = None
-        tunnel.target, tunnel.attempts = target, len(failures) + 1
-        self.metrics.connected(tunnel.app, target, seconds, failures)
-        if failures:
-            log.info("app %s port %s: connected to %s after %d attempts (%s)", tunnel.app,
-                     tunnel.port, target, tunnel.attempts, balancer.describe(failures))
-        tunnel.link(backend)
+    # -- what the tunnels tell us (relay.Tunnel's owner) ------------------------------------
 
-    def _closed(self, tunnel: Tunnel, exc: Exception | None) -> None:
+    def connected(self, tunnel: Tunnel, seconds: float) -> None:
+        self.metrics.connected(tunnel.app, tunnel.target, seconds, tunnel.failures)
+        if tunnel.failures:
+            log.info("app %s port %s: connected to %s after %d attempts (%s)", tunnel.app,
+                     tunnel.port, tunnel.target, tunnel.attempts,
+                     balancer.describe(tunnel.failures))
+
+    def all_failed(self, tunnel: Tunnel) -> None:
+        failures = tunnel.failures
+        self._limited.warning(f"down:{tunnel.app}", "app %s port %s: all %d targets failed "
+                              "(%s); closing client", tunnel.app, tunnel.port, len(failures),
+                              balancer.describe(failures) or "no targets")
+        self.metrics.all_down(tunnel.app, failures)
+        tunnel.end = "all-targets-down"
+        tunnel.close()
+
+    def no_resources(self, tunnel: Tunnel, exc: OSError) -> None:
+        """No socket for the backend (out of fds or memory): this connection is closed;
+        the targets are not to blame, so their health is untouched."""
+        self._limited.error("resources", "cannot connect app %s: out of system resources (%s); "
+                            "closing new connections until there are", tunnel.app, exc.strerror)
+        self.metrics.rejected(tunnel.app, "resources")
+        tunnel.end = "no-resources"
+        tunnel.close()
+
+    def closed(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
         self.active[tunnel.app] -= 1
         bytes_in = tunnel.client.nbytes
         bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
-        end = tunnel.end or ("reset" if exc else "closed")
+        end = tunnel.end or "closed"
         self.metrics.closed(tunnel.app, tunnel.target, bytes_in, bytes_out, end)
         if conn_log.isEnabledFor(self.options.conn_log_level):
-            client = tunnel.client.transport.get_extra_info("peername")
+            client = tunnel.client_addr
             secs = time.monotonic() - tunnel.started
             conn_log.log(self.options.conn_log_level,
                          "app=%s port=%s client=%s target=%s attempts=%d in=%d out=%d "
@@ -225,7 +217,7 @@ class Proxy:
                     tunnel.seen_bytes, tunnel.seen_at = moved, now
                 elif now - tunnel.seen_at >= idle_s:
                     tunnel.end = "idle"
-                    tunnel.close(abort=True)
+                    tunnel.close()
 
     # -- reload and shutdown -----------------------------------------------------------
 
@@ -248,8 +240,8 @@ class Proxy:
     def stop_accepting(self) -> None:
         self.accepting = False
         self._close_ports(list(self._owned))
-        for server in self._handed:
-            server.close()
+        for listener in self._handed:
+            listener.close()
         self._handed.clear()
 
     async def drain(self, grace_s: float = GRACE_PERIOD_S) -> int:
@@ -265,7 +257,7 @@ class Proxy:
             left = list(self.tunnels)
             for tunnel in left:
                 tunnel.end = "shutdown"
-                tunnel.close(abort=True)
+                tunnel.close()
             return len(left)
         finally:
             if self._sweeper is not None:

@@ -1,318 +1,619 @@
-"""The byte relay between a client and a backend: two asyncio Protocols, one per side.
+"""The byte relay: every relayed socket in one epoll set, watched by the event loop.
 
-Callback order for one side (asyncio guarantees it):
-``connection_made`` -> ``data_received``* -> ``eof_received``? -> ``connection_lost``.
+Why not asyncio transports: a connection through two uvloop transports costs about
+40 us of interpreter time (a Task and futures for the connect, two transports with
+their handles, protocol callbacks), more than HAProxy spends on the whole
+connection. Here the event loop watches one file descriptor, an epoll set
+(level-triggered) holding the listeners and every client and backend socket; one
+callback handles a batch of events, each with a plain non-blocking socket call:
+``accept``, ``connect``, ``recv_into`` a shared buffer, ``send``. The loop still runs
+everything else (control socket, reloads, timers, signals).
 
+A :class:`Tunnel` is one client connection and its backend, each an :class:`End`.
 Invariants:
-- Bytes read from one side are written to the other unchanged and in order.
-- Backpressure: when a side's write buffer passes its high-water mark asyncio calls
-  that side's ``pause_writing``; we stop *reading* the peer until ``resume_writing``.
-  So memory per connection is bounded by two transport write buffers, however slow
-  either reader is.
-- Half-close: EOF read from one side becomes ``write_eof`` (FIN) on the other, and
-  the connection stays open in the other direction. Once both directions have seen
-  EOF both transports are closed (after their buffers drain).
-- A side that is lost with an error (reset) aborts the other; a side that is lost
-  cleanly closes the other after its buffer drains.
 
-Bulk transfers: once one direction has carried ``splice_after`` bytes (and the peer's
-write buffer is empty), that direction leaves the transports and moves through a pipe
-with ``splice()``: the kernel moves the pages, Python only sees one callback per pipeful
-(:class:`Splice`). The transports stay in charge of the other direction and of closing;
-the same invariants hold (order, backpressure through the pipe, EOF -> write_eof,
-error -> abort). Short connections never pay for a pipe.
+- Bytes read from one end are written to the other unchanged and in order.
+- Backpressure: what the destination does not take at once is kept (at most one
+  read, 256 KiB) and the source is not read again until it has gone; so memory per
+  connection is bounded however slow either reader is.
+- Half-close: EOF read from one end becomes ``shutdown(SHUT_WR)`` on the other once
+  everything before it is written; the other direction stays open. When both
+  directions have ended, both sockets are closed.
+- An error (reset) on either end closes both.
+- Data the client sends while the backend connects is kept, up to ``EARLY_LIMIT``
+  (then the client is not read until the backend is there).
+
+Bulk transfers: once one direction has carried ``splice_after`` bytes (and nothing is
+pending), it moves through a pipe with ``splice()``: the kernel moves the pages, Python
+sees one event per pipeful. Same invariants; short connections never pay for a pipe.
+
+An end whose socket wants no event is taken out of the epoll set, not left in it with
+an empty mask: epoll reports hang-ups and errors regardless of the mask, and a
+level-triggered report we do not act on would spin.
 """
 
 from __future__ import annotations
 
-import asyncio
+import _socket
+import errno
 import fcntl
+import logging
 import os
+import select
+import socket
 import time
+from typing import Callable
 
-# Bytes a side may read before its peer exists (the client's first request while the
-# backend connects); past this we stop reading it until link(). Most first requests fit,
-# so most connections never pause and resume (two epoll changes saved per connection).
+from .logs import RateLimited
+
+log = logging.getLogger(__name__)
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLERR, EPOLLHUP = select.EPOLLERR, select.EPOLLHUP
+
+READ_SIZE = 256 * 1024  # one recv_into; also the most kept per direction under backpressure
+# Bytes a client may send before its backend is connected; past this it is not read until
+# the backend is there. Most first requests fit.
 EARLY_LIMIT = 64 * 1024
+MAX_EVENTS = 512  # per callback; the rest come in the next one (the epoll fd stays readable)
+ACCEPT_BATCH = 64  # accepts per listener event, so one busy port cannot starve the others
+ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener for this long
+
+NEVER = float("inf")
+PIPE_SIZE = 256 * 1024  # one event per this much; pages are allocated only as used
+MIN_PIPE_SIZE = 64 * 1024  # the default; smaller pipes are not worth a splice
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_Socket = _socket.socket  # the C type: no Python-level __init__ per connection
+_STREAM = socket.SOCK_STREAM
+_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
+_SOL_SOCKET, _SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
 
 
-class Side(asyncio.Protocol):
-    """One end of a relayed connection. ``peer`` is the other end, set by :meth:`link`."""
+class Engine:
+    """The epoll set, the listeners in it, and the deadlines of backend connects."""
 
-    __slots__ = ("transport", "peer", "eof", "closed", "nbytes", "tunnel", "early", "splice_at",
-                 "splice", "fd")
+    def __init__(self, loop, connect_timeout_s: float) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> handler(events)
+        self.buffer = bytearray(READ_SIZE)
+        self.view = memoryview(self.buffer)
+        self.connect_timeout_s = connect_timeout_s
+        # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout,
+        # so insertion order is deadline order: one timer, for the oldest, serves them all.
+        self.connecting: dict[Tunnel, float] = {}
+        self._timer = None
+        self._limited = RateLimited(log)
+        # fds closed while a batch of events is handled: the batch's later events for them
+        # are stale (and the number may already belong to a new socket)
+        self.closed: set[int] = set()
+        loop.add_reader(self.epoll.fileno(), self._ready)
 
-    def __init__(self, tunnel: Tunnel | None = None) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.peer: Side | None = None
-        self.eof = False  # we read EOF from this side
-        self.closed = False  # connection_lost has run
-        self.nbytes = 0  # bytes read from this side
+    def close(self) -> None:
+        self.loop.remove_reader(self.epoll.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+        self.epoll.close()
+
+    def _ready(self) -> None:
+        handlers, closed = self.handlers, self.closed
+        closed.clear()
+        for fd, events in self.epoll.poll(0, MAX_EVENTS):
+            if closed and fd in closed:
+                continue
+            handler = handlers.get(fd)
+            if handler is not None:  # else taken out by an earlier event in this batch
+                try:
+                    handler(events)
+                except Exception:  # a bug must not take the whole data plane down
+                    self._limited.exception("relay", "unexpected error handling fd %d", fd)
+
+    # -- interest ------------------------------------------------------------------
+
+    def watch(self, fd: int, old: int, new: int, handler) -> None:
+        """Change fd's events from ``old`` to ``new`` (0: not in the set)."""
+        if not old:
+            self.epoll.register(fd, new)
+            self.handlers[fd] = handler
+        elif not new:
+            self.epoll.unregister(fd)
+            del self.handlers[fd]
+        else:
+            self.epoll.modify(fd, new)
+
+    # -- listeners -----------------------------------------------------------------
+
+    def listen(self, sock: socket.socket, port: int | None, on_accept) -> Listener:
+        sock.setblocking(False)
+        listener = Listener(self, sock, port, on_accept)
+        listener.resume()
+        return listener
+
+    # -- connect deadlines ----------------------------------------------------------
+
+    def connect_started(self, tunnel: Tunnel) -> None:
+        self.connecting.pop(tunnel, None)  # re-inserted at the end: the order stays right
+        self.connecting[tunnel] = deadline = self.loop.time() + self.connect_timeout_s
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._expire)
+
+    def connect_ended(self, tunnel: Tunnel) -> None:
+        self.connecting.pop(tunnel, None)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        expired = []
+        for tunnel, deadline in self.connecting.items():
+            if deadline > now:
+                break
+            expired.append(tunnel)
+        for tunnel in expired:
+            if self.connecting.pop(tunnel, None) is not None:
+                tunnel.attempt_failed("timeout")
+        if self.connecting and self._timer is None:
+            self._timer = self.loop.call_at(next(iter(self.connecting.values())), self._expire)
+
+
+class Listener:
+    """A listening socket in the epoll set; ``on_accept(sock, addr, port)`` per connection."""
+
+    __slots__ = ("engine", "sock", "fd", "port", "on_accept", "active", "_pause")
+
+    def __init__(self, engine: Engine, sock: socket.socket, port: int | None, on_accept) -> None:
+        self.engine, self.sock, self.fd, self.port = engine, sock, sock.fileno(), port
+        self.on_accept = on_accept
+        self.active = False
+        self._pause = None
+
+    def resume(self) -> None:
+        self._pause = None
+        if not self.active and self.sock.fileno() >= 0:
+            self.active = True
+            self.engine.watch(self.fd, 0, EPOLLIN, self.ready)
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            self.engine.watch(self.fd, EPOLLIN, 0, None)
+        if self._pause is not None:
+            self._pause.cancel()
+            self._pause = None
+
+    def close(self) -> None:
+        """Stop accepting and close our socket (a handed-in one stays open elsewhere)."""
+        self.stop()
+        self.sock.close()
+
+    def ready(self, events: int) -> None:
+        accept, on_accept, family, port = self.sock._accept, self.on_accept, self.sock.family, self.port
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in _RESOURCE_ERRNOS:  # the backlog keeps them; try again later
+                    self.engine._limited.error(
+                        f"accept:{e.errno}", "accept() on %s out of system resources: %s; "
+                        "not accepting for %gs", self.sock.getsockname(), e.strerror,
+                        ACCEPT_PAUSE_S)
+                    self.stop()
+                    self._pause = self.engine.loop.call_later(ACCEPT_PAUSE_S, self.resume)
+                return  # ECONNABORTED and the like: the next event brings the rest
+            sock = _Socket(family, _STREAM, 0, fd)
+            sock.setblocking(False)
+            on_accept(sock, addr, port)
+
+
+class End:
+    """One socket of a tunnel. What it reads goes to ``peer``; ``out`` and ``piped`` hold
+    what was meant for *this* socket but not yet taken."""
+
+    __slots__ = ("tunnel", "engine", "sock", "fd", "peer", "events", "reading", "nbytes", "eof",
+                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "handler")
+
+    def __init__(self, tunnel: Tunnel, sock) -> None:
         self.tunnel = tunnel
-        self.early: list[bytes] = []  # read before the peer existed; flushed by link()
-        self.splice_at = NEVER  # bytes read after which this side's reads are spliced
-        self.splice: Splice | None = None  # the pipe carrying what we read, once spliced
-        self.fd = -1  # our dup of the socket for splice (the transport owns its fd)
+        self.engine = tunnel.engine
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer: End | None = None
+        self.events = 0  # what the epoll set watches for now
+        self.reading = True  # we want to read (no EOF yet, peer not backed up)
+        self.nbytes = 0  # bytes read from this socket
+        self.eof = False  # EOF read from this socket
+        self.shut = False  # we shut down this socket's write side
+        self.out = None  # bytes for this socket it did not take yet
+        self.early = None  # bytes read from this socket before the peer existed
+        self.piped = 0  # bytes for this socket waiting in the peer's pipe
+        self.splice_at = NEVER  # after this many bytes read, read through a pipe
+        self.pipe_r = self.pipe_w = -1
+        self.handler = self.ready
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("eof" if self.eof else "open")
-        return f"<{type(self).__name__} {state} read={self.nbytes}B>"
+        state = "eof" if self.eof else ("open" if self.sock.fileno() >= 0 else "closed")
+        return f"<End {state} read={self.nbytes}B>"
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def update(self) -> None:
+        """Watch for what this end needs now: readable while reading, writable while
+        something is pending (or the connect is in progress)."""
+        new = (EPOLLIN if self.reading else 0) | \
+            (EPOLLOUT if self.out is not None or self.piped or self.tunnel.connecting_end is self
+             else 0)
+        if new != self.events:
+            self.engine.watch(self.fd, self.events, new, self.handler)
+            self.events = new
 
-    def data_received(self, data: bytes) -> None:
-        self.nbytes += len(data)
-        if self.peer is None:  # backend not connected yet: hold this (bounded)
-            self.early.append(data)
-            if self.nbytes >= EARLY_LIMIT:
-                self.transport.pause_reading()
-            return
-        peer = self.peer.transport
-        peer.write(data)
-        if self.nbytes >= self.splice_at and not peer.get_write_buffer_size():
-            Splice.start(self, self.peer)
-
-    def eof_received(self) -> bool:
-        return self.got_eof()
-
-    def got_eof(self) -> bool:
-        """EOF read from this side (by the transport or by a splice)."""
-        self.eof = True
-        peer = self.peer
-        if peer is None:
-            return True  # link() passes the EOF on
-        if peer.eof:  # both directions done
-            self.transport.close()
-            peer.transport.close()
-            return False
-        if not peer.closed:
-            peer.transport.write_eof()
-        return True  # keep our write direction open
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.fd >= 0:
-            self.unsplice()
-        peer = self.peer
-        if peer is not None and not peer.closed:
-            if exc is None:
-                peer.transport.close()
+    def ready(self, events: int) -> None:
+        tunnel = self.tunnel
+        if tunnel.connecting_end is self:
+            return tunnel.connect_done(self)
+        if events & EPOLLOUT:
+            self.flush()
+            if self.sock is None:
+                return
+        if self.reading and events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+            if self.pipe_w >= 0:
+                self.splice_read()
             else:
-                peer.transport.abort()
-        if self.tunnel is not None:
-            self.tunnel.side_lost(self, exc)
+                self.read()
+        elif events & EPOLLERR and not events & EPOLLOUT:
+            tunnel.fail()
 
-    def unsplice(self) -> None:
-        """Stop both directions' pipes through this side and close our dup of its socket."""
-        for splice in (self.splice, self.peer.splice if self.peer else None):
-            if splice is not None:
-                splice.stop()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    # -- reading -------------------------------------------------------------------
 
-    def dup_fd(self) -> int:
-        if self.fd < 0:
-            self.fd = os.dup(self.transport.get_extra_info("socket").fileno())
-        return self.fd
+    def read(self) -> None:
+        engine = self.engine
+        try:
+            n = self.sock.recv_into(engine.buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.tunnel.fail()
+        if not n:
+            return self.got_eof()
+        self.nbytes += n
+        peer = self.peer
+        if peer is None:  # the backend is not connected yet: keep this (bounded)
+            data = bytes(engine.view[:n])
+            self.early = data if self.early is None else self.early + data
+            if len(self.early) >= EARLY_LIMIT:
+                self.reading = False
+                self.update()
+            return
+        peer.send(engine.view[:n])
+        if self.nbytes >= self.splice_at and peer.out is None and peer.sock is not None:
+            self.start_splice()
 
-    # Backpressure: our write buffer is full, so stop reading from the peer.
-    def pause_writing(self) -> None:
-        if self.peer is not None and not self.peer.closed:
-            self.peer.transport.pause_reading()
+    def send(self, data) -> None:
+        """Write ``data`` (a view of the shared buffer) to this socket; keep what it does not
+        take and stop reading the peer until it has."""
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return self.tunnel.fail()
+        if sent < len(data):
+            self.out = bytes(data[sent:])  # off the shared buffer
+            self.hold()
 
-    def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.closed:
-            self.peer.transport.resume_reading()
+    def hold(self) -> None:
+        """Something is pending for this socket: watch for writable, stop reading the peer."""
+        peer = self.peer
+        if peer.reading:
+            peer.reading = False
+            peer.update()
+        self.update()
+
+    def got_eof(self) -> None:
+        """EOF from this socket: pass it on once what we read before it is written."""
+        self.eof = True
+        self.reading = False
+        self.update()
+        peer = self.peer
+        if peer is None or peer.sock is None:
+            return  # the connect passes it on (or the tunnel is closing)
+        if peer.out is None and not peer.piped:
+            peer.shutdown()
+
+    def shutdown(self) -> None:
+        """Our peer's EOF, passed on: shut down our write side; close both if that was the
+        last open direction."""
+        if self.shut or self.sock is None:
+            return
+        self.shut = True
+        if self.peer.shut:
+            return self.tunnel.finish()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.tunnel.fail()
+
+    # -- writing what is pending ---------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.piped:
+            return self.flush_pipe()
+        out = self.out
+        if out is None:
+            return self.update()
+        try:
+            sent = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return self.tunnel.fail()
+        if sent < len(out):
+            if sent:
+                self.out = out[sent:]
+            return self.hold()
+        self.out = None
+        self.drained()
+
+    def drained(self) -> None:
+        """Nothing pending for this socket any more: read the peer again, or pass its EOF."""
+        self.update()
+        peer = self.peer
+        if peer.eof:
+            self.shutdown()
+        elif not peer.reading:
+            peer.reading = True
+            peer.update()
+
+    # -- splice ------------------------------------------------------------------------
+
+    def start_splice(self) -> None:
+        """Read this socket through a pipe from now on; if fds run out, stay as we are."""
+        try:
+            pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.splice_at = NEVER
+            return
+        try:
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over the user's pipe quota (fs.pipe-user-pages-soft): a small pipe
+            if fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ) < MIN_PIPE_SIZE:  # costs an event per
+                os.close(pipe_r)  # few KiB: recv and send do better
+                os.close(pipe_w)
+                self.splice_at = NEVER
+                return
+        self.pipe_r, self.pipe_w = pipe_r, pipe_w
+
+    def splice_read(self) -> None:
+        try:
+            n = os.splice(self.fd, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.tunnel.fail()
+        if not n:
+            return self.got_eof()
+        self.nbytes += n
+        peer = self.peer
+        peer.piped += n
+        peer.flush_pipe()
+
+    def flush_pipe(self) -> None:
+        """Move what waits in the peer's pipe into this socket."""
+        src = self.peer
+        while self.piped:
+            try:
+                self.piped -= os.splice(src.pipe_r, self.fd, self.piped, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):  # full: read no more meanwhile
+                return self.hold()
+            except OSError:
+                return self.tunnel.fail()
+        self.drained()
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        if self.events:  # close() takes the fd out of the epoll set by itself
+            del self.engine.handlers[self.fd]
+            self.events = 0
+        self.engine.closed.add(self.fd)
+        self.sock.close()
+        self.sock = None
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
 
 
 class Tunnel:
-    """A client connection and, once connected, its backend; the unit the proxy tracks."""
+    """A client connection and, once connected, its backend; the unit the proxy tracks.
 
-    __slots__ = ("client", "backend", "app", "port", "target", "attempts", "started",
-                 "connecting", "on_close", "end", "seen_bytes", "seen_at", "splice_after")
+    The connect tries ``order`` (targets, best first) one after another, each attempt
+    bounded by the engine's connect timeout; ``owner`` hears how it went
+    (``connected(tunnel, seconds)``, ``all_failed(tunnel)``, ``no_resources(tunnel, exc)``
+    when we cannot even make a socket) and, once, that the tunnel closed (``closed(tunnel)``).
+    """
 
-    def __init__(self, client: Side, app: str, port: int, on_close, splice_after: int = 0) -> None:
-        self.client = client
-        client.tunnel = self
-        self.backend: Side | None = None
+    __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
+                 "order", "failures", "health", "attempt", "addrs", "connecting_end",
+                 "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
+                 "done")
+
+    def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
+                 splice_after: int = 0) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.client_addr = addr
         self.app = app
         self.port = port
-        self.target = None
-        self.attempts = 0
+        self.target = None  # the target connected to
+        self.order = ()  # targets to try, in order
+        self.failures: list = []  # (target, reason) for each attempt that failed
+        self.health = None
+        self.attempt = 0  # index into order of the target being tried
+        self.addrs: list = []  # addresses of that target still to try
+        self.connecting_end: End | None = None  # the backend socket while it connects
+        self.backend: End | None = None
         self.started = time.monotonic()
-        self.connecting: asyncio.Task | None = None
-        self.on_close = on_close  # called once, when both sides are gone
-        self.end: str | None = None  # why we ended it, if we did ("idle", "shutdown", ...)
+        self.attempt_started = 0.0
+        self.end: str | None = None  # why it ended ("idle", "reset", ...), if not plainly
         self.seen_bytes = 0  # for the idle sweep: bytes moved when last looked at ...
         self.seen_at = self.started  # ... and since when
-        self.splice_after = splice_after  # 0: never splice
+        self.splice_after = splice_after or NEVER
+        self.done = False
+        self.client = End(self, sock)
+        self.client.update()  # read what the client sends while the backend connects
 
     def __repr__(self) -> str:
         return (f"<Tunnel app={self.app} port={self.port} target={self.target} "
                 f"client={self.client!r} backend={self.backend!r}>")
 
-    def link(self, backend: Side) -> None:
-        """Join a connected backend to the client and start relaying both ways.
+    @property
+    def attempts(self) -> int:
+        return len(self.failures) + (self.target is not None)
 
-        Either side may already have read data, read EOF or gone away while the
-        backend was connecting (``Side.early``, ``eof``, ``closed``): pass all of it on.
-        """
-        client = self.client
-        self.backend = backend
-        backend.peer, client.peer = client, backend
-        if self.splice_after:
-            client.splice_at = backend.splice_at = self.splice_after
-        for side in (client, backend):
-            if side.early:
-                if not side.peer.closed:
-                    side.peer.transport.writelines(side.early)
-                side.early = []
-        if client.eof and backend.eof:
-            client.transport.close()
-            backend.transport.close()
-            return
-        for side in (client, backend):
-            peer = side.peer
-            if side.closed:
-                if not peer.closed:
-                    peer.transport.close()
-            elif side.eof:
-                if not peer.closed:
-                    peer.transport.write_eof()
-            elif not side.transport.is_reading():
-                side.transport.resume_reading()
+    # -- connecting --------------------------------------------------------------------
 
-    def side_lost(self, side: Side, exc: Exception | None) -> None:
-        if side is self.client and self.connecting is not None:
-            self.connecting.cancel()
-        if self.client.closed and (self.backend is None or self.backend.closed):
-            if self.on_close is not None:
-                on_close, self.on_close = self.on_close, None
-                on_close(self, exc)
+    def connect(self, order, health) -> None:
+        self.order, self.health = order, health
+        self.attempt = -1
+        self.next_target()
 
-    def close(self, abort: bool = False) -> None:
-        for side in (self.client, self.backend):
-            if side is None or side.transport is None or side.closed:
-                continue
-            if abort:
-                side.transport.abort()
-            else:
-                side.transport.close()
+    def next_target(self) -> None:
+        self.attempt += 1
+        if self.attempt >= len(self.order):
+            return self.owner.all_failed(self)
+        target = self.order[self.attempt]
+        self.attempt_started = self.engine.loop.time()
+        self.engine.connect_started(self)
+        if target.addrs is not None:  # an IP literal: nothing to resolve
+            self.addrs = list(target.addrs)
+            return self.next_address()
+        self.addrs = []
+        attempt = self.attempt
+        future = self.engine.loop.create_task(
+            self.engine.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM))
+        future.add_done_callback(lambda f: self.resolved(f, attempt))
 
+    def resolved(self, future, attempt: int) -> None:
+        exc = future.exception()  # (retrieved even when no longer wanted)
+        if attempt != self.attempt or self.done:
+            return  # timed out meanwhile (or the client went away)
+        if exc is not None:
+            return self.attempt_failed(failure_reason(exc))
+        infos = future.result()
+        self.addrs = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+        if not self.addrs:
+            return self.attempt_failed("dns")
+        self.next_address()
 
-class Splice:
-    """One direction of a tunnel moved by the kernel: src socket -> pipe -> dst socket.
-
-    Readiness comes from the loop (``add_reader``/``add_writer`` on our dups of the
-    sockets, since the transports own theirs). Read from src only while the pipe is
-    empty; when dst cannot take the pipe's contents, stop reading src and wait for dst
-    to be writable: at most one pipeful in flight, so backpressure reaches the sender.
-    """
-
-    __slots__ = ("src", "dst", "loop", "rfd", "wfd", "pipe_r", "pipe_w", "pending", "eof",
-                 "reading", "writing")
-
-    def __init__(self, src: Side, dst: Side, rfd: int, wfd: int, pipe_r: int, pipe_w: int):
-        self.src, self.dst, self.rfd, self.wfd = src, dst, rfd, wfd
-        self.pipe_r, self.pipe_w = pipe_r, pipe_w
-        self.loop = asyncio.get_running_loop()
-        self.pending = 0  # bytes in the pipe
-        self.eof = False
-        self.reading, self.writing = True, False
-        self.loop.add_reader(rfd, self._readable)
-
-    @classmethod
-    def start(cls, src: Side, dst: Side) -> None:
-        """Move src -> dst through a pipe from now on; if fds run out, stay on transports."""
-        try:
-            rfd, wfd = src.dup_fd(), dst.dup_fd()
-            pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            src.splice_at = NEVER  # out of fds: keep relaying through the transports
-            return
-        try:
-            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over the user's pipe quota (fs.pipe-user-pages-soft): a small
-            if fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ) < MIN_PIPE_SIZE:  # pipe costs a
-                os.close(pipe_r)  # callback per few KiB: the transports do better
-                os.close(pipe_w)
-                src.splice_at = NEVER
-                return
-        src.transport.pause_reading()  # the transport no longer reads src: we do
-        src.splice = cls(src, dst, rfd, wfd, pipe_r, pipe_w)
-
-    def _readable(self) -> None:
-        if self.pipe_r < 0:  # stopped by a callback earlier in this loop iteration
-            return
-        try:
-            n = os.splice(self.rfd, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            return self._fail(e)
-        if n == 0:
-            self.eof = True
-            self._stop_reading()
-            return self._flush()
-        self.src.nbytes += n
-        self.pending += n
-        self._flush()
-
-    def _flush(self) -> None:
-        if self.pipe_r < 0:
-            return
-        while self.pending:
+    def next_address(self, reason: str = "") -> None:
+        """Connect to the next address of the current target (a name may have several)."""
+        while self.addrs:
+            family, sockaddr = self.addrs.pop(0)
             try:
-                self.pending -= os.splice(self.pipe_r, self.wfd, self.pending, flags=SPLICE_FLAGS)
-            except BlockingIOError:  # dst is full: wait for it, read no more meanwhile
-                self._stop_reading()
-                if not self.writing:
-                    self.writing = True
-                    self.loop.add_writer(self.wfd, self._flush)
-                return
+                sock = _Socket(family, _NONBLOCK)
             except OSError as e:
-                return self._fail(e)
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.wfd)
-        if self.eof:  # all passed on: the EOF goes too (or, if dst said EOF too, both close)
-            self.stop()
-            self.src.got_eof()
-        elif not self.reading:
-            self.reading = True
-            self.loop.add_reader(self.rfd, self._readable)
+                if e.errno in _RESOURCE_ERRNOS:  # our problem, not the target's
+                    return self.owner.no_resources(self, e)
+                reason = failure_reason(e)
+                continue
+            err = sock.connect_ex(sockaddr)
+            if err in (0, errno.EINPROGRESS):
+                end = End(self, sock)
+                self.connecting_end = end
+                end.reading = False
+                end.update()  # writable: connected (or failed)
+                return
+            sock.close()
+            reason = failure_reason(OSError(err, os.strerror(err)))
+        self.attempt_failed(reason or "no address")
 
-    def _stop_reading(self) -> None:
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.rfd)
-
-    def _fail(self, exc: OSError) -> None:
-        """A reset (or any error) on either socket: abort both, as the transports would."""
-        self.stop()
-        tunnel = self.src.tunnel or self.dst.tunnel
-        if tunnel is not None and tunnel.end is None:
-            tunnel.end = "reset"
-        for side in (self.src, self.dst):
-            if not side.closed:
-                side.transport.abort()
-
-    def stop(self) -> None:
-        """Unregister and close the pipe (idempotent); the dups are closed by their sides."""
-        if self.pipe_r < 0:
+    def connect_done(self, end: End) -> None:
+        err = end.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+        if err:
+            self.connecting_end = None
+            end.close()
+            return self.next_address(failure_reason(OSError(err, os.strerror(err))))
+        self.engine.connect_ended(self)
+        self.connecting_end = None
+        target = self.order[self.attempt]
+        self.health.success(target)
+        self.target = target
+        self.backend = end
+        end.sock.setsockopt(_TCP, _NODELAY, 1)
+        self.client.sock.setsockopt(_TCP, _NODELAY, 1)
+        client = self.client
+        end.peer, client.peer = client, end
+        if self.splice_after is not NEVER:
+            client.splice_at = end.splice_at = self.splice_after
+        end.reading = True
+        self.owner.connected(self, self.engine.loop.time() - self.attempt_started)
+        if self.done:
             return
-        self._stop_reading()
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.wfd)
-        os.close(self.pipe_r)
-        os.close(self.pipe_w)
-        self.pipe_r = self.pipe_w = -1
+        end.out, client.early = client.early, None
+        if end.out is not None:  # what the client sent meanwhile
+            end.flush()
+        else:
+            end.update()
+        if self.done:
+            return
+        if client.eof:
+            if end.out is None:
+                end.shutdown()
+        elif not client.reading and end.out is None:
+            client.reading = True
+            client.update()
+
+    def attempt_failed(self, reason: str) -> None:
+        """The current target did not answer (or has no address left): try the next one."""
+        if self.done:
+            return
+        end = self.connecting_end
+        if end is not None:
+            self.connecting_end = None
+            end.close()
+        self.engine.connect_ended(self)
+        target = self.order[self.attempt]
+        self.failures.append((target, reason))
+        self.health.failure(target, reason)
+        self.next_target()
+
+    # -- ending --------------------------------------------------------------------------
+
+    def fail(self) -> None:
+        """An error on either socket: close both (a reset, as far as the ending says)."""
+        if self.end is None:
+            self.end = "reset"
+        self.close()
+
+    def finish(self) -> None:
+        """Both directions ended cleanly."""
+        self.close()
+
+    def close(self) -> None:
+        """Close both sockets now (and stop connecting); tell the owner, once."""
+        if self.done:
+            return
+        self.done = True
+        if self.connecting_end is not None:
+            self.connecting_end.close()
+            self.connecting_end = None
+            self.engine.connect_ended(self)
+        self.client.close()
+        if self.backend is not None:
+            self.backend.close()
+        self.owner.closed(self)
 
 
-NEVER = float("inf")
-PIPE_SIZE = 256 * 1024  # one callback per this much; pages are allocated only as used
-MIN_PIPE_SIZE = 64 * 1024  # the default; smaller pipes are not worth a splice
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+def failure_reason(exc: BaseException) -> str:
+    """A short, stable label for why a connect failed (used in logs and metrics)."""
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__

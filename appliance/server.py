@@ -110,7 +110,7 @@ class Server:
         except asyncio.CancelledError:  # second signal
             aborted = len(self.proxy.tunnels)
             for tunnel in list(self.proxy.tunnels):
-                tunnel.close(abort=True)
+                tunnel.close()
         if aborted:
             log.warning("aborted %d connections still open at shutdown", aborted)
         log.info("stopped")

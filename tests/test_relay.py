@@ -12,13 +12,13 @@ from helpers import (closed_by_peer, connect, fds_of, free_ports, pipes_of, read
                      scripted_backend, wait_until, write_config)
 
 SPLICE = {"default": [],  # splice() from 1 MiB on: the switch happens mid-transfer
-          "never": ["--splice-after", "0"],  # transports only
+          "never": ["--splice-after", "0"],  # recv() and send() only
           "at-once": ["--splice-after", "1"]}  # splice() from the first byte on
 
 
 @pytest.fixture(params=list(SPLICE))
 def relay_proxy(start_proxy, request):
-    """Every relay test on each data path (transports, splice(), and the switch between),
+    """Every relay test on each data path (recv/send, splice(), and the switch between),
     each on both event loops."""
     def start(config, *args, **kw):
         return start_proxy(config, *args, *SPLICE[request.param], **kw)

@@ -100,13 +100,14 @@ def test_running_out_of_file_descriptors_neither_crashes_nor_spins(tmp_path, sta
     assert proxy.cpu_seconds() - cpu_before < 1.0, "the proxy spins while out of fds"
     for s in clients:
         s.close()
-    # Recovered: new connections work again (asyncio retries accept after 1 s).
+    # Recovered: new connections work again (accepting resumes after 1 s).
     deadline = time.monotonic() + 10
     while greet_or_none(port) != "b":
         assert time.monotonic() < deadline, proxy.output()
     log = proxy.output()
     assert "too many open files" in log.lower(), log  # the fault really happened ...
-    assert log.count("socket.accept() out of system resource") <= 1, log  # ... logged, not flooded
+    # ... logged, not flooded: once per 10 s for accept() and for the backend socket()
+    assert 1 <= log.count("out of system resources") <= 2, log
 
 
 def greet_or_none(port: int):
@@ -172,9 +173,9 @@ def test_reload_under_a_steady_stream_of_connections(tmp_path, start_proxy, make
     assert ok > 0
 
 
-def test_over_the_pipe_quota_bulk_connections_stay_on_the_transports(tmp_path, make_backend):
+def test_over_the_pipe_quota_bulk_connections_stay_on_recv_and_send(tmp_path, make_backend):
     """An unprivileged proxy past fs.pipe-user-pages-soft gets tiny pipes; it must not
-    splice through them (a callback per few KiB) nor fail: it keeps the transports."""
+    splice through them (an event per few KiB) nor fail: it keeps to recv and send."""
     if not shutil.which("setpriv"):
         pytest.skip("needs setpriv")
     backend = make_backend("echo")
