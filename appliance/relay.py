@@ -49,7 +49,8 @@ from .logs import RateLimited
 log = logging.getLogger(__name__)
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-EPOLLERR, EPOLLHUP = select.EPOLLERR, select.EPOLLHUP
+EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
+READABLE = EPOLLIN | EPOLLRDHUP  # RDHUP: the peer's FIN has arrived (see End.read)
 
 READ_SIZE = 256 * 1024  # one recv_into; also the most kept per direction under backpressure
 # Bytes a client may send before its backend is connected; past this it is not read until
@@ -109,7 +110,11 @@ class Engine:
                 try:
                     handler(events)
                 except Exception:  # a bug must not take the whole data plane down
-                    self._limited.exception("relay", "unexpected error handling fd %d", fd)
+                    self._limited.error("relay", "unexpected error on fd %d; its connection is "
+                                        "closed", fd, exc_info=True)
+                    tunnel = getattr(getattr(handler, "__self__", None), "tunnel", None)
+                    if tunnel is not None:
+                        tunnel.close()
 
     # -- interest ------------------------------------------------------------------
 
@@ -128,6 +133,7 @@ class Engine:
 
     def listen(self, sock: socket.socket, port: int | None, on_accept) -> Listener:
         sock.setblocking(False)
+        sock.setsockopt(_TCP, _NODELAY, 1)  # accepted sockets inherit it: no call per connection
         listener = Listener(self, sock, port, on_accept)
         listener.resume()
         return listener
@@ -241,7 +247,7 @@ class End:
     def update(self) -> None:
         """Watch for what this end needs now: readable while reading, writable while
         something is pending (or the connect is in progress)."""
-        new = (EPOLLIN if self.reading else 0) | \
+        new = (READABLE if self.reading else 0) | \
             (EPOLLOUT if self.out is not None or self.piped or self.tunnel.connecting_end is self
              else 0)
         if new != self.events:
@@ -260,13 +266,13 @@ class End:
             if self.pipe_w >= 0:
                 self.splice_read()
             else:
-                self.read()
-        elif events & EPOLLERR and not events & EPOLLOUT:
-            tunnel.fail()
+                self.read(events)
+        elif events & (EPOLLERR | EPOLLHUP) and not events & EPOLLOUT:
+            tunnel.fail()  # an error reported while we neither read nor write: do not spin
 
     # -- reading -------------------------------------------------------------------
 
-    def read(self) -> None:
+    def read(self, events: int) -> None:
         engine = self.engine
         try:
             n = self.sock.recv_into(engine.buffer)
@@ -286,7 +292,12 @@ class End:
                 self.update()
             return
         peer.send(engine.view[:n])
-        if self.nbytes >= self.splice_at and peer.out is None and peer.sock is not None:
+        if events & EPOLLRDHUP and n < READ_SIZE and not events & EPOLLERR:
+            # The FIN had arrived before this read, and a read shorter than asked for took
+            # everything queued before it: this is the EOF, without a read that returns 0.
+            if self.sock is not None:
+                self.got_eof()
+        elif self.nbytes >= self.splice_at and peer.out is None and peer.sock is not None:
             self.start_splice()
 
     def send(self, data) -> None:
@@ -314,12 +325,16 @@ class End:
         """EOF from this socket: pass it on once what we read before it is written."""
         self.eof = True
         self.reading = False
-        self.update()
         peer = self.peer
         if peer is None or peer.sock is None:
-            return  # the connect passes it on (or the tunnel is closing)
+            return self.update()  # the connect passes it on (or the tunnel is closing)
         if peer.out is None and not peer.piped:
+            if self.shut:  # the other direction is done too: close both (which also takes
+                return self.tunnel.finish()  # them out of the epoll set)
+            self.update()
             peer.shutdown()
+        else:
+            self.update()
 
     def shutdown(self) -> None:
         """Our peer's EOF, passed on: shut down our write side; close both if that was the
@@ -541,8 +556,7 @@ class Tunnel:
         self.health.success(target)
         self.target = target
         self.backend = end
-        end.sock.setsockopt(_TCP, _NODELAY, 1)
-        self.client.sock.setsockopt(_TCP, _NODELAY, 1)
+        end.sock.setsockopt(_TCP, _NODELAY, 1)  # (the client's comes from its listener)
         client = self.client
         end.peer, client.peer = client, end
         if self.splice_after is not NEVER:
