@@ -63,6 +63,7 @@ ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener fo
 NEVER = float("inf")
 PIPE_SIZE = 256 * 1024  # one event per this much; pages are allocated only as used
 MIN_PIPE_SIZE = 64 * 1024  # the default; smaller pipes are not worth a splice
+SPLICE_ROUNDS = 8  # pipefuls one event may move (then the next event goes on)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -400,30 +401,37 @@ class End:
         self.pipe_r, self.pipe_w = pipe_r, pipe_w
 
     def splice_read(self) -> None:
-        try:
-            n = os.splice(self.fd, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return self.tunnel.fail()
-        if not n:
-            return self.got_eof()
-        self.nbytes += n
+        """Socket -> pipe -> peer, while the socket has a full pipeful queued (bounded):
+        one event moves what is there, not one pipeful."""
         peer = self.peer
-        peer.piped += n
-        peer.flush_pipe()
+        for _ in range(SPLICE_ROUNDS):
+            try:
+                n = os.splice(self.fd, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self.tunnel.fail()
+            if not n:
+                return self.got_eof()
+            self.nbytes += n
+            peer.piped += n
+            if not peer.flush_pipe() or n < PIPE_SIZE:
+                return  # peer full (we stopped reading), or we took all that was queued
 
-    def flush_pipe(self) -> None:
-        """Move what waits in the peer's pipe into this socket."""
+    def flush_pipe(self) -> bool:
+        """Move what waits in the peer's pipe into this socket; True if it all went."""
         src = self.peer
         while self.piped:
             try:
                 self.piped -= os.splice(src.pipe_r, self.fd, self.piped, flags=SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):  # full: read no more meanwhile
-                return self.hold()
+                self.hold()
+                return False
             except OSError:
-                return self.tunnel.fail()
+                self.tunnel.fail()
+                return False
         self.drained()
+        return True
 
     def close(self) -> None:
         if self.sock is None:
