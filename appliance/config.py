@@ -50,8 +50,11 @@ class Target:
     # An IP literal's ((family, sockaddr),), worked out once here rather than per
     # connection; None for a host name, which is resolved at each connect.
     addrs: tuple | None = dataclasses.field(init=False, compare=False, repr=False)
+    label: str = dataclasses.field(init=False, compare=False, repr=False)  # str(), made once
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "label", f"[{self.host}]:{self.port}" if ":" in self.host
+                           else f"{self.host}:{self.port}")
         try:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_NUMERICHOST)
@@ -62,7 +65,7 @@ class Target:
         object.__setattr__(self, "addrs", addrs)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return self.label
 
     @classmethod
     def parse(cls, text: str) -> Target:

@@ -1,8 +1,8 @@
 """Prometheus metrics for the data plane, served on loopback (python3-prometheus-client).
 
-The hot path only adds to plain ints in dicts (one dict lookup and an add per event: no
-locks, no label parsing); a custom collector turns them into metric families when
-Prometheus scrapes. The scrape runs in prometheus_client's HTTP thread and copies each
+The hot path only adds to plain ints in dicts (one dict lookup and an add per event, written
+out rather than called: no locks, no label parsing); a custom collector turns them into
+metric families when Prometheus scrapes. The scrape runs in prometheus_client's HTTP thread and copies each
 dict with ``list(d.items())``, which the GIL makes atomic. :class:`NullMetrics` is the
 same surface doing nothing, used when metrics are off.
 """
@@ -56,7 +56,8 @@ class Metrics(NullMetrics):
         self.active_n = active
 
     def accepted(self, app: str) -> None:
-        _add(self.accepted_n, app)
+        d = self.accepted_n
+        d[app] = d.get(app, 0) + 1
 
     def rejected(self, app: str, reason: str) -> None:
         _add(self.rejected_n, (app, reason))
@@ -68,8 +69,9 @@ class Metrics(NullMetrics):
             _add(self.failures_n, (app, t, reason))
 
     def connected(self, app: str, target, seconds: float, failures) -> None:
-        key = (app, str(target))
-        _add(self.attempts_n, key)
+        key = (app, target.label)
+        d = self.attempts_n
+        d[key] = d.get(key, 0) + 1
         hist = self.latency.get(key)
         if hist is None:
             hist = self.latency[key] = [0] * (len(CONNECT_BUCKETS_S) + 1) + [0.0]
@@ -84,11 +86,14 @@ class Metrics(NullMetrics):
         _add(self.all_down_n, app)
 
     def closed(self, app: str, target, bytes_in: int, bytes_out: int, end: str) -> None:
-        _add(self.closed_n, (app, end))
+        d = self.closed_n
+        key = (app, end)
+        d[key] = d.get(key, 0) + 1
         if target is not None:
-            t = str(target)
-            _add(self.bytes_n, (app, t, "in"), bytes_in)
-            _add(self.bytes_n, (app, t, "out"), bytes_out)
+            d, t = self.bytes_n, target.label
+            key_in, key_out = (app, t, "in"), (app, t, "out")
+            d[key_in] = d.get(key_in, 0) + bytes_in
+            d[key_out] = d.get(key_out, 0) + bytes_out
 
     def reloaded(self, ok: bool, generation: int) -> None:
         _add(self.reloads_n, "ok" if ok else "failed")
