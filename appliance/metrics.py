@@ -2,9 +2,9 @@
 
 The hot path only adds to plain ints in dicts (one dict lookup and an add per event, written
 out rather than called: no locks, no label parsing); a custom collector turns them into
-metric families when Prometheus scrapes. The scrape runs in prometheus_client's HTTP thread and copies each
-dict with ``list(d.items())``, which the GIL makes atomic. :class:`NullMetrics` is the
-same surface doing nothing, used when metrics are off.
+metric families when Prometheus scrapes. The scrape runs in prometheus_client's HTTP
+thread and copies each dict with ``list(d.items())``, which the GIL makes atomic.
+:class:`NullMetrics` is the same surface doing nothing, used when metrics are off.
 """
 
 from __future__ import annotations
