@@ -1,0 +1,108 @@
+"""The relay's connect logic in-process, for what a whole proxy cannot show from outside:
+a host name with several addresses, and a resolver that never answers.
+
+Real sockets and a real engine on asyncio's loop; only the resolver is replaced (a name
+with two addresses, or a stuck DNS server, cannot be had on this machine's loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from helpers import dead_port
+
+from appliance.balancer import Health
+from appliance.config import Target
+from appliance.relay import Engine, Tunnel
+
+
+class Owner:
+    """What the proxy hears from a tunnel, recorded."""
+
+    def __init__(self) -> None:
+        self.connected_to = None
+        self.done = asyncio.Event()
+
+    def connected(self, tunnel: Tunnel, seconds: float) -> None:
+        self.connected_to = tunnel.target
+        self.done.set()
+
+    def all_failed(self, tunnel: Tunnel) -> None:
+        self.done.set()
+        tunnel.close()
+
+    def no_resources(self, tunnel: Tunnel, exc: OSError) -> None:
+        self.done.set()
+        tunnel.close()
+
+    def closed(self, tunnel: Tunnel) -> None:
+        self.done.set()
+
+
+async def relay_one(targets, getaddrinfo, connect_timeout_s=2.0):
+    """Accept one client through a Tunnel to ``targets``; return (owner, tunnel, health)."""
+    loop = asyncio.get_running_loop()
+    loop.getaddrinfo = getaddrinfo  # asyncio's loop is a Python object: the resolver is ours
+    engine = Engine(loop, connect_timeout_s)
+    front = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(front.getsockname(), timeout=5)
+    accepted, addr = front.accept()
+    accepted.setblocking(False)
+    owner, health = Owner(), Health()
+    tunnel = Tunnel(engine, owner, accepted, addr, "app", front.getsockname()[1])
+    tunnel.connect(targets, health)
+    await asyncio.wait_for(owner.done.wait(), 10)
+    return owner, tunnel, health, client, engine
+
+
+def test_a_name_with_several_addresses_falls_through_to_the_one_that_answers():
+    live = socket.create_server(("127.0.0.1", 0))
+    refused = dead_port()
+    target = Target("two.addresses.test", 80)
+
+    async def getaddrinfo(host, port, **kw):
+        assert host == "two.addresses.test"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", refused)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", live.getsockname())]
+
+    async def main():
+        owner, tunnel, health, client, engine = await relay_one([target], getaddrinfo)
+        assert owner.connected_to == target
+        assert tunnel.failures == []  # one address refusing is not the target failing
+        assert health.describe(target) == "ok"
+        backend, _ = live.accept()
+        backend.sendall(b"through\n")
+        client.setblocking(False)  # read while the engine runs
+        got = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 100), 5)
+        assert got == b"through\n"
+        tunnel.close()
+        engine.close()
+        client.close()
+        backend.close()
+
+    asyncio.run(main())
+
+
+def test_a_resolver_that_never_answers_costs_one_connect_timeout():
+    live = socket.create_server(("127.0.0.1", 0))
+    stuck = Target("stuck.resolver.test", 80)
+    good = Target(*live.getsockname())
+
+    async def getaddrinfo(host, port, **kw):
+        await asyncio.Event().wait()  # never answers
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        owner, tunnel, health, client, engine = await relay_one([stuck, good], getaddrinfo,
+                                                                connect_timeout_s=0.3)
+        assert owner.connected_to == good
+        assert tunnel.failures == [(stuck, "timeout")]
+        assert health.describe(stuck).startswith("ejected: timeout")
+        assert 0.3 <= loop.time() - started < 5
+        tunnel.close()
+        engine.close()
+        client.close()
+
+    asyncio.run(main())
