@@ -63,7 +63,7 @@ ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener fo
 NEVER = float("inf")
 PIPE_SIZE = 256 * 1024  # one event per this much; pages are allocated only as used
 MIN_PIPE_SIZE = 64 * 1024  # the default; smaller pipes are not worth a splice
-SPLICE_ROUNDS = 8  # pipefuls one event may move (then the next event goes on)
+SPLICE_ROUNDS = 16  # pipefuls one event may move (then the next event goes on)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -401,8 +401,8 @@ class End:
         self.pipe_r, self.pipe_w = pipe_r, pipe_w
 
     def splice_read(self) -> None:
-        """Socket -> pipe -> peer, while the socket has a full pipeful queued (bounded):
-        one event moves what is there, not one pipeful."""
+        """Socket -> pipe -> peer, again and again until the socket has nothing (bounded):
+        what arrives while we move a pipeful goes in the same event, not the next wakeup."""
         peer = self.peer
         for _ in range(SPLICE_ROUNDS):
             try:
@@ -415,8 +415,8 @@ class End:
                 return self.got_eof()
             self.nbytes += n
             peer.piped += n
-            if not peer.flush_pipe() or n < PIPE_SIZE:
-                return  # peer full (we stopped reading), or we took all that was queued
+            if not peer.flush_pipe():
+                return  # peer full: we stopped reading until it takes more
 
     def flush_pipe(self) -> bool:
         """Move what waits in the peer's pipe into this socket; True if it all went."""
