@@ -242,12 +242,14 @@ class End:
         self.handler = self.ready
 
     def __repr__(self) -> str:
-        state = "eof" if self.eof else ("open" if self.sock.fileno() >= 0 else "closed")
+        state = "closed" if self.sock is None else ("eof" if self.eof else "open")
         return f"<End {state} read={self.nbytes}B>"
 
     def update(self) -> None:
         """Watch for what this end needs now: readable while reading, writable while
         something is pending (or the connect is in progress)."""
+        if self.sock is None:
+            return  # closed: out of the set already
         new = (READABLE if self.reading else 0) | \
             (EPOLLOUT if self.out is not None or self.piped or self.tunnel.connecting_end is self
              else 0)
@@ -273,17 +275,27 @@ class End:
 
     # -- reading -------------------------------------------------------------------
 
+    def take(self, call, *args) -> int:
+        """Read with ``call(*args)``: the bytes read (counted), or 0 when there is nothing
+        more to do now (it would block, EOF was passed on, or an error closed the tunnel)."""
+        try:
+            n = call(*args)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self.tunnel.fail()
+            return 0
+        if not n:
+            self.got_eof()
+            return 0
+        self.nbytes += n
+        return n
+
     def read(self, events: int) -> None:
         engine = self.engine
-        try:
-            n = self.sock.recv_into(engine.buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return self.tunnel.fail()
+        n = self.take(self.sock.recv_into, engine.buffer)
         if not n:
-            return self.got_eof()
-        self.nbytes += n
+            return
         peer = self.peer
         if peer is None:  # the backend is not connected yet: keep this (bounded)
             data = bytes(engine.view[:n])
@@ -304,15 +316,21 @@ class End:
     def send(self, data) -> None:
         """Write ``data`` (a view of the shared buffer) to this socket; keep what it does not
         take and stop reading the peer until it has."""
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            return self.tunnel.fail()
-        if sent < len(data):
+        sent = self.write(data)
+        if 0 <= sent < len(data):
             self.out = bytes(data[sent:])  # off the shared buffer
             self.hold()
+
+    def write(self, data) -> int:
+        """As much of ``data`` as the socket takes now: bytes sent, or -1 if it failed (and
+        the tunnel is closed)."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self.tunnel.fail()
+            return -1
 
     def hold(self) -> None:
         """Something is pending for this socket: watch for writable, stop reading the peer."""
@@ -358,12 +376,9 @@ class End:
         out = self.out
         if out is None:
             return self.update()
-        try:
-            sent = self.sock.send(out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            return self.tunnel.fail()
+        sent = self.write(out)
+        if sent < 0:
+            return
         if sent < len(out):
             if sent:
                 self.out = out[sent:]
@@ -405,15 +420,9 @@ class End:
         what arrives while we move a pipeful goes in the same event, not the next wakeup."""
         peer = self.peer
         for _ in range(SPLICE_ROUNDS):
-            try:
-                n = os.splice(self.fd, self.pipe_w, PIPE_SIZE, flags=SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return self.tunnel.fail()
+            n = self.take(os.splice, self.fd, self.pipe_w, PIPE_SIZE, None, None, SPLICE_FLAGS)
             if not n:
-                return self.got_eof()
-            self.nbytes += n
+                return
             peer.piped += n
             if not peer.flush_pipe():
                 return  # peer full: we stopped reading until it takes more
