@@ -381,7 +381,7 @@ class End:
             return
         if sent < len(out):
             if sent:
-                self.out = out[sent:]
+                self.out = memoryview(out)[sent:]  # no copy of the rest
             return self.hold()
         self.out = None
         self.drained()
