@@ -1,5 +1,6 @@
 """The relay's connect logic in-process, for what a whole proxy cannot show from outside:
-a host name with several addresses, and a resolver that never answers.
+a host name with several addresses, a resolver that never answers, a client that resets
+while its backend is still connecting.
 
 Real sockets and a real engine on asyncio's loop; only the resolver is replaced (a name
 with two addresses, or a stuck DNS server, cannot be had on this machine's loopback).
@@ -106,3 +107,45 @@ def test_a_resolver_that_never_answers_costs_one_connect_timeout():
         client.close()
 
     asyncio.run(main())
+
+
+def test_a_client_reset_while_connecting_abandons_the_attempt_at_once():
+    """The target drops our SYNs (its accept queue is full); the client resets meanwhile:
+    the tunnel closes now, not after the connect timeout, and leaves no deadline behind."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    for _ in range(3):  # backlog 0 holds one; the SYNs after that are dropped
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(silent.getsockname())
+        fillers.append(f)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(loop, 30.0)
+        front = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(front.getsockname(), timeout=5)
+        accepted, addr = front.accept()
+        accepted.setblocking(False)
+        owner = Owner()
+        tunnel = Tunnel(engine, owner, accepted, addr, "app", front.getsockname()[1])
+        tunnel.connect([Target(*silent.getsockname())], Health())
+        assert tunnel in engine.connecting
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        client.close()  # linger 0: RST
+        started = loop.time()
+        await asyncio.wait_for(owner.done.wait(), 10)
+        assert loop.time() - started < 5  # not the 30 s connect timeout
+        assert owner.connected_to is None
+        assert tunnel.end == "reset"
+        assert not engine.connecting and tunnel.connecting_end is None
+        engine.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for f in fillers:
+            f.close()
+        silent.close()
