@@ -196,7 +196,8 @@ class Listener:
         self.sock.close()
 
     def ready(self, events: int) -> None:
-        accept, on_accept, family, port = self.sock._accept, self.on_accept, self.sock.family, self.port
+        accept, on_accept, port = self.sock._accept, self.on_accept, self.port
+        family = self.sock.family
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, addr = accept()
