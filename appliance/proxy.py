@@ -12,7 +12,7 @@ listeners. Listeners come in two kinds:
 Either way a connection is routed by its local port, looked up in the config at
 accept time, so a reload changes where *new* connections go and never touches the
 connections already relayed. The sockets themselves are handled by the relay's
-:class:`~appliance.relay.Engine` (one epoll set the event loop watches).
+:class:`~appliance.engine.Engine` (one epoll set the event loop watches).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import time
 
 from . import balancer, listeners
 from .config import Config, ConfigDiff, diff
+from .engine import Engine, Listener
 from .logs import RateLimited
 from .metrics import NullMetrics
-from .relay import Engine, Listener, Tunnel
+from .relay import Tunnel
 
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("appliance.connections")

@@ -1,13 +1,4 @@
-"""The byte relay: every relayed socket in one epoll set, watched by the event loop.
-
-Why not asyncio transports: a connection through two uvloop transports costs about
-40 us of interpreter time (a Task and futures for the connect, two transports with
-their handles, protocol callbacks), more than HAProxy spends on the whole
-connection. Here the event loop watches one file descriptor, an epoll set
-(level-triggered) holding the listeners and every client and backend socket; one
-callback handles a batch of events, each with a plain non-blocking socket call:
-``accept``, ``connect``, ``recv_into`` a shared buffer, ``send``. The loop still runs
-everything else (control socket, reloads, timers, signals).
+"""The byte relay: a client connection and its backend, driven by the engine's events.
 
 A :class:`Tunnel` is one client connection and its backend, each an :class:`End`.
 Invariants:
@@ -27,9 +18,7 @@ Bulk transfers: once one direction has carried ``splice_after`` bytes (and nothi
 pending), it moves through a pipe with ``splice()``: the kernel moves the pages, Python
 sees one event per pipeful. Same invariants; short connections never pay for a pipe.
 
-An end whose socket wants no event is taken out of the epoll set, not left in it with
-an empty mask: epoll reports hang-ups and errors regardless of the mask, and a
-level-triggered report we do not act on would spin.
+The sockets live in the :class:`~appliance.engine.Engine`'s epoll set.
 """
 
 from __future__ import annotations
@@ -37,28 +26,17 @@ from __future__ import annotations
 import _socket
 import errno
 import fcntl
-import logging
 import os
-import select
 import socket
 import time
-from typing import Callable
 
-from .logs import RateLimited
+from .engine import (EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_SIZE,
+                     RESOURCE_ERRNOS, Engine)
 
-log = logging.getLogger(__name__)
-
-EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
 READABLE = EPOLLIN | EPOLLRDHUP  # RDHUP: the peer's FIN has arrived (see End.read)
-
-READ_SIZE = 256 * 1024  # one recv_into; also the most kept per direction under backpressure
 # Bytes a client may send before its backend is connected; past this it is not read until
 # the backend is there. Most first requests fit.
 EARLY_LIMIT = 64 * 1024
-MAX_EVENTS = 512  # per callback; the rest come in the next one (the epoll fd stays readable)
-ACCEPT_BATCH = 64  # accepts per listener event, so one busy port cannot starve the others
-ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener for this long
 
 NEVER = float("inf")
 PIPE_SIZE = 256 * 1024  # one event per this much; pages are allocated only as used
@@ -66,155 +44,10 @@ MIN_PIPE_SIZE = 64 * 1024  # the default; smaller pipes are not worth a splice
 SPLICE_ROUNDS = 16  # pipefuls one event may move (then the next event goes on)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
-_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_Socket = _socket.socket  # the C type: no Python-level __init__ per connection
-_STREAM = socket.SOCK_STREAM
+_Socket = _socket.socket
 _NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 _SOL_SOCKET, _SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
-
-
-class Engine:
-    """The epoll set, the listeners in it, and the deadlines of backend connects."""
-
-    def __init__(self, loop, connect_timeout_s: float) -> None:
-        self.loop = loop
-        self.epoll = select.epoll()
-        self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> handler(events)
-        self.buffer = bytearray(READ_SIZE)
-        self.view = memoryview(self.buffer)
-        self.connect_timeout_s = connect_timeout_s
-        # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout,
-        # so insertion order is deadline order: one timer, for the oldest, serves them all.
-        self.connecting: dict[Tunnel, float] = {}
-        self._timer = None
-        self._limited = RateLimited(log)
-        # fds closed while a batch of events is handled: the batch's later events for them
-        # are stale (and the number may already belong to a new socket)
-        self.closed: set[int] = set()
-        loop.add_reader(self.epoll.fileno(), self._ready)
-
-    def close(self) -> None:
-        self.loop.remove_reader(self.epoll.fileno())
-        if self._timer is not None:
-            self._timer.cancel()
-        self.epoll.close()
-
-    def _ready(self) -> None:
-        handlers, closed = self.handlers, self.closed
-        closed.clear()
-        for fd, events in self.epoll.poll(0, MAX_EVENTS):
-            if closed and fd in closed:
-                continue
-            handler = handlers.get(fd)
-            if handler is not None:  # else taken out by an earlier event in this batch
-                try:
-                    handler(events)
-                except Exception:  # a bug must not take the whole data plane down
-                    self._limited.error("relay", "unexpected error on fd %d; its connection is "
-                                        "closed", fd, exc_info=True)
-                    tunnel = getattr(getattr(handler, "__self__", None), "tunnel", None)
-                    if tunnel is not None:
-                        tunnel.close()
-
-    # -- interest ------------------------------------------------------------------
-
-    def watch(self, fd: int, old: int, new: int, handler) -> None:
-        """Change fd's events from ``old`` to ``new`` (0: not in the set)."""
-        if not old:
-            self.epoll.register(fd, new)
-            self.handlers[fd] = handler
-        elif not new:
-            self.epoll.unregister(fd)
-            del self.handlers[fd]
-        else:
-            self.epoll.modify(fd, new)
-
-    # -- listeners -----------------------------------------------------------------
-
-    def listen(self, sock: socket.socket, port: int | None, on_accept) -> Listener:
-        sock.setblocking(False)
-        sock.setsockopt(_TCP, _NODELAY, 1)  # accepted sockets inherit it: no call per connection
-        listener = Listener(self, sock, port, on_accept)
-        listener.resume()
-        return listener
-
-    # -- connect deadlines ----------------------------------------------------------
-
-    def connect_started(self, tunnel: Tunnel) -> None:
-        self.connecting.pop(tunnel, None)  # re-inserted at the end: the order stays right
-        self.connecting[tunnel] = deadline = self.loop.time() + self.connect_timeout_s
-        if self._timer is None:
-            self._timer = self.loop.call_at(deadline, self._expire)
-
-    def connect_ended(self, tunnel: Tunnel) -> None:
-        self.connecting.pop(tunnel, None)
-
-    def _expire(self) -> None:
-        self._timer = None
-        now = self.loop.time()
-        expired = []
-        for tunnel, deadline in self.connecting.items():
-            if deadline > now:
-                break
-            expired.append(tunnel)
-        for tunnel in expired:
-            if self.connecting.pop(tunnel, None) is not None:
-                tunnel.attempt_failed("timeout")
-        if self.connecting and self._timer is None:
-            self._timer = self.loop.call_at(next(iter(self.connecting.values())), self._expire)
-
-
-class Listener:
-    """A listening socket in the epoll set; ``on_accept(sock, addr, port)`` per connection."""
-
-    __slots__ = ("engine", "sock", "fd", "port", "on_accept", "active", "_pause")
-
-    def __init__(self, engine: Engine, sock: socket.socket, port: int | None, on_accept) -> None:
-        self.engine, self.sock, self.fd, self.port = engine, sock, sock.fileno(), port
-        self.on_accept = on_accept
-        self.active = False
-        self._pause = None
-
-    def resume(self) -> None:
-        self._pause = None
-        if not self.active and self.sock.fileno() >= 0:
-            self.active = True
-            self.engine.watch(self.fd, 0, EPOLLIN, self.ready)
-
-    def stop(self) -> None:
-        if self.active:
-            self.active = False
-            self.engine.watch(self.fd, EPOLLIN, 0, None)
-        if self._pause is not None:
-            self._pause.cancel()
-            self._pause = None
-
-    def close(self) -> None:
-        """Stop accepting and close our socket (a handed-in one stays open elsewhere)."""
-        self.stop()
-        self.sock.close()
-
-    def ready(self, events: int) -> None:
-        accept, on_accept, port = self.sock._accept, self.on_accept, self.port
-        family = self.sock.family
-        for _ in range(ACCEPT_BATCH):
-            try:
-                fd, addr = accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in _RESOURCE_ERRNOS:  # the backlog keeps them; try again later
-                    self.engine._limited.error(
-                        f"accept:{e.errno}", "accept() on %s out of system resources: %s; "
-                        "not accepting for %gs", self.sock.getsockname(), e.strerror,
-                        ACCEPT_PAUSE_S)
-                    self.stop()
-                    self._pause = self.engine.loop.call_later(ACCEPT_PAUSE_S, self.resume)
-                return  # ECONNABORTED and the like: the next event brings the rest
-            sock = _Socket(family, _STREAM, 0, fd)
-            sock.setblocking(False)
-            on_accept(sock, addr, port)
 
 
 class End:
@@ -547,7 +380,7 @@ class Tunnel:
             try:
                 sock = _Socket(family, _NONBLOCK)
             except OSError as e:
-                if e.errno in _RESOURCE_ERRNOS:  # our problem, not the target's
+                if e.errno in RESOURCE_ERRNOS:  # our problem, not the target's
                     return self.owner.no_resources(self, e)
                 reason = failure_reason(e)
                 continue

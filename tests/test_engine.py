@@ -15,7 +15,8 @@ from helpers import dead_port
 
 from appliance.balancer import Health
 from appliance.config import Target
-from appliance.relay import Engine, Tunnel
+from appliance.engine import Engine
+from appliance.relay import Tunnel
 
 
 class Owner:

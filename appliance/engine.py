@@ -1,0 +1,188 @@
+"""The data plane's event engine: one epoll set, watched by the event loop.
+
+Why not asyncio transports: a connection through two uvloop transports costs about
+40 us of interpreter time (a Task and futures for the connect, two transports with
+their handles, protocol callbacks), more than HAProxy spends on the whole
+connection. Here the event loop watches one file descriptor, an epoll set
+(level-triggered) holding the listeners and every client and backend socket; one
+callback handles a batch of events, each with one plain socket call that never waits
+(``accept`` here; ``connect``, ``recv_into``, ``send``, ``splice`` in
+:mod:`appliance.relay`). The loop still runs everything else (control socket,
+reloads, timers, signals).
+
+A socket that wants no event is taken out of the set, not left in it with an empty
+mask: epoll reports hang-ups and errors regardless of the mask, and a level-triggered
+report nobody acts on would spin.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import logging
+import select
+import socket
+from typing import TYPE_CHECKING, Callable
+
+from .logs import RateLimited
+
+if TYPE_CHECKING:
+    from .relay import Tunnel
+
+log = logging.getLogger(__name__)
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
+
+READ_SIZE = 256 * 1024  # the shared read buffer: one recv_into
+MAX_EVENTS = 512  # per callback; the rest come in the next one (the epoll fd stays readable)
+ACCEPT_BATCH = 64  # accepts per listener event, so one busy port cannot starve the others
+ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener for this long
+
+RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_Socket = _socket.socket  # the C type: no Python-level __init__ per connection
+_STREAM = socket.SOCK_STREAM
+_TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
+
+
+class Engine:
+    """The epoll set, the listeners in it, and the deadlines of backend connects."""
+
+    def __init__(self, loop, connect_timeout_s: float) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> handler(events)
+        self.buffer = bytearray(READ_SIZE)
+        self.view = memoryview(self.buffer)
+        self.connect_timeout_s = connect_timeout_s
+        # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout,
+        # so insertion order is deadline order: one timer, for the oldest, serves them all.
+        self.connecting: dict[Tunnel, float] = {}
+        self._timer = None
+        self._limited = RateLimited(log)
+        # fds closed while a batch of events is handled: the batch's later events for them
+        # are stale (and the number may already belong to a new socket)
+        self.closed: set[int] = set()
+        loop.add_reader(self.epoll.fileno(), self._ready)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.epoll.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+        self.epoll.close()
+
+    def _ready(self) -> None:
+        handlers, closed = self.handlers, self.closed
+        closed.clear()
+        for fd, events in self.epoll.poll(0, MAX_EVENTS):
+            if closed and fd in closed:
+                continue
+            handler = handlers.get(fd)
+            if handler is not None:  # else taken out by an earlier event in this batch
+                try:
+                    handler(events)
+                except Exception:  # a bug must not take the whole data plane down
+                    self._limited.error("relay", "unexpected error on fd %d; its connection is "
+                                        "closed", fd, exc_info=True)
+                    tunnel = getattr(getattr(handler, "__self__", None), "tunnel", None)
+                    if tunnel is not None:
+                        tunnel.close()
+
+    # -- interest ------------------------------------------------------------------
+
+    def watch(self, fd: int, old: int, new: int, handler) -> None:
+        """Change fd's events from ``old`` to ``new`` (0: not in the set)."""
+        if not old:
+            self.epoll.register(fd, new)
+            self.handlers[fd] = handler
+        elif not new:
+            self.epoll.unregister(fd)
+            del self.handlers[fd]
+        else:
+            self.epoll.modify(fd, new)
+
+    # -- listeners -----------------------------------------------------------------
+
+    def listen(self, sock: socket.socket, port: int | None, on_accept) -> Listener:
+        sock.setblocking(False)
+        sock.setsockopt(_TCP, _NODELAY, 1)  # accepted sockets inherit it: no call per connection
+        listener = Listener(self, sock, port, on_accept)
+        listener.resume()
+        return listener
+
+    # -- connect deadlines ----------------------------------------------------------
+
+    def connect_started(self, tunnel: Tunnel) -> None:
+        self.connecting.pop(tunnel, None)  # re-inserted at the end: the order stays right
+        self.connecting[tunnel] = deadline = self.loop.time() + self.connect_timeout_s
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._expire)
+
+    def connect_ended(self, tunnel: Tunnel) -> None:
+        self.connecting.pop(tunnel, None)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        expired = []
+        for tunnel, deadline in self.connecting.items():
+            if deadline > now:
+                break
+            expired.append(tunnel)
+        for tunnel in expired:
+            if self.connecting.pop(tunnel, None) is not None:
+                tunnel.attempt_failed("timeout")
+        if self.connecting and self._timer is None:
+            self._timer = self.loop.call_at(next(iter(self.connecting.values())), self._expire)
+
+
+class Listener:
+    """A listening socket in the epoll set; ``on_accept(sock, addr, port)`` per connection."""
+
+    __slots__ = ("engine", "sock", "fd", "port", "on_accept", "active", "_pause")
+
+    def __init__(self, engine: Engine, sock: socket.socket, port: int | None, on_accept) -> None:
+        self.engine, self.sock, self.fd, self.port = engine, sock, sock.fileno(), port
+        self.on_accept = on_accept
+        self.active = False
+        self._pause = None
+
+    def resume(self) -> None:
+        self._pause = None
+        if not self.active and self.sock.fileno() >= 0:
+            self.active = True
+            self.engine.watch(self.fd, 0, EPOLLIN, self.ready)
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            self.engine.watch(self.fd, EPOLLIN, 0, None)
+        if self._pause is not None:
+            self._pause.cancel()
+            self._pause = None
+
+    def close(self) -> None:
+        """Stop accepting and close our socket (a handed-in one stays open elsewhere)."""
+        self.stop()
+        self.sock.close()
+
+    def ready(self, events: int) -> None:
+        accept, on_accept, port = self.sock._accept, self.on_accept, self.port
+        family = self.sock.family
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in RESOURCE_ERRNOS:  # the backlog keeps them; try again later
+                    self.engine._limited.error(
+                        f"accept:{e.errno}", "accept() on %s out of system resources: %s; "
+                        "not accepting for %gs", self.sock.getsockname(), e.strerror,
+                        ACCEPT_PAUSE_S)
+                    self.stop()
+                    self._pause = self.engine.loop.call_later(ACCEPT_PAUSE_S, self.resume)
+                return  # ECONNABORTED and the like: the next event brings the rest
+            sock = _Socket(family, _STREAM, 0, fd)
+            sock.setblocking(False)
+            on_accept(sock, addr, port)
