@@ -16,14 +16,6 @@ from typing import Sequence
 from .config import Target
 
 
-class AllTargetsFailed(Exception):
-    """Every target was tried once and none accepted; ``failures`` says why, per target."""
-
-    def __init__(self, failures: list[tuple[Target, str]]):
-        self.failures = failures
-        super().__init__(describe(failures) or "no targets")
-
-
 def describe(failures: list[tuple[Target, str]]) -> str:
     """``[(target, reason), ...]`` -> ``"10.0.0.1:80: refused, db:5432: dns"``."""
     return ", ".join(f"{target}: {reason}" for target, reason in failures)

@@ -83,6 +83,7 @@ class Proxy:
         self.engine = Engine(self._loop, self.options.connect_timeout_s)
         if sockets:
             for sock in sockets:
+                sock.listen(listeners.BACKLOG)  # as for our own (systemd's unit says the same)
                 self._handed.append(self._serve(sock, None))
         else:
             await self._open_ports(self.config.ports)

@@ -183,7 +183,7 @@ class End:
             return self.update()  # the connect passes it on (or the tunnel is closing)
         if peer.out is None and not peer.piped:
             if self.shut:  # the other direction is done too: close both (which also takes
-                return self.tunnel.finish()  # them out of the epoll set)
+                return self.tunnel.close()  # them out of the epoll set)
             self.update()
             peer.shutdown()
         else:
@@ -196,7 +196,7 @@ class End:
             return
         self.shut = True
         if self.peer.shut:
-            return self.tunnel.finish()
+            return self.tunnel.close()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -450,10 +450,6 @@ class Tunnel:
         """An error on either socket: close both (a reset, as far as the ending says)."""
         if self.end is None:
             self.end = "reset"
-        self.close()
-
-    def finish(self) -> None:
-        """Both directions ended cleanly."""
         self.close()
 
     def close(self) -> None:
