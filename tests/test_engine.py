@@ -42,18 +42,27 @@ class Owner:
         self.done.set()
 
 
-async def relay_one(targets, getaddrinfo, connect_timeout_s=2.0):
-    """Accept one client through a Tunnel to ``targets``; return (owner, tunnel, health)."""
-    loop = asyncio.get_running_loop()
-    loop.getaddrinfo = getaddrinfo  # asyncio's loop is a Python object: the resolver is ours
-    engine = Engine(loop, connect_timeout_s)
+def start_tunnel(targets, connect_timeout_s):
+    """A client connection handed to a Tunnel that starts connecting to ``targets``;
+    returns (owner, tunnel, health, client, engine)."""
+    engine = Engine(asyncio.get_running_loop(), connect_timeout_s)
     front = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(front.getsockname(), timeout=5)
     accepted, addr = front.accept()
+    port = front.getsockname()[1]
+    front.close()
     accepted.setblocking(False)
     owner, health = Owner(), Health()
-    tunnel = Tunnel(engine, owner, accepted, addr, "app", front.getsockname()[1])
+    tunnel = Tunnel(engine, owner, accepted, addr, "app", port)
     tunnel.connect(targets, health)
+    return owner, tunnel, health, client, engine
+
+
+async def relay_one(targets, getaddrinfo, connect_timeout_s=2.0):
+    """start_tunnel() with our resolver, then wait until the connect is decided."""
+    # asyncio's loop is a Python object: the resolver can be ours
+    asyncio.get_running_loop().getaddrinfo = getaddrinfo
+    owner, tunnel, health, client, engine = start_tunnel(targets, connect_timeout_s)
     await asyncio.wait_for(owner.done.wait(), 10)
     return owner, tunnel, health, client, engine
 
@@ -125,14 +134,7 @@ def test_a_client_reset_while_connecting_abandons_the_attempt_at_once():
 
     async def main():
         loop = asyncio.get_running_loop()
-        engine = Engine(loop, 30.0)
-        front = socket.create_server(("127.0.0.1", 0))
-        client = socket.create_connection(front.getsockname(), timeout=5)
-        accepted, addr = front.accept()
-        accepted.setblocking(False)
-        owner = Owner()
-        tunnel = Tunnel(engine, owner, accepted, addr, "app", front.getsockname()[1])
-        tunnel.connect([Target(*silent.getsockname())], Health())
+        owner, tunnel, _, client, engine = start_tunnel([Target(*silent.getsockname())], 30.0)
         assert tunnel in engine.connecting
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         client.close()  # linger 0: RST
