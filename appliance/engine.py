@@ -113,7 +113,8 @@ class Engine:
     # -- connect deadlines ----------------------------------------------------------
 
     def connect_started(self, tunnel: Tunnel) -> None:
-        self.connecting.pop(tunnel, None)  # re-inserted at the end: the order stays right
+        # A tunnel's previous attempt has always ended (connect_ended) before its next one
+        # starts, so it goes in at the end: insertion order stays deadline order.
         self.connecting[tunnel] = deadline = self.loop.time() + self.connect_timeout_s
         if self._timer is None:
             self._timer = self.loop.call_at(deadline, self._expire)

@@ -392,7 +392,7 @@ class Tunnel:
                 end.update()  # writable: connected (or failed)
                 return
             sock.close()
-            reason = failure_reason(OSError(err, os.strerror(err)))
+            reason = errno_reason(err)
         self.attempt_failed(reason or "no address")
 
     def connect_done(self, end: End) -> None:
@@ -400,7 +400,7 @@ class Tunnel:
         if err:
             self.connecting_end = None
             end.close()
-            return self.next_address(failure_reason(OSError(err, os.strerror(err))))
+            return self.next_address(errno_reason(err))
         self.engine.connect_ended(self)
         self.connecting_end = None
         target = self.order[self.attempt]
@@ -465,6 +465,11 @@ class Tunnel:
         if self.backend is not None:
             self.backend.close()
         self.owner.closed(self)
+
+
+def errno_reason(err: int) -> str:
+    """failure_reason() for an errno (from connect_ex or SO_ERROR)."""
+    return failure_reason(OSError(err, os.strerror(err)))
 
 
 def failure_reason(exc: BaseException) -> str:
