@@ -86,7 +86,7 @@ class Proxy:
                 sock.listen(listeners.BACKLOG)  # as for our own (systemd's unit says the same)
                 self._handed.append(self._serve(sock, None))
         else:
-            await self._open_ports(self.config.ports)
+            self._open_ports(self.config.ports)
         if self.options.idle_timeout_s > 0:
             self._sweeper = self._loop.create_task(self._sweep_idle())
         self.accepting = True
@@ -94,7 +94,7 @@ class Proxy:
     def _serve(self, sock: socket.socket, port: int | None) -> Listener:
         return self.engine.listen(sock, port, self._accepted)
 
-    async def _open_ports(self, ports) -> None:
+    def _open_ports(self, ports) -> None:
         """Bind all ``ports`` or none: on failure close what this call opened and raise."""
         opened: dict[int, Listener] = {}
         try:
@@ -107,8 +107,8 @@ class Proxy:
                         f"cannot listen on {self.host or '*'}:{port}: {e.strerror}") from None
                 opened[port] = self._serve(sock, port)
         except BaseException:
-            for server in opened.values():
-                server.close()
+            for listener in opened.values():
+                listener.close()
             raise
         self._owned.update(opened)
 
@@ -232,7 +232,7 @@ class Proxy:
         async with self._reload_lock:
             change = diff(self.config, new)
             if not self._handed:
-                await self._open_ports(change.added_ports)
+                self._open_ports(change.added_ports)
             self.config, self._routes = new, new.routes
             self.generation += 1
             if not self._handed:
