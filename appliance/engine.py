@@ -55,8 +55,10 @@ class Engine:
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
         self.connect_timeout_s = connect_timeout_s
-        # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout,
-        # so insertion order is deadline order: one timer, for the oldest, serves them all.
+        # Tunnels connecting -> their attempt's deadline (Tunnel.next_target puts them in).
+        # Every attempt has the same timeout and a tunnel's previous attempt has always
+        # ended (connect_ended) before its next starts, so insertion order is deadline
+        # order: one timer, for the oldest, serves them all.
         self.connecting: dict[Tunnel, float] = {}
         self._timer = None
         self._limited = RateLimited(log)
@@ -111,13 +113,6 @@ class Engine:
         return listener
 
     # -- connect deadlines ----------------------------------------------------------
-
-    def connect_started(self, tunnel: Tunnel) -> None:
-        # A tunnel's previous attempt has always ended (connect_ended) before its next one
-        # starts, so it goes in at the end: insertion order stays deadline order.
-        self.connecting[tunnel] = deadline = self.loop.time() + self.connect_timeout_s
-        if self._timer is None:
-            self._timer = self.loop.call_at(deadline, self._expire)
 
     def connect_ended(self, tunnel: Tunnel) -> None:
         self.connecting.pop(tunnel, None)
@@ -184,6 +179,5 @@ class Listener:
                     self.stop()
                     self._pause = self.engine.loop.call_later(ACCEPT_PAUSE_S, self.resume)
                 return  # ECONNABORTED and the like: the next event brings the rest
-            sock = _Socket(family, _STREAM, 0, fd)
-            sock.setblocking(False)
-            on_accept(sock, addr, port)
+            # Left blocking: the relay's reads and writes say MSG_DONTWAIT themselves.
+            on_accept(_Socket(family, _STREAM, 0, fd), addr, port)

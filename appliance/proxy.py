@@ -64,8 +64,7 @@ class Proxy:
         self._handed: list[Listener] = []
         self.engine: Engine | None = None
         self._reload_lock = asyncio.Lock()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._drained: asyncio.Future | None = None  # drain() waits on it: no tunnels left
         self._sweeper: asyncio.Task | None = None
         self._limited = RateLimited(log)
         self.accepting = False
@@ -145,9 +144,9 @@ class Proxy:
         self.active[app.name] = active + 1
         tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.options.splice_after)
         self.tunnels.add(tunnel)
-        self._idle.clear()
         self.metrics.accepted(app.name)
-        tunnel.connect(self.health.order(app.targets), self.health)
+        targets = app.targets  # (one target: that is the order, healthy or not)
+        tunnel.connect(targets if len(targets) == 1 else self.health.order(targets), self.health)
 
     def limit(self, max_connections: int) -> int:
         """This process's share of an app's connection limit: with N workers each takes
@@ -198,8 +197,8 @@ class Proxy:
                          tunnel.target, tunnel.attempts, bytes_in, bytes_out, secs, end,
                          extra={"APP": tunnel.app, "PORT": tunnel.port, "TARGET": tunnel.target,
                                 "BYTES_IN": bytes_in, "BYTES_OUT": bytes_out, "END": end})
-        if not self.tunnels:
-            self._idle.set()
+        if not self.tunnels and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     async def _sweep_idle(self) -> None:
         """Close connections that moved no byte for ``idle_timeout_s`` (checked in steps).
@@ -252,8 +251,10 @@ class Proxy:
         Returns how many connections had to be aborted.
         """
         try:
-            async with asyncio.timeout(grace_s):
-                await self._idle.wait()
+            if self.tunnels:
+                self._drained = self._loop.create_future()
+                async with asyncio.timeout(grace_s):
+                    await self._drained
             return 0
         except TimeoutError:
             left = list(self.tunnels)

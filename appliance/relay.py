@@ -48,6 +48,10 @@ _Socket = _socket.socket
 _NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 _SOL_SOCKET, _SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
+# Every read and write says "do not wait" itself, so an accepted socket needs no call to
+# make it non-blocking (one system call less per connection). Only splice() needs the
+# socket's own flag: start_splice sets it, once per bulk connection.
+_DONTWAIT = socket.MSG_DONTWAIT
 
 
 class End:
@@ -87,14 +91,23 @@ class End:
         new = (READABLE if self.reading else 0) | \
             (EPOLLOUT if self.out is not None or self.piped or self.tunnel.connecting_end is self
              else 0)
-        if new != self.events:
-            self.engine.watch(self.fd, self.events, new, self.handler)
+        old = self.events
+        if new != old:  # (Engine.watch, written out: this runs several times per connection)
+            engine = self.engine
+            if not old:
+                engine.epoll.register(self.fd, new)
+                engine.handlers[self.fd] = self.handler
+            elif not new:
+                engine.epoll.unregister(self.fd)
+                del engine.handlers[self.fd]
+            else:
+                engine.epoll.modify(self.fd, new)
             self.events = new
 
     def ready(self, events: int) -> None:
         tunnel = self.tunnel
         if tunnel.connecting_end is self:
-            return tunnel.connect_done(self)
+            return tunnel.connect_done(self, events)
         if events & EPOLLOUT:
             self.flush()
             if self.sock is None:
@@ -126,10 +139,17 @@ class End:
         return n
 
     def read(self, events: int) -> None:
+        # (take() and send(), written out: this is the path of almost every event)
         engine = self.engine
-        n = self.take(self.sock.recv_into, engine.buffer)
-        if not n:
+        try:
+            n = self.sock.recv_into(engine.buffer, READ_SIZE, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            return self.tunnel.fail()
+        if not n:
+            return self.got_eof()
+        self.nbytes += n
         peer = self.peer
         if peer is None:  # the backend is not connected yet: keep this (bounded)
             data = bytes(engine.view[:n])
@@ -138,28 +158,28 @@ class End:
                 self.reading = False
                 self.update()
             return
-        peer.send(engine.view[:n])
+        data = engine.view[:n]
+        try:
+            sent = peer.sock.send(data, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return self.tunnel.fail()
+        if sent < n:
+            peer.out = bytes(data[sent:])  # off the shared buffer
+            peer.hold()
         if events & EPOLLRDHUP and n < READ_SIZE and not events & EPOLLERR:
             # The FIN had arrived before this read, and a read shorter than asked for took
             # everything queued before it: this is the EOF, without a read that returns 0.
-            if self.sock is not None:
-                self.got_eof()
-        elif self.nbytes >= self.splice_at and peer.out is None and peer.sock is not None:
+            self.got_eof()
+        elif self.nbytes >= self.splice_at and peer.out is None:
             self.start_splice()
-
-    def send(self, data) -> None:
-        """Write ``data`` (a view of the shared buffer) to this socket; keep what it does not
-        take and stop reading the peer until it has."""
-        sent = self.write(data)
-        if 0 <= sent < len(data):
-            self.out = bytes(data[sent:])  # off the shared buffer
-            self.hold()
 
     def write(self, data) -> int:
         """As much of ``data`` as the socket takes now: bytes sent, or -1 if it failed (and
         the tunnel is closed)."""
         try:
-            return self.sock.send(data)
+            return self.sock.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
@@ -248,6 +268,8 @@ class End:
                 self.splice_at = NEVER
                 return
         self.pipe_r, self.pipe_w = pipe_r, pipe_w
+        self.sock.setblocking(False)  # splice() waits on a blocking socket whatever its flags
+        self.peer.sock.setblocking(False)
 
     def splice_read(self) -> None:
         """Socket -> pipe -> peer, again and again until the socket has nothing (bounded):
@@ -301,7 +323,7 @@ class Tunnel:
     """
 
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
-                 "order", "failures", "health", "attempt", "addrs", "connecting_end",
+                 "order", "failures", "health", "attempt", "addrs", "addr_i", "connecting_end",
                  "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
                  "done")
 
@@ -317,7 +339,8 @@ class Tunnel:
         self.failures: list = []  # (target, reason) for each attempt that failed
         self.health = None
         self.attempt = 0  # index into order of the target being tried
-        self.addrs: list = []  # addresses of that target still to try
+        self.addrs = ()  # (family, sockaddr) of that target ...
+        self.addr_i = 0  # ... and the next one of them to try
         self.connecting_end: End | None = None  # the backend socket while it connects
         self.backend: End | None = None
         self.started = time.monotonic()
@@ -350,15 +373,21 @@ class Tunnel:
         if self.attempt >= len(self.order):
             return self.owner.all_failed(self)
         target = self.order[self.attempt]
-        self.attempt_started = self.engine.loop.time()
-        self.engine.connect_started(self)
+        engine = self.engine
+        self.attempt_started = now = engine.loop.time()
+        # The attempt's deadline (Engine.connect_started, written out): every attempt has
+        # the same timeout, so insertion order is deadline order.
+        engine.connecting[self] = now + engine.connect_timeout_s
+        if engine._timer is None:
+            engine._timer = engine.loop.call_at(now + engine.connect_timeout_s, engine._expire)
+        self.addr_i = 0
         if target.addrs is not None:  # an IP literal: nothing to resolve
-            self.addrs = list(target.addrs)
+            self.addrs = target.addrs
             return self.next_address()
-        self.addrs = []
+        self.addrs = ()
         attempt = self.attempt
-        future = self.engine.loop.create_task(
-            self.engine.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM))
+        future = engine.loop.create_task(
+            engine.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM))
         future.add_done_callback(lambda f: self.resolved(f, attempt))
 
     def resolved(self, future, attempt: int) -> None:
@@ -375,8 +404,10 @@ class Tunnel:
 
     def next_address(self, reason: str = "") -> None:
         """Connect to the next address of the current target (a name may have several)."""
-        while self.addrs:
-            family, sockaddr = self.addrs.pop(0)
+        addrs = self.addrs
+        while self.addr_i < len(addrs):
+            family, sockaddr = addrs[self.addr_i]
+            self.addr_i += 1
             try:
                 sock = _Socket(family, _NONBLOCK)
             except OSError as e:
@@ -385,7 +416,7 @@ class Tunnel:
                 reason = failure_reason(e)
                 continue
             err = sock.connect_ex(sockaddr)
-            if err in (0, errno.EINPROGRESS):
+            if err == errno.EINPROGRESS or not err:
                 end = End(self, sock)
                 self.connecting_end = end
                 end.reading = False
@@ -395,16 +426,20 @@ class Tunnel:
             reason = errno_reason(err)
         self.attempt_failed(reason or "no address")
 
-    def connect_done(self, end: End) -> None:
-        err = end.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
-        if err:
-            self.connecting_end = None
-            end.close()
-            return self.next_address(errno_reason(err))
-        self.engine.connect_ended(self)
+    def connect_done(self, end: End, events: int) -> None:
+        # Writable without an error or hang-up reported: connected (no SO_ERROR to ask for).
+        if events & (EPOLLERR | EPOLLHUP):
+            err = end.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+            if err:
+                self.connecting_end = None
+                end.close()
+                return self.next_address(errno_reason(err))
+        engine = self.engine
+        engine.connecting.pop(self, None)
         self.connecting_end = None
         target = self.order[self.attempt]
-        self.health.success(target)
+        if self.health.failed:
+            self.health.success(target)
         self.target = target
         self.backend = end
         end.sock.setsockopt(_TCP, _NODELAY, 1)  # (the client's comes from its listener)
@@ -413,11 +448,13 @@ class Tunnel:
         if self.splice_after is not NEVER:
             client.splice_at = end.splice_at = self.splice_after
         end.reading = True
-        self.owner.connected(self, self.engine.loop.time() - self.attempt_started)
+        self.owner.connected(self, engine.loop.time() - self.attempt_started)
         if self.done:
             return
-        end.out, client.early = client.early, None
-        if end.out is not None:  # what the client sent meanwhile
+        early = client.early
+        if early is not None:  # what the client sent meanwhile
+            client.early = None
+            end.out = early
             end.flush()
         else:
             end.update()
