@@ -146,19 +146,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run(coro, loop: str = "auto"):
-    """asyncio.run on the chosen event loop: uvloop (Debian's python3-uvloop) when asked
-    for, or by default when it is installed; else the standard library's."""
-    if loop != "asyncio":
+    """asyncio.run on the chosen event loop: asyncio's own, waiting on the relay's epoll
+    set (auto, the default: see engine.EngineSelector), or uvloop (python3-uvloop)."""
+    if loop == "uvloop":
         try:
             import uvloop
         except ImportError:
-            if loop == "uvloop":
-                raise SystemExit("flyproxy: --loop uvloop: uvloop is not installed "
-                                 "(Debian package python3-uvloop)") from None
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                return runner.run(coro)
-    return asyncio.run(coro)
+            raise SystemExit("flyproxy: --loop uvloop: uvloop is not installed "
+                             "(Debian package python3-uvloop)") from None
+        factory = uvloop.new_event_loop
+    else:
+        from .engine import EngineSelector
+
+        def factory():
+            return asyncio.SelectorEventLoop(EngineSelector())
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -288,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     control_arg(p, None)
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"],
                    default=os.environ.get("FLYPROXY_LOOP", "auto"),
-                   help="event loop: uvloop if installed (auto, the default), or asyncio's")
+                   help="event loop: asyncio's waiting on the relay's epoll set (auto, "
+                        "asyncio: the default), or uvloop (python3-uvloop) around it")
     p.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="per-target connect timeout (default 3)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",

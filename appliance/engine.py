@@ -1,14 +1,18 @@
-"""The data plane's event engine: one epoll set, watched by the event loop.
+"""The data plane's event engine: one epoll set holding every socket we relay.
 
 Why not asyncio transports: a connection through two uvloop transports costs about
 40 us of interpreter time (a Task and futures for the connect, two transports with
 their handles, protocol callbacks), more than HAProxy spends on the whole
-connection. Here the event loop watches one file descriptor, an epoll set
-(level-triggered) holding the listeners and every client and backend socket; one
-callback handles a batch of events, each with one plain socket call that never waits
-(``accept`` here; ``connect``, ``recv_into``, ``send``, ``splice`` in
-:mod:`appliance.relay`). The loop still runs everything else (control socket,
-reloads, timers, signals).
+connection. Here one epoll set (level-triggered) holds the listeners and every client
+and backend socket; each event is handled with one plain socket call that never
+waits (``accept`` here; ``connect``, ``recv_into``, ``send``, ``splice`` in
+:mod:`appliance.relay`).
+
+That epoll set is also the event loop's: with :class:`EngineSelector` (the default) the
+asyncio loop's one ``epoll_wait`` per wakeup brings the relay's events, handled right
+in the selector, and the loop's own (control socket, signals, timers' wakeups); one
+system call and no loop iteration per wakeup while only connections are busy. On
+another loop (uvloop) the loop watches the epoll set as one more file descriptor.
 
 A socket that wants no event is taken out of the set, not left in it with an empty
 mask: epoll reports hang-ups and errors regardless of the mask, and a level-triggered
@@ -20,8 +24,11 @@ from __future__ import annotations
 import _socket
 import errno
 import logging
+import math
 import select
+import selectors
 import socket
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Callable
 
 from .logs import RateLimited
@@ -50,7 +57,6 @@ class Engine:
 
     def __init__(self, loop, connect_timeout_s: float) -> None:
         self.loop = loop
-        self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> handler(events)
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
@@ -65,22 +71,39 @@ class Engine:
         # fds closed while a batch of events is handled: the batch's later events for them
         # are stale (and the number may already belong to a new socket)
         self.closed: set[int] = set()
-        loop.add_reader(self.epoll.fileno(), self._ready)
+        selector = getattr(loop, "_selector", None)
+        if isinstance(selector, EngineSelector) and selector.engine is None:
+            self._selector = selector  # the loop's own wait is ours: one epoll_wait per wakeup
+            selector.engine = self
+            selector.loop = loop
+            self.epoll = selector._selector
+        else:  # (uvloop) our epoll set is one more fd the loop watches
+            self._selector = None
+            self.epoll = select.epoll()
+            loop.add_reader(self.epoll.fileno(), self._ready)
 
     def close(self) -> None:
-        self.loop.remove_reader(self.epoll.fileno())
         if self._timer is not None:
             self._timer.cancel()
+        if self._selector is not None:
+            self._selector.engine = None
+            return
+        self.loop.remove_reader(self.epoll.fileno())
         self.epoll.close()
 
     def _ready(self) -> None:
+        self.dispatch(self.epoll.poll(0, MAX_EVENTS))
+
+    def dispatch(self, fd_events) -> list:
+        """Run the handler of each (fd, events); return those that are not ours."""
         handlers, closed = self.handlers, self.closed
         closed.clear()
-        for fd, events in self.epoll.poll(0, MAX_EVENTS):
+        others = []
+        for fd, events in fd_events:
             if closed and fd in closed:
                 continue
             handler = handlers.get(fd)
-            if handler is not None:  # else taken out by an earlier event in this batch
+            if handler is not None:
                 try:
                     handler(events)
                 except Exception:  # a bug must not take the whole data plane down
@@ -89,6 +112,9 @@ class Engine:
                     tunnel = getattr(getattr(handler, "__self__", None), "tunnel", None)
                     if tunnel is not None:
                         tunnel.close()
+            else:  # the event loop's (or one taken out by an earlier event in this batch)
+                others.append((fd, events))
+        return others
 
     # -- interest ------------------------------------------------------------------
 
@@ -181,3 +207,50 @@ class Listener:
                 return  # ECONNABORTED and the like: the next event brings the rest
             # Left blocking: the relay's reads and writes say MSG_DONTWAIT themselves.
             on_accept(_Socket(family, _STREAM, 0, fd), addr, port)
+
+
+class EngineSelector(selectors.EpollSelector):
+    """asyncio's epoll selector, sharing its epoll set with the :class:`Engine`.
+
+    ``select()`` hands the relay's events to the engine as they come, and returns to the
+    loop only when the loop has something to do: an event of its own, a callback made
+    ready or a timer added by a handler (a connect timeout, a DNS task), or its timeout.
+    So a busy proxy runs one ``epoll_wait`` per wakeup and no loop iteration around it.
+    This reads three attributes of asyncio's BaseEventLoop (``_ready``, ``_scheduled``,
+    ``_stopping``), stable across Python 3.11 (the version we ship on) and later.
+    """
+
+    engine: Engine | None = None
+    loop = None  # set with the engine
+
+    def select(self, timeout=None):
+        loop = self.loop
+        if loop is None:  # (no engine yet)
+            return super().select(timeout)
+        deadline = None if timeout is None else _monotonic() + max(timeout, 0)
+        scheduled = len(loop._scheduled)
+        fd_to_key = self._fd_to_key
+        poll = self._selector.poll
+        while True:
+            if deadline is None:
+                ms = -1
+            else:
+                ms = deadline - _monotonic()
+                ms = 0 if ms <= 0 else math.ceil(ms * 1e3) * 1e-3
+            try:
+                fd_events = poll(ms, MAX_EVENTS + len(fd_to_key))
+            except InterruptedError:
+                return []
+            if self.engine is not None:
+                fd_events = self.engine.dispatch(fd_events)
+            if fd_events or ms == 0 or loop._ready or loop._stopping or \
+                    len(loop._scheduled) != scheduled:
+                break
+        ready = []
+        for fd, event in fd_events:
+            key = fd_to_key.get(fd)
+            if key:
+                events = (selectors.EVENT_WRITE if event & ~EPOLLIN else 0) | \
+                    (selectors.EVENT_READ if event & ~EPOLLOUT else 0)
+                ready.append((key, events & key.events))
+        return ready

@@ -10,7 +10,7 @@ per unit of work (its own processes' user+sys time) barely does, so both are rep
 
 Outputs docs/bench/results.md (absolute figures and ratios to HAProxy), results.json
 (every round) and chart.png. Needs root (namespace, BPF). Bounded: each load lasts
-BENCH_SECONDS (default 4) and there are BENCH_ROUNDS rounds (default 3).
+BENCH_SECONDS (default 4) and there are BENCH_ROUNDS rounds (default 5).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "bench"
 PYTHON = os.environ.get("BENCH_PYTHON", "/usr/bin/python3")
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 IDLE_CONNECTIONS = int(os.environ.get("BENCH_IDLE", "5000"))
 SCALE_PORTS = 10_000
 NS = "flyproxy-bench"
@@ -201,16 +201,21 @@ class SocketProxyd(Proxy):
                             f"proxyd-{k}") for k in BACKEND]
 
 
+def describe_workers(workers: str) -> str:
+    """"" for one worker (the like-for-like column), else " (N workers)"."""
+    n = os.cpu_count() if workers == "auto" else int(workers)
+    return "" if n == 1 else f" ({n} workers)"
+
+
 class FlyProxy(Proxy):
     name = "flyproxy"
 
-    def __init__(self, base: int, loop: str = "auto", workers: str = "auto"):
+    def __init__(self, base: int, loop: str = "auto", workers: str = "1"):
         super().__init__(base)
         self.loop, self.workers = loop, workers
-        if workers != "auto":
-            self.name = f"flyproxy ({workers} worker{'s' if workers != '1' else ''})"
-        if loop == "asyncio":
-            self.name = f"flyproxy (asyncio loop, {workers} worker)"
+        self.name = "flyproxy" + describe_workers(workers)
+        if loop == "uvloop":
+            self.name += " (uvloop)"
         self.config = WORK / f"flyproxy-{base}.json"
 
     def write_config(self, extra_http_ports: int = 0) -> None:
@@ -229,7 +234,7 @@ class FlyProxy(Proxy):
         self.write_config()
         self.procs = [spawn([PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
                              "-c", str(self.config), "--loop", self.loop,
-                             "--workers", self.workers,  # as shipped: auto, one per CPU
+                             "--workers", self.workers,
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
                              # as shipped: metrics on (the appliance unit turns them on)
                              "--metrics", f"127.0.0.1:{self.front['http'] + 9}",
@@ -266,9 +271,9 @@ class FlyProxyBPF(FlyProxy):
     name = "flyproxy BPF"
     LISTEN = 9999  # outside every range of configured ports
 
-    def __init__(self, base: int, bpffs: Path, workers: str = "auto"):
+    def __init__(self, base: int, bpffs: Path, workers: str = "1"):
         super().__init__(base, workers=workers)
-        self.name = "flyproxy BPF" + ("" if workers == "auto" else f" ({workers} worker)")
+        self.name = "flyproxy BPF" + describe_workers(workers)
         self.pin_dir = bpffs / "flyproxy"
 
     def serve_args(self) -> list[str]:
@@ -465,11 +470,13 @@ def main() -> int:
     bpffs.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
     backends = start_backends()
+    # One thread/worker each, as the issue compares them; then the shipped default (one
+    # worker per CPU) beside HAProxy with one thread per CPU.
     proxies = [NoProxy(), HAProxy(21000), NginxStream(22000), SocketProxyd(23000),
-               FlyProxy(24000), FlyProxyBPF(25000, bpffs), FlyProxy(26000, workers="1"),
+               FlyProxy(24000), FlyProxyBPF(25000, bpffs), FlyProxy(26000, workers="auto"),
                HAProxy(28000, threads=os.cpu_count())]
-    if os.environ.get("BENCH_ASYNCIO_LOOP", "0") == "1":
-        proxies.append(FlyProxy(27000, loop="asyncio", workers="1"))
+    if os.environ.get("BENCH_UVLOOP", "0") == "1":
+        proxies.append(FlyProxy(27000, loop="uvloop"))
     rounds: dict[str, list[dict]] = {p.name: [] for p in proxies}
     extra: dict[str, dict] = {p.name: {} for p in proxies}
     started = time.monotonic()
@@ -483,7 +490,8 @@ def main() -> int:
                     rounds[proxy.name].append(run_workloads(proxy))
                     if n == 0 and not isinstance(proxy, NoProxy):
                         extra[proxy.name].update(idle_memory(proxy))
-                    if n == 0 and isinstance(proxy, FlyProxy) and proxy.workers == "auto":
+                    if n == 0 and isinstance(proxy, FlyProxy) and proxy.workers == "1" \
+                            and proxy.loop == "auto":
                         extra[proxy.name].update(scale(proxy))
                 finally:
                     proxy.stop()
@@ -572,11 +580,11 @@ def report(summary: dict, meta: dict) -> str:
              f"{meta['cpus']} CPUs, kernel {meta['kernel']}, loopback in a private network "
              f"namespace; {meta['rounds']} rounds of {meta['seconds']:g} s loads, medians; "
              f"{meta['idle_connections']:,} idle connections for memory; took "
-             f"{meta['duration_s']} s. HAProxy, nginx and systemd-socket-proxyd on one "
-             "thread/worker; flyproxy and flyproxy BPF as shipped, one worker process per CPU "
-             f"({meta['cpus']} here); flyproxy with one worker and HAProxy with one thread per "
-             "CPU for comparison. Ratios are to HAProxy (one thread) in the same run (for "
-             "cost rows, lower is better).", "",
+             f"{meta['duration_s']} s. Every proxy on one thread/worker (flyproxy: one "
+             "worker process; flyproxy BPF: the same, on one listener steered by sk_lookup); "
+             "then flyproxy as shipped, one worker per CPU "
+             f"({meta['cpus']} here), beside HAProxy with one thread per CPU. Ratios are to "
+             "HAProxy (one thread) in the same run (for cost rows, lower is better).", "",
              "| metric | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for key, label, fmt, _ in ROWS:
