@@ -1,22 +1,40 @@
 """The relay's connect logic in-process, for what a whole proxy cannot show from outside:
 a host name with several addresses, a resolver that never answers, a client that resets
-while its backend is still connecting.
+while its backend is still connecting; and the event loop's own work (timers) while its
+wait is the engine's.
 
-Real sockets and a real engine on asyncio's loop; only the resolver is replaced (a name
-with two addresses, or a stuck DNS server, cannot be had on this machine's loopback).
+Real sockets and a real engine, on both ways the engine meets asyncio's loop (its epoll set
+as the loop's wait, and nested in a plain loop); only the resolver is replaced (a name with
+two addresses, or a stuck DNS server, cannot be had on this machine's loopback).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
 
+import pytest
 from helpers import dead_port
 
 from appliance.balancer import Health
 from appliance.config import Target
-from appliance.engine import Engine
+from appliance.engine import Engine, EngineSelector
 from appliance.relay import Tunnel
+
+
+@pytest.fixture(params=["engine-selector", "nested"])
+def run(request):
+    """asyncio.run on the loop the proxy ships (its wait is the engine's epoll set), or on a
+    plain asyncio loop that watches the engine's set as one more fd (as uvloop does)."""
+    def run(coro):
+        if request.param == "nested":
+            return asyncio.run(coro)
+        with asyncio.Runner(
+                loop_factory=lambda: asyncio.SelectorEventLoop(EngineSelector())) as runner:
+            return runner.run(coro)
+    return run
 
 
 class Owner:
@@ -40,6 +58,26 @@ class Owner:
 
     def closed(self, tunnel: Tunnel) -> None:
         self.done.set()
+
+
+@contextlib.contextmanager
+def silent_target():
+    """A target that drops our SYNs: a listener whose accept queue is full."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # backlog 0 holds one; the SYNs after that are dropped
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(silent.getsockname())
+            fillers.append(f)
+        yield Target(*silent.getsockname())
+    finally:
+        for f in fillers:
+            f.close()
+        silent.close()
 
 
 def start_tunnel(targets, connect_timeout_s):
@@ -67,7 +105,7 @@ async def relay_one(targets, getaddrinfo, connect_timeout_s=2.0):
     return owner, tunnel, health, client, engine
 
 
-def test_a_name_with_several_addresses_falls_through_to_the_one_that_answers():
+def test_a_name_with_several_addresses_falls_through_to_the_one_that_answers(run):
     live = socket.create_server(("127.0.0.1", 0))
     refused = dead_port()
     target = Target("two.addresses.test", 80)
@@ -92,10 +130,10 @@ def test_a_name_with_several_addresses_falls_through_to_the_one_that_answers():
         client.close()
         backend.close()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_resolver_that_never_answers_costs_one_connect_timeout():
+def test_a_resolver_that_never_answers_costs_one_connect_timeout(run):
     live = socket.create_server(("127.0.0.1", 0))
     stuck = Target("stuck.resolver.test", 80)
     good = Target(*live.getsockname())
@@ -116,25 +154,15 @@ def test_a_resolver_that_never_answers_costs_one_connect_timeout():
         engine.close()
         client.close()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_client_reset_while_connecting_abandons_the_attempt_at_once():
+def test_a_client_reset_while_connecting_abandons_the_attempt_at_once(run):
     """The target drops our SYNs (its accept queue is full); the client resets meanwhile:
     the tunnel closes now, not after the connect timeout, and leaves no deadline behind."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(0)
-    fillers = []
-    for _ in range(3):  # backlog 0 holds one; the SYNs after that are dropped
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(silent.getsockname())
-        fillers.append(f)
-
-    async def main():
+    async def main(silent):
         loop = asyncio.get_running_loop()
-        owner, tunnel, _, client, engine = start_tunnel([Target(*silent.getsockname())], 30.0)
+        owner, tunnel, _, client, engine = start_tunnel([silent], 30.0)
         assert tunnel in engine.connecting
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         client.close()  # linger 0: RST
@@ -146,9 +174,38 @@ def test_a_client_reset_while_connecting_abandons_the_attempt_at_once():
         assert not engine.connecting and tunnel.connecting_end is None
         engine.close()
 
+    with silent_target() as silent:
+        run(main(silent))
+
+
+def test_the_selector_returns_to_the_loop_for_a_timer_an_event_added():
+    """On the shipped loop the relay's events are handled inside the selector's wait, which
+    stays there while only relay events come. A connect started by an accept event adds the
+    loop's first timer (its timeout): the wait must end then, or the loop would not wake for
+    that timer until its own timeout (here 5 s)."""
+    loop = asyncio.SelectorEventLoop(EngineSelector())
+    engine = Engine(loop, 0.3)
+    listener = client = None
     try:
-        asyncio.run(main())
+        with silent_target() as silent:
+            tunnels = []
+
+            def on_accept(sock, addr, port):
+                tunnels.append(Tunnel(engine, Owner(), sock, addr, "app", port))
+                tunnels[-1].connect([silent], Health())
+
+            listener = engine.listen(socket.create_server(("127.0.0.1", 0)), 1, on_accept)
+            client = socket.create_connection(listener.sock.getsockname(), timeout=5)
+            assert not loop._scheduled
+            started = time.monotonic()
+            assert loop._selector.select(5) == []  # the accept: the engine's, not the loop's
+            assert time.monotonic() - started < 2
+            assert len(tunnels) == 1 and loop._scheduled  # the connect's deadline
+            tunnels[0].close()
     finally:
-        for f in fillers:
-            f.close()
-        silent.close()
+        if listener is not None:
+            listener.close()
+        if client is not None:
+            client.close()
+        engine.close()
+        loop.close()
