@@ -77,7 +77,7 @@ class Engine:
             selector.engine = self
             selector.loop = loop
             self.epoll = selector._selector
-        else:  # (uvloop) our epoll set is one more fd the loop watches
+        else:  # (uvloop, or any other loop) our epoll set is one more fd the loop watches
             self._selector = None
             self.epoll = select.epoll()
             loop.add_reader(self.epoll.fileno(), self._ready)
@@ -241,6 +241,8 @@ class EngineSelector(selectors.EpollSelector):
                 fd_events = poll(ms, MAX_EVENTS + len(fd_to_key))
             except InterruptedError:
                 return []
+            if not fd_events:
+                break  # the timeout
             if self.engine is not None:
                 fd_events = self.engine.dispatch(fd_events)
             if fd_events or ms == 0 or loop._ready or loop._stopping or \
