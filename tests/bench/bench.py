@@ -479,6 +479,7 @@ def main() -> int:
         proxies.append(FlyProxy(27000, loop="uvloop"))
     rounds: dict[str, list[dict]] = {p.name: [] for p in proxies}
     extra: dict[str, dict] = {p.name: {} for p in proxies}
+    failed: list[str] = []  # "<proxy>, round N: why", for the report
     started = time.monotonic()
     try:
         for n in range(ROUNDS):
@@ -493,6 +494,11 @@ def main() -> int:
                     if n == 0 and isinstance(proxy, FlyProxy) and proxy.workers == "1" \
                             and proxy.loop == "auto":
                         extra[proxy.name].update(scale(proxy))
+                except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+                    # One proxy failing one round (it crashed, a load could not run) must not
+                    # lose the whole run: that round is missing for it, and the report says so.
+                    failed.append(f"{proxy.name}, round {n + 1}: {e}")
+                    log(f"{proxy.name}: round {n + 1} failed ({e}); logs in {WORK}")
                 finally:
                     proxy.stop()
     finally:
@@ -502,12 +508,14 @@ def main() -> int:
             p.wait(10)
         subprocess.run(["umount", str(bpffs)], capture_output=True)
         subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
-    summary = {name: {**{k: median([r[k] for r in runs]) for k in runs[0]}, **extra[name]}
+    summary = {name: {**{k: median([r[k] for r in runs]) for k in (runs[0] if runs else {})},
+                      **extra[name]}
                for name, runs in rounds.items()}
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": SECONDS, "rounds": ROUNDS,
             "idle_connections": IDLE_CONNECTIONS, "kernel": os.uname().release,
-            "cpus": os.cpu_count(), "duration_s": round(time.monotonic() - started)}
+            "cpus": os.cpu_count(), "duration_s": round(time.monotonic() - started),
+            "failed": failed}
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "summary": summary,
                                                   "rounds": rounds}, indent=1))
     (OUT / "results.md").write_text(report(summary, meta))
@@ -613,6 +621,9 @@ def report(summary: dict, meta: dict) -> str:
                 lines[-1] += (f" The sk_lookup program itself (kernel.bpf_stats_enabled): "
                               f"{v['bpf_ns_per_lookup_10_ports']:.0f} ns per run with 10 ports, "
                               f"{v['bpf_ns_per_lookup_10000_ports']:.0f} ns with 10,000.")
+    if meta.get("failed"):
+        lines += ["", "Rounds that failed (that proxy's medians are over its other rounds): "
+                  + "; ".join(meta["failed"]) + "."]
     return "\n".join(lines) + "\n"
 
 
