@@ -41,6 +41,8 @@ class Health:
         return f"<Health eject_s={self.eject_s} failed={len(self.failed)}>"
 
     def order(self, targets: Sequence[Target]) -> Sequence[Target]:
+        if len(targets) == 1:  # that is the order, healthy or not
+            return targets
         if not self.failed:
             return attempt_order(targets)
         cutoff = time.monotonic() - self.eject_s

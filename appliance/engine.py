@@ -61,8 +61,7 @@ class Engine:
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
         self.connect_timeout_s = connect_timeout_s
-        # Tunnels connecting -> their attempt's deadline (Tunnel.next_target puts them in).
-        # Every attempt has the same timeout and a tunnel's previous attempt has always
+        # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout and a tunnel's previous attempt has always
         # ended (connect_ended) before its next starts, so insertion order is deadline
         # order: one timer, for the oldest, serves them all.
         self.connecting: dict[Tunnel, float] = {}
@@ -116,19 +115,6 @@ class Engine:
                 others.append((fd, events))
         return others
 
-    # -- interest ------------------------------------------------------------------
-
-    def watch(self, fd: int, old: int, new: int, handler) -> None:
-        """Change fd's events from ``old`` to ``new`` (0: not in the set)."""
-        if not old:
-            self.epoll.register(fd, new)
-            self.handlers[fd] = handler
-        elif not new:
-            self.epoll.unregister(fd)
-            del self.handlers[fd]
-        else:
-            self.epoll.modify(fd, new)
-
     # -- listeners -----------------------------------------------------------------
 
     def listen(self, sock: socket.socket, port: int | None, on_accept) -> Listener:
@@ -139,6 +125,14 @@ class Engine:
         return listener
 
     # -- connect deadlines ----------------------------------------------------------
+
+    def connect_started(self, tunnel: Tunnel) -> float:
+        """The tunnel's attempt starts now; returns the time (the loop's clock)."""
+        now = self.loop.time()
+        self.connecting[tunnel] = now + self.connect_timeout_s  # at the end: deadline order
+        if self._timer is None:
+            self._timer = self.loop.call_at(now + self.connect_timeout_s, self._expire)
+        return now
 
     def connect_ended(self, tunnel: Tunnel) -> None:
         self.connecting.pop(tunnel, None)
@@ -173,12 +167,14 @@ class Listener:
         self._pause = None
         if not self.active and self.sock.fileno() >= 0:
             self.active = True
-            self.engine.watch(self.fd, 0, EPOLLIN, self.ready)
+            self.engine.epoll.register(self.fd, EPOLLIN)
+            self.engine.handlers[self.fd] = self.ready
 
     def stop(self) -> None:
         if self.active:
             self.active = False
-            self.engine.watch(self.fd, EPOLLIN, 0, None)
+            self.engine.epoll.unregister(self.fd)
+            del self.engine.handlers[self.fd]
         if self._pause is not None:
             self._pause.cancel()
             self._pause = None

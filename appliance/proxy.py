@@ -145,8 +145,7 @@ class Proxy:
         tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.options.splice_after)
         self.tunnels.add(tunnel)
         self.metrics.accepted(app.name)
-        targets = app.targets  # (one target: that is the order, healthy or not)
-        tunnel.connect(targets if len(targets) == 1 else self.health.order(targets), self.health)
+        tunnel.connect(self.health.order(app.targets), self.health)
 
     def limit(self, max_connections: int) -> int:
         """This process's share of an app's connection limit: with N workers each takes

@@ -92,7 +92,7 @@ class End:
             (EPOLLOUT if self.out is not None or self.piped or self.tunnel.connecting_end is self
              else 0)
         old = self.events
-        if new != old:  # (Engine.watch, written out: this runs several times per connection)
+        if new != old:
             engine = self.engine
             if not old:
                 engine.epoll.register(self.fd, new)
@@ -139,7 +139,8 @@ class End:
         return n
 
     def read(self, events: int) -> None:
-        # (take() and send(), written out: this is the path of almost every event)
+        # (recv and send written out, not through take() and write(): this is the path of
+        # almost every event)
         engine = self.engine
         try:
             n = self.sock.recv_into(engine.buffer, READ_SIZE, _DONTWAIT)
@@ -374,12 +375,7 @@ class Tunnel:
             return self.owner.all_failed(self)
         target = self.order[self.attempt]
         engine = self.engine
-        self.attempt_started = now = engine.loop.time()
-        # The attempt's deadline (Engine.connect_started, written out): every attempt has
-        # the same timeout, so insertion order is deadline order.
-        engine.connecting[self] = now + engine.connect_timeout_s
-        if engine._timer is None:
-            engine._timer = engine.loop.call_at(now + engine.connect_timeout_s, engine._expire)
+        self.attempt_started = engine.connect_started(self)
         self.addr_i = 0
         if target.addrs is not None:  # an IP literal: nothing to resolve
             self.addrs = target.addrs
