@@ -3,7 +3,7 @@
 Pick a target at random; if the connect fails (refused, unreachable, timed out,
 name does not resolve) try the remaining targets in random order, each at most
 once, every attempt bounded by its own timeout (the attempts themselves are made
-by :class:`appliance.relay.Tunnel`). The client never sees a failure while any
+by :class:`appliance.tunnel.Tunnel`). The client never sees a failure while any
 target works.
 """
 

@@ -6,7 +6,7 @@ their handles, protocol callbacks), more than HAProxy spends on the whole
 connection. Here one epoll set (level-triggered) holds the listeners and every client
 and backend socket; each event is handled with one plain socket call that never
 waits (``accept`` here; ``connect``, ``recv_into``, ``send``, ``splice`` in
-:mod:`appliance.relay`).
+:mod:`appliance.relay` and :mod:`appliance.tunnel`).
 
 That epoll set is also the event loop's: with :class:`EngineSelector` (the default) the
 asyncio loop's one ``epoll_wait`` per wakeup brings the relay's events, handled right
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable
 from .logs import RateLimited
 
 if TYPE_CHECKING:
-    from .relay import Tunnel
+    from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,10 @@ class Engine:
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
         self.connect_timeout_s = connect_timeout_s
-        # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout and a tunnel's previous attempt has always
-        # ended (connect_ended) before its next starts, so insertion order is deadline
-        # order: one timer, for the oldest, serves them all.
+        # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout
+        # and a tunnel's previous attempt has always ended (connect_ended) before its next
+        # starts, so insertion order is deadline order: one timer, for the oldest, serves
+        # them all.
         self.connecting: dict[Tunnel, float] = {}
         self._timer = None
         self._limited = RateLimited(log)

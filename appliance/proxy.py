@@ -28,7 +28,7 @@ from .config import Config, ConfigDiff, diff
 from .engine import Engine, Listener
 from .logs import RateLimited
 from .metrics import NullMetrics
-from .relay import Tunnel
+from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("appliance.connections")
@@ -153,7 +153,7 @@ class Proxy:
         below N)."""
         return max(1, max_connections // self.options.workers)
 
-    # -- what the tunnels tell us (relay.Tunnel's owner) ------------------------------------
+    # -- what the tunnels tell us (tunnel.Tunnel's owner) ----------------------------------
 
     def connected(self, tunnel: Tunnel, seconds: float) -> None:
         self.metrics.connected(tunnel.app, tunnel.target, seconds, tunnel.failures)

@@ -21,7 +21,7 @@ from helpers import dead_port
 from appliance.balancer import Health
 from appliance.config import Target
 from appliance.engine import Engine, EngineSelector
-from appliance.relay import Tunnel
+from appliance.tunnel import Tunnel
 
 
 @pytest.fixture(params=["engine-selector", "nested"])

@@ -1,0 +1,224 @@
+"""A client connection and its backend: connecting (failover over targets and their
+addresses, each attempt bounded), then relaying through two :class:`~appliance.relay.End`
+objects, then closing both once.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import os
+import socket
+import time
+
+from .engine import EPOLLERR, EPOLLHUP, RESOURCE_ERRNOS, Engine
+from .relay import NEVER, End
+
+_Socket = _socket.socket  # the C type: no Python-level __init__ per connection
+_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
+_SOL_SOCKET, _SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
+
+
+class Tunnel:
+    """A client connection and, once connected, its backend; the unit the proxy tracks.
+
+    The connect tries ``order`` (targets, best first) one after another, each attempt
+    bounded by the engine's connect timeout; ``owner`` hears how it went
+    (``connected(tunnel, seconds)``, ``all_failed(tunnel)``, ``no_resources(tunnel, exc)``
+    when we cannot even make a socket) and, once, that the tunnel closed (``closed(tunnel)``).
+    """
+
+    __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
+                 "order", "failures", "health", "attempt", "addrs", "addr_i", "connecting_end",
+                 "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
+                 "done")
+
+    def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
+                 splice_after: int = 0) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.client_addr = addr
+        self.app = app
+        self.port = port
+        self.target = None  # the target connected to
+        self.order = ()  # targets to try, in order
+        self.failures: list = []  # (target, reason) for each attempt that failed
+        self.health = None
+        self.attempt = 0  # index into order of the target being tried
+        self.addrs = ()  # (family, sockaddr) of that target ...
+        self.addr_i = 0  # ... and the next one of them to try
+        self.connecting_end: End | None = None  # the backend socket while it connects
+        self.backend: End | None = None
+        self.started = time.monotonic()
+        self.attempt_started = 0.0
+        self.end: str | None = None  # why it ended ("idle", "reset", ...), if not plainly
+        self.seen_bytes = 0  # for the idle sweep: bytes moved when last looked at ...
+        self.seen_at = self.started  # ... and since when
+        self.splice_after = splice_after or NEVER
+        self.done = False
+        self.client = End(self, sock)
+        self.client.update()  # read what the client sends while the backend connects
+
+    def __repr__(self) -> str:
+        return (f"<Tunnel app={self.app} port={self.port} target={self.target} "
+                f"client={self.client!r} backend={self.backend!r}>")
+
+    @property
+    def attempts(self) -> int:
+        return len(self.failures) + (self.target is not None)
+
+    # -- connecting --------------------------------------------------------------------
+
+    def connect(self, order, health) -> None:
+        self.order, self.health = order, health
+        self.attempt = -1
+        self.next_target()
+
+    def next_target(self) -> None:
+        self.attempt += 1
+        if self.attempt >= len(self.order):
+            return self.owner.all_failed(self)
+        target = self.order[self.attempt]
+        engine = self.engine
+        self.attempt_started = engine.connect_started(self)
+        self.addr_i = 0
+        if target.addrs is not None:  # an IP literal: nothing to resolve
+            self.addrs = target.addrs
+            return self.next_address()
+        self.addrs = ()
+        attempt = self.attempt
+        future = engine.loop.create_task(
+            engine.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM))
+        future.add_done_callback(lambda f: self.resolved(f, attempt))
+
+    def resolved(self, future, attempt: int) -> None:
+        exc = future.exception()  # (retrieved even when no longer wanted)
+        if attempt != self.attempt or self.done:
+            return  # timed out meanwhile (or the client went away)
+        if exc is not None:
+            return self.attempt_failed(failure_reason(exc))
+        infos = future.result()
+        self.addrs = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+        if not self.addrs:
+            return self.attempt_failed("dns")
+        self.next_address()
+
+    def next_address(self, reason: str = "") -> None:
+        """Connect to the next address of the current target (a name may have several)."""
+        addrs = self.addrs
+        while self.addr_i < len(addrs):
+            family, sockaddr = addrs[self.addr_i]
+            self.addr_i += 1
+            try:
+                sock = _Socket(family, _NONBLOCK)
+            except OSError as e:
+                if e.errno in RESOURCE_ERRNOS:  # our problem, not the target's
+                    return self.owner.no_resources(self, e)
+                reason = failure_reason(e)
+                continue
+            err = sock.connect_ex(sockaddr)
+            if err == errno.EINPROGRESS or not err:
+                end = End(self, sock)
+                self.connecting_end = end
+                end.reading = False
+                end.update()  # writable: connected (or failed)
+                return
+            sock.close()
+            reason = errno_reason(err)
+        self.attempt_failed(reason or "no address")
+
+    def connect_done(self, end: End, events: int) -> None:
+        # Writable without an error or hang-up reported: connected (no SO_ERROR to ask for).
+        if events & (EPOLLERR | EPOLLHUP):
+            err = end.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+            if err:
+                self.connecting_end = None
+                end.close()
+                return self.next_address(errno_reason(err))
+        engine = self.engine
+        engine.connecting.pop(self, None)
+        self.connecting_end = None
+        target = self.order[self.attempt]
+        if self.health.failed:
+            self.health.success(target)
+        self.target = target
+        self.backend = end
+        end.sock.setsockopt(_TCP, _NODELAY, 1)  # (the client's comes from its listener)
+        client = self.client
+        end.peer, client.peer = client, end
+        if self.splice_after is not NEVER:
+            client.splice_at = end.splice_at = self.splice_after
+        end.reading = True
+        self.owner.connected(self, engine.loop.time() - self.attempt_started)
+        if self.done:
+            return
+        early = client.early
+        if early is not None:  # what the client sent meanwhile
+            client.early = None
+            end.out = early
+            end.flush()
+        else:
+            end.update()
+        if self.done:
+            return
+        if client.eof:
+            if end.out is None:
+                end.shutdown()
+        elif not client.reading and end.out is None:
+            client.reading = True
+            client.update()
+
+    def attempt_failed(self, reason: str) -> None:
+        """The current target did not answer (or has no address left): try the next one."""
+        if self.done:
+            return
+        end = self.connecting_end
+        if end is not None:
+            self.connecting_end = None
+            end.close()
+        self.engine.connect_ended(self)
+        target = self.order[self.attempt]
+        self.failures.append((target, reason))
+        self.health.failure(target, reason)
+        self.next_target()
+
+    # -- ending --------------------------------------------------------------------------
+
+    def fail(self) -> None:
+        """An error on either socket: close both (a reset, as far as the ending says)."""
+        if self.end is None:
+            self.end = "reset"
+        self.close()
+
+    def close(self) -> None:
+        """Close both sockets now (and stop connecting); tell the owner, once."""
+        if self.done:
+            return
+        self.done = True
+        if self.connecting_end is not None:
+            self.connecting_end.close()
+            self.connecting_end = None
+            self.engine.connect_ended(self)
+        self.client.close()
+        if self.backend is not None:
+            self.backend.close()
+        self.owner.closed(self)
+
+
+def errno_reason(err: int) -> str:
+    """failure_reason() for an errno (from connect_ex or SO_ERROR)."""
+    return failure_reason(OSError(err, os.strerror(err)))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, stable label for why a connect failed (used in logs and metrics)."""
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
