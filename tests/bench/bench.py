@@ -318,7 +318,7 @@ def iperf(port: int, streams: int, attempts: int = 3) -> tuple[float, float]:
         if "error" not in data:
             break
         log(f"iperf3 through port {port}: {data['error']} (attempt {attempt + 1})")
-        time.sleep(1)  # let the iperf3 server finish the failed test
+        time.sleep(1)  # a backoff: iperf3 signals nothing when its server can take a test again
     else:
         raise RuntimeError(f"iperf3 through port {port} failed {attempts} times")
     received = data["end"]["sum_received"]
