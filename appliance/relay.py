@@ -16,7 +16,9 @@ backend is connected) holds an :class:`End` per socket. Invariants:
 
 Bulk transfers: once one direction has carried ``splice_after`` bytes (and nothing is
 pending), it moves through a pipe with ``splice()``: the kernel moves the pages, Python
-sees one event per pipeful. Same invariants; short connections never pay for a pipe.
+sees one event per pipeful (1 MiB, or 256 KiB once the process has its share of 1 MiB
+pipes; see engine.BIG_PIPE_SIZE). Same invariants, with one pipeful in flight instead of
+one read; short connections never pay for a pipe.
 
 The sockets live in the :class:`~appliance.engine.Engine`'s epoll set.
 """
@@ -28,7 +30,8 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from .engine import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_SIZE
+from .engine import (BIG_PIPE_SIZE, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, PIPE_SIZE,
+                     READ_SIZE)
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -39,9 +42,8 @@ READABLE = EPOLLIN | EPOLLRDHUP  # RDHUP: the peer's FIN has arrived (see End.re
 EARLY_LIMIT = 64 * 1024
 
 NEVER = float("inf")
-PIPE_SIZE = 256 * 1024  # one event per this much; pages are allocated only as used
 MIN_PIPE_SIZE = 64 * 1024  # the default; smaller pipes are not worth a splice
-SPLICE_ROUNDS = 16  # pipefuls one event may move (then the next event goes on)
+SPLICE_EVENT_BYTES = 4 << 20  # what one event may splice (then other connections' events)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 # Every read and write says "do not wait" itself, so an accepted socket needs no call to
@@ -55,7 +57,8 @@ class End:
     what was meant for *this* socket but not yet taken."""
 
     __slots__ = ("tunnel", "engine", "sock", "fd", "peer", "events", "reading", "nbytes", "eof",
-                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "handler")
+                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "big_pipe",
+                 "handler")
 
     def __init__(self, tunnel: Tunnel, sock) -> None:
         self.tunnel = tunnel
@@ -73,6 +76,7 @@ class End:
         self.piped = 0  # bytes for this socket waiting in the peer's pipe
         self.splice_at = NEVER  # after this many bytes read, read through a pipe
         self.pipe_r = self.pipe_w = -1
+        self.big_pipe = False  # the pipe is one of the engine's 1 MiB pipes
         self.handler = self.ready
 
     def __repr__(self) -> str:
@@ -256,11 +260,19 @@ class End:
         except OSError:
             self.splice_at = NEVER
             return
-        try:
-            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over the user's pipe quota (fs.pipe-user-pages-soft): a small pipe
-            if fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ) < MIN_PIPE_SIZE:  # costs an event per
-                os.close(pipe_r)  # few KiB: recv and send do better
+        engine = self.engine
+        for size in (BIG_PIPE_SIZE, PIPE_SIZE) if engine.big_pipes > 0 else (PIPE_SIZE,):
+            try:
+                fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, size)
+            except OSError:  # over the user's pipe quota (fs.pipe-user-pages-soft)
+                continue
+            if size == BIG_PIPE_SIZE:
+                engine.big_pipes -= 1
+                self.big_pipe = True
+            break
+        else:  # the pipe keeps the size it was made with: the default (64 KiB), or past the
+            if fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ) < MIN_PIPE_SIZE:  # quota a few KiB,
+                os.close(pipe_r)  # which costs an event per few KiB: recv and send do better
                 os.close(pipe_w)
                 self.splice_at = NEVER
                 return
@@ -272,10 +284,12 @@ class End:
         """Socket -> pipe -> peer, again and again until the socket has nothing (bounded):
         what arrives while we move a pipeful goes in the same event, not the next wakeup."""
         peer = self.peer
-        for _ in range(SPLICE_ROUNDS):
-            n = self.take(os.splice, self.fd, self.pipe_w, PIPE_SIZE, None, None, SPLICE_FLAGS)
+        moved = 0
+        while moved < SPLICE_EVENT_BYTES:
+            n = self.take(os.splice, self.fd, self.pipe_w, BIG_PIPE_SIZE, None, None, SPLICE_FLAGS)
             if not n:
                 return
+            moved += n
             peer.piped += n
             if not peer.flush_pipe():
                 return  # peer full: we stopped reading until it takes more
@@ -308,3 +322,5 @@ class End:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
+            if self.big_pipe:
+                self.engine.big_pipes += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import time
 
@@ -20,7 +21,7 @@ from helpers import dead_port
 
 from appliance.balancer import Health
 from appliance.config import Target
-from appliance.engine import Engine, EngineSelector
+from appliance.engine import Engine, EngineSelector, big_pipe_budget
 from appliance.tunnel import Tunnel
 
 
@@ -80,10 +81,10 @@ def silent_target():
         silent.close()
 
 
-def start_tunnel(targets, connect_timeout_s):
+def start_tunnel(targets, connect_timeout_s, engine=None, splice_after=0):
     """A client connection handed to a Tunnel that starts connecting to ``targets``;
     returns (owner, tunnel, health, client, engine)."""
-    engine = Engine(asyncio.get_running_loop(), connect_timeout_s)
+    engine = engine or Engine(asyncio.get_running_loop(), connect_timeout_s)
     front = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(front.getsockname(), timeout=5)
     accepted, addr = front.accept()
@@ -91,7 +92,7 @@ def start_tunnel(targets, connect_timeout_s):
     front.close()
     accepted.setblocking(False)
     owner, health = Owner(), Health()
-    tunnel = Tunnel(engine, owner, accepted, addr, "app", port)
+    tunnel = Tunnel(engine, owner, accepted, addr, "app", port, splice_after)
     tunnel.connect(targets, health)
     return owner, tunnel, health, client, engine
 
@@ -178,6 +179,54 @@ def test_a_client_reset_while_connecting_abandons_the_attempt_at_once(run):
         run(main(silent))
 
 
+def test_bulk_directions_get_1_mib_pipes_up_to_the_process_share_then_256_kib(run):
+    """A 1 MiB pipe halves the splice() calls per GB, but counts four times a 256 KiB one
+    against the user's pipe quota: a process sizes only its share of pipes at 1 MiB, and a
+    closed connection gives its share back."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        live = socket.create_server(("127.0.0.1", 0))
+        engine = Engine(loop, 2.0)
+        engine.big_pipes = 1  # this process's share: one 1 MiB pipe
+        tunnels, clients, backends = [], [], []
+
+        async def bulk_connection():
+            owner, tunnel, _, client, _ = start_tunnel([Target(*live.getsockname())], 2.0,
+                                                       engine, splice_after=1)
+            await asyncio.wait_for(owner.done.wait(), 10)
+            backend, _ = live.accept()
+            client.setblocking(False)
+            backend.setblocking(False)
+            await loop.sock_sendall(client, b"x" * 4096)  # past splice_after: a pipe
+            got = 0
+            while got < 4096:  # through the proxy, unchanged
+                got += len(await asyncio.wait_for(loop.sock_recv(backend, 65536), 5))
+            tunnels.append(tunnel)
+            clients.append(client)
+            backends.append(backend)
+            pipes = [e.pipe_w for e in (tunnel.client, tunnel.backend) if e.pipe_w >= 0]
+            assert len(pipes) == 1, "only the client's direction carried bytes"
+            return fcntl.fcntl(pipes[0], fcntl.F_GETPIPE_SZ)
+
+        try:
+            assert await bulk_connection() == 1 << 20
+            assert engine.big_pipes == 0
+            assert await bulk_connection() == 256 * 1024  # the share is used up
+            tunnels.pop(0).close()
+            assert engine.big_pipes == 1  # given back with its pipe
+            assert await bulk_connection() == 1 << 20
+            tunnels[0].close()
+            assert engine.big_pipes == 0  # a 256 KiB pipe gives nothing back
+        finally:
+            for t in tunnels:
+                t.close()
+            for s in clients + backends + [live]:
+                s.close()
+            engine.close()
+
+    run(main())
+
+
 def test_the_selector_returns_to_the_loop_for_a_timer_an_event_added():
     """On the shipped loop the relay's events are handled inside the selector's wait, which
     stays there while only relay events come. A connect started by an accept event adds the
@@ -209,3 +258,13 @@ def test_the_selector_returns_to_the_loop_for_a_timer_an_event_added():
             client.close()
         engine.close()
         loop.close()
+
+
+def test_the_share_of_1_mib_pipes_follows_the_users_pipe_quota(tmp_path):
+    quota = tmp_path / "pipe-user-pages-soft"
+    quota.write_text("16384\n")  # the kernel's default: 64 MiB of 4 KiB pages
+    assert big_pipe_budget(str(quota)) == 8  # an eighth of it in 1 MiB pipes
+    quota.write_text("1\n")
+    assert big_pipe_budget(str(quota)) == 0
+    quota.write_text("0\n")  # no quota
+    assert big_pipe_budget(str(quota)) >= 1 << 20
