@@ -68,6 +68,11 @@ class TaggedBackend(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default accept queue is 5: a burst through the proxy overflowed it, and
+    # the kernel then drops the backend handshake's last ACK, so the proxy's connect had
+    # succeeded while the backend never saw the connection until a SYN-ACK retransmission
+    # (1 s, 3 s, ...): 1 in ~400 burst connections waited past a test's 10 s timeout.
+    request_queue_size = 1024
 
     def __init__(self, tag: str, port: int = 0, host: str = "127.0.0.1"):
         self.tag = tag
