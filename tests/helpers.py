@@ -69,9 +69,10 @@ class TaggedBackend(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     # socketserver's default accept queue is 5: a burst through the proxy overflowed it, and
-    # the kernel then drops the backend handshake's last ACK, so the proxy's connect had
-    # succeeded while the backend never saw the connection until a SYN-ACK retransmission
-    # (1 s, 3 s, ...): 1 in ~400 burst connections waited past a test's 10 s timeout.
+    # the kernel then drops new SYNs (the proxy's connect retries after 1 s) or the
+    # handshake's last ACK (the proxy is connected, but the backend sees the connection only
+    # after a SYN-ACK retransmission finds room): 1 in ~400 burst connections waited past a
+    # test's 10 s timeout.
     request_queue_size = 1024
 
     def __init__(self, tag: str, port: int = 0, host: str = "127.0.0.1"):
