@@ -196,9 +196,13 @@ class SocketProxyd(Proxy):
     name = "systemd-socket-proxyd"
 
     def start(self) -> None:
+        # restore_signals=False: the child keeps Python's ignored SIGPIPE, as any systemd
+        # unit has it (IgnoreSIGPIPE=yes is the default). socket-proxyd does not ignore it
+        # itself: spawned with the default, a write to a closed peer killed it (-13) in about
+        # one iperf3 round in ten, and the round was lost.
         self.procs = [spawn(["systemd-socket-activate", "-l", f"127.0.0.1:{self.front[k]}",
                              PROXYD, "--connections-max=9000", f"127.0.0.1:{BACKEND[k]}"],
-                            f"proxyd-{k}") for k in BACKEND]
+                            f"proxyd-{k}", restore_signals=False) for k in BACKEND]
 
 
 def describe_workers(workers: str) -> str:
