@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -74,6 +75,14 @@ def big_pipe_budget(quota_file: str = "/proc/sys/fs/pipe-user-pages-soft") -> in
     return pages * os.sysconf("SC_PAGE_SIZE") // (BIG_PIPE_SHARE * BIG_PIPE_SIZE)
 
 
+def _set_pipe_size(fd: int, size: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:  # over the user's pipe quota (fs.pipe-user-pages-soft)
+        return False
+    return True
+
+
 class Engine:
     """The epoll set, the listeners in it, and the deadlines of backend connects."""
 
@@ -104,6 +113,23 @@ class Engine:
             self._selector = None
             self.epoll = select.epoll()
             loop.add_reader(self.epoll.fileno(), self._ready)
+
+    # -- pipes ---------------------------------------------------------------------
+
+    def size_pipe(self, fd: int) -> int:
+        """Grow a new pipe for a spliced direction: 1 MiB while this process has its share
+        of those left, else 256 KiB; past the user's quota it keeps the size it was made
+        with. Returns the size it has; give it back with :meth:`pipe_closed`."""
+        if self.big_pipes > 0 and _set_pipe_size(fd, BIG_PIPE_SIZE):
+            self.big_pipes -= 1
+            return BIG_PIPE_SIZE
+        if _set_pipe_size(fd, PIPE_SIZE):
+            return PIPE_SIZE
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+    def pipe_closed(self, size: int) -> None:
+        if size == BIG_PIPE_SIZE:
+            self.big_pipes += 1
 
     def close(self) -> None:
         if self._timer is not None:

@@ -25,13 +25,11 @@ The sockets live in the :class:`~appliance.engine.Engine`'s epoll set.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from typing import TYPE_CHECKING
 
-from .engine import (BIG_PIPE_SIZE, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, PIPE_SIZE,
-                     READ_SIZE)
+from .engine import BIG_PIPE_SIZE, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_SIZE
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -57,7 +55,7 @@ class End:
     what was meant for *this* socket but not yet taken."""
 
     __slots__ = ("tunnel", "engine", "sock", "fd", "peer", "events", "reading", "nbytes", "eof",
-                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "big_pipe",
+                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "pipe_size",
                  "handler")
 
     def __init__(self, tunnel: Tunnel, sock) -> None:
@@ -76,7 +74,7 @@ class End:
         self.piped = 0  # bytes for this socket waiting in the peer's pipe
         self.splice_at = NEVER  # after this many bytes read, read through a pipe
         self.pipe_r = self.pipe_w = -1
-        self.big_pipe = False  # the pipe is one of the engine's 1 MiB pipes
+        self.pipe_size = 0
         self.handler = self.ready
 
     def __repr__(self) -> str:
@@ -260,22 +258,15 @@ class End:
         except OSError:
             self.splice_at = NEVER
             return
-        engine = self.engine
-        for size in (BIG_PIPE_SIZE, PIPE_SIZE) if engine.big_pipes > 0 else (PIPE_SIZE,):
-            try:
-                fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, size)
-            except OSError:  # over the user's pipe quota (fs.pipe-user-pages-soft)
-                continue
-            if size == BIG_PIPE_SIZE:
-                engine.big_pipes -= 1
-                self.big_pipe = True
-            break
-        else:  # the pipe keeps the size it was made with: the default (64 KiB), or past the
-            if fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ) < MIN_PIPE_SIZE:  # quota a few KiB,
-                os.close(pipe_r)  # which costs an event per few KiB: recv and send do better
-                os.close(pipe_w)
-                self.splice_at = NEVER
-                return
+        size = self.engine.size_pipe(pipe_w)
+        if size < MIN_PIPE_SIZE:
+            # Past the user's pipe quota a pipe holds a few KiB: an event per few KiB costs
+            # more than recv and send.
+            os.close(pipe_r)
+            os.close(pipe_w)
+            self.splice_at = NEVER
+            return
+        self.pipe_size = size
         self.pipe_r, self.pipe_w = pipe_r, pipe_w
         self.sock.setblocking(False)  # splice() waits on a blocking socket whatever its flags
         self.peer.sock.setblocking(False)
@@ -322,5 +313,4 @@ class End:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
-            if self.big_pipe:
-                self.engine.big_pipes += 1
+            self.engine.pipe_closed(self.pipe_size)

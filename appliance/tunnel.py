@@ -137,7 +137,7 @@ class Tunnel:
                 end.close()
                 return self.next_address(errno_reason(err))
         engine = self.engine
-        engine.connecting.pop(self, None)
+        engine.connect_ended(self)
         self.connecting_end = None
         target = self.order[self.attempt]
         if self.health.failed:
