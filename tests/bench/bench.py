@@ -525,6 +525,10 @@ def main() -> int:
             p.wait(10)
         subprocess.run(["umount", str(bpffs)], capture_output=True)
         subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+    if failed:
+        log(f"logs of the failed rounds are in {WORK}")
+    else:  # nothing to look into: leave no work directory behind
+        shutil.rmtree(WORK, ignore_errors=True)
     summary = {name: {**{k: median([r[k] for r in runs]) for k in (runs[0] if runs else {})
                          if k != "round"},
                       **extra[name]}

@@ -1,0 +1,59 @@
+"""The benchmark's arithmetic (`make bench` itself takes 15 minutes and is not part of the
+suite): percentiles, the round-by-round count against systemd-socket-proxyd, the report."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "bench"))
+import bench  # noqa: E402
+
+shutil.rmtree(bench.WORK, ignore_errors=True)  # made at import for a run; none here
+
+
+def test_percentile_ends_and_middle():
+    values = [float(v) for v in range(1, 101)]  # 1..100, sorted
+    assert bench.percentile(values, 0.5) == 51
+    assert bench.percentile(values, 0.99) == 100
+    assert bench.percentile(values, 1.0) == 100  # never past the end
+    assert bench.percentile([7.0], 0.99) == 7
+
+
+def rounds():
+    rival = [{"round": 1, "conn_per_s": 100, "p99_us": 200},
+             {"round": 2, "conn_per_s": 100, "p99_us": 200},
+             {"round": 3, "conn_per_s": 100, "p99_us": 200}]
+    # flyproxy lost round 2; round 3 is a tie (not ahead)
+    ours = [{"round": 1, "conn_per_s": 150, "p99_us": 250},
+            {"round": 3, "conn_per_s": 100, "p99_us": 150}]
+    return {bench.RIVAL: rival, "flyproxy": ours}
+
+
+def test_rounds_ahead_pairs_rounds_and_knows_which_way_is_better():
+    r = rounds()
+    assert bench.rounds_ahead(r, "flyproxy", "conn_per_s", higher=True) == (1, 2)
+    assert bench.rounds_ahead(r, "flyproxy", "p99_us", higher=False) == (1, 2)
+
+
+def test_rounds_ahead_skips_rounds_the_rival_lost():
+    r = rounds()
+    del r[bench.RIVAL][0]
+    assert bench.rounds_ahead(r, "flyproxy", "conn_per_s", higher=True) == (0, 1)
+
+
+@pytest.mark.parametrize("with_rival", [True, False])
+def test_report_has_the_round_by_round_table_only_with_the_rival(with_rival):
+    r = rounds()
+    if not with_rival:
+        del r[bench.RIVAL]
+    summary = {name: {"conn_per_s": 100.0} for name in r}
+    summary["HAProxy"] = {"conn_per_s": 120.0}
+    meta = {"date": "today", "cpus": 2, "kernel": "k", "rounds": 3, "seconds": 4,
+            "idle_connections": 10, "duration_s": 1, "failed": []}
+    text = bench.report(summary, meta, r)
+    assert ("| new connections/s (wrk, Connection: close) | 1 of 2 |" in text) == with_rival
+    assert "| new connections/s (wrk, Connection: close) |" in text  # the main table
