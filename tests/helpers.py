@@ -36,8 +36,17 @@ def wait_until(predicate, what: str, timeout: float = WAIT_S):
 
 
 def fds_of(pid: int) -> list[str]:
-    """What each open fd of process ``pid`` is (``socket:[..]``, ``pipe:[..]``, paths)."""
-    return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    """What each open fd of process ``pid`` is (``socket:[..]``, ``pipe:[..]``, paths).
+
+    An fd closed between the listing and its readlink (the process opened something
+    for a moment: a module imported on first use, a notify socket) is left out."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return links
 
 
 def pipes_of(pid: int) -> int:

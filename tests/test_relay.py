@@ -207,4 +207,4 @@ def test_a_bulk_connection_moves_to_splice_after_the_threshold_and_frees_it_all(
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"bye\n"  # half-close still travels both ways
     # the proxy closes its side after ours: pipes and dups all closed
-    wait_until(lambda: len(fds_of(proxy.pid)) == fds_before, "every fd of the connection closed")
+    wait_until(lambda: len(fds_of(proxy.pid)) <= fds_before, "every fd of the connection closed")
