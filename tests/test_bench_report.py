@@ -3,7 +3,6 @@ suite): percentiles, the round-by-round count against systemd-socket-proxyd, the
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,8 +10,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 import bench  # noqa: E402
-
-shutil.rmtree(bench.WORK, ignore_errors=True)  # made at import for a run; none here
 
 
 def test_percentile_ends_and_middle():

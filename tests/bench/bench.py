@@ -44,7 +44,7 @@ PROXYD = "/lib/systemd/systemd-socket-proxyd"
 
 BACKEND = {"http": 8080, "iperf": 5201, "idle": 7070}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-WORK = Path(tempfile.mkdtemp(prefix="flyproxy-bench-"))
+WORK: Path  # the run's own directory (configs, logs, bpffs), made by main(): importing makes none
 
 
 def log(msg: str) -> None:
@@ -476,6 +476,8 @@ def main() -> int:
         if not shutil.which(tool) and not Path(tool).exists():
             print(f"make bench: {tool} is missing", file=sys.stderr)
             return 1
+    global WORK
+    WORK = Path(tempfile.mkdtemp(prefix="flyproxy-bench-"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     enter_namespace()
