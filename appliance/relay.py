@@ -55,8 +55,7 @@ class End:
     what was meant for *this* socket but not yet taken."""
 
     __slots__ = ("tunnel", "engine", "sock", "fd", "peer", "events", "reading", "nbytes", "eof",
-                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "pipe_size",
-                 "handler")
+                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "pipe_size")
 
     def __init__(self, tunnel: Tunnel, sock) -> None:
         self.tunnel = tunnel
@@ -75,7 +74,6 @@ class End:
         self.splice_at = NEVER  # after this many bytes read, read through a pipe
         self.pipe_r = self.pipe_w = -1
         self.pipe_size = 0
-        self.handler = self.ready
 
     def __repr__(self) -> str:
         state = "closed" if self.sock is None else ("eof" if self.eof else "open")
@@ -94,7 +92,7 @@ class End:
             engine = self.engine
             if not old:
                 engine.epoll.register(self.fd, new)
-                engine.handlers[self.fd] = self.handler
+                engine.handlers[self.fd] = self.ready  # (not kept here: no cycle to collect)
             elif not new:
                 engine.epoll.unregister(self.fd)
                 del engine.handlers[self.fd]
@@ -298,7 +296,7 @@ class End:
                 self.tunnel.fail()
                 return False
         self.drained()
-        return True
+        return self.sock is not None  # (drained() may have closed the tunnel)
 
     def close(self) -> None:
         if self.sock is None:

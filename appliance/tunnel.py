@@ -200,10 +200,18 @@ class Tunnel:
             self.connecting_end.close()
             self.connecting_end = None
             self.engine.connect_ended(self)
-        self.client.close()
-        if self.backend is not None:
-            self.backend.close()
+        client, backend = self.client, self.backend
+        client.close()
+        if backend is not None:
+            backend.close()
         self.owner.closed(self)
+        # Cut the references between the ends and the tunnel (end <-> end, end <-> tunnel):
+        # then reference counting frees a closed connection at once, and Python's cyclic
+        # garbage collector never has connections to find (it cost about 3 us of CPU per
+        # connection, see NOTES). A closed end ignores whatever still calls it.
+        client.tunnel = client.peer = None
+        if backend is not None:
+            backend.tunnel = backend.peer = None
 
 
 def errno_reason(err: int) -> str:
