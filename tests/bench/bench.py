@@ -4,7 +4,8 @@
 Everything runs inside a network namespace made for the run (loopback only), with the
 same backends for every proxy: nginx serving a tiny HTTP response, an iperf3 server, and
 an echo server for idle connections. Proxies run one after another, in several rounds
-(alternating, so drift on a noisy machine hits all of them alike), and every figure is the
+(alternating, so drift on a noisy machine hits all of them alike; each round starts one
+proxy later in the list, so none always follows the same one), and every figure is the
 median over rounds (latency percentiles: over every round's samples pooled). Wall-clock
 rates swing on shared machines; the CPU each proxy spends per unit of work (its own
 processes' user+sys time) barely does, so both are reported.
@@ -499,7 +500,8 @@ def main() -> int:
     started = time.monotonic()
     try:
         for n in range(ROUNDS):
-            for proxy in proxies:
+            first = n % len(proxies)  # rotate: no proxy always runs right after the same one
+            for proxy in proxies[first:] + proxies[:first]:
                 log(f"round {n + 1}/{ROUNDS}: {proxy.name}")
                 proxy.start()
                 try:
@@ -637,7 +639,8 @@ def report(summary: dict, meta: dict, rounds: dict) -> str:
     base = summary.get("HAProxy", {})
     lines = [f"# flyproxy benchmark ({meta['date']})", "",
              f"{meta['cpus']} CPUs, kernel {meta['kernel']}, loopback in a private network "
-             f"namespace; {meta['rounds']} rounds of {meta['seconds']:g} s loads, medians "
+             f"namespace; {meta['rounds']} rounds of {meta['seconds']:g} s loads (every "
+             "proxy once per round, each round starting one later in the list), medians "
              "(latency percentiles over every round's samples pooled); "
              f"{meta['idle_connections']:,} idle connections for memory; took "
              f"{meta['duration_s']} s. Every proxy on one thread/worker (flyproxy: one "
@@ -660,8 +663,8 @@ def report(summary: dict, meta: dict, rounds: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ours = [n for n in names if n.startswith("flyproxy") and rounds.get(n)]
     if rounds.get(RIVAL) and ours:
-        lines += ["", f"Round by round against {RIVAL} (each round runs the proxies one after "
-                  "another): in how many rounds flyproxy did better.", "",
+        lines += ["", f"Round by round against {RIVAL} (each round runs every proxy once, "
+                  "one after another): in how many rounds flyproxy did better.", "",
                   "| metric | " + " | ".join(ours) + " |", "|---|" + "---|" * len(ours)]
         for key, label, _, higher in ROWS:
             counts = [rounds_ahead(rounds, name, key, higher) for name in ours]
