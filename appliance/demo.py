@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,17 +44,19 @@ def echo_addresses(document: dict) -> list[tuple[str, int]]:
 
 
 async def run(workdir: str | None = None, host: str = "127.0.0.1") -> int:
+    made = workdir is None  # a temporary directory of our own: removed when the demo stops
     directory = Path(workdir or tempfile.mkdtemp(prefix="flyproxy-demo-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.json"
-    document = demo_document()
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    config = configmod.load(path)
-    await echo.start(echo_addresses(document))
-    server = Server(str(path), config, host=host, grace_s=2.0)
-    print(f"""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "config.json"
+        document = demo_document()
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        config = configmod.load(path)
+        await echo.start(echo_addresses(document))
+        server = Server(str(path), config, host=host, grace_s=2.0)
+        print(f"""
 flyproxy demo: {config.summary()}, echo targets on 127.0.0.1:15001-17002
-config: {path}
+config: {path}{" (removed when the demo stops)" if made else ""}
 
 Try it from another terminal:
     echo hello | nc -N {host} 6300          # six-thousand; bad.target.for.testing is routed around
@@ -62,4 +65,7 @@ Hot reload: edit {path}, then
     kill -HUP {os.getpid()}
 Ctrl-C stops (a second Ctrl-C closes open connections at once).
 """, flush=True)
-    return await server.serve()
+        return await server.serve()
+    finally:
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
