@@ -312,3 +312,7 @@ class End:
             os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
             self.engine.pipe_closed(self.pipe_size)
+        # No links back (end <-> tunnel, end <-> end): reference counting frees a closed
+        # connection at once, not Python's cyclic collector some time later (NOTES,
+        # Performance, step 20). A closed end ignores whatever still calls it.
+        self.tunnel = self.peer = None

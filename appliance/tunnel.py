@@ -200,18 +200,10 @@ class Tunnel:
             self.connecting_end.close()
             self.connecting_end = None
             self.engine.connect_ended(self)
-        client, backend = self.client, self.backend
-        client.close()
-        if backend is not None:
-            backend.close()
+        self.client.close()
+        if self.backend is not None:
+            self.backend.close()
         self.owner.closed(self)
-        # Cut the references between the ends and the tunnel (end <-> end, end <-> tunnel):
-        # then reference counting frees a closed connection at once, instead of Python's
-        # cyclic garbage collector some time later (NOTES, Performance, step 20). A closed
-        # end ignores whatever still calls it.
-        client.tunnel = client.peer = None
-        if backend is not None:
-            backend.tunnel = backend.peer = None
 
 
 def errno_reason(err: int) -> str:
