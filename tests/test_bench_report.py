@@ -54,3 +54,25 @@ def test_report_has_the_round_by_round_table_only_with_the_rival(with_rival):
     text = bench.report(summary, meta, r)
     assert ("| new connections/s (wrk, Connection: close) | 1 of 2 |" in text) == with_rival
     assert "| new connections/s (wrk, Connection: close) |" in text  # the main table
+
+
+# -- trace_latency.py's arithmetic (the trace itself needs bcc and root; run by hand) ------
+
+def test_a_round_trip_is_split_by_the_cpus_its_events_ran_on():
+    import trace_latency as tl
+    us = 1000  # ns
+    ev = lambda t, cpu: tl.Event(ts=t * us, cpu=cpu, who=1, tid=7, kind=-1, arg=cpu)
+    marks = [(0, 60 * us), (100 * us, 250 * us), (300 * us, 340 * us)]
+    events = [ev(10, 0), ev(50, 0),   # the first stays on CPU 0
+              ev(90, 1),              # before the second starts: not its event
+              ev(110, 0), ev(200, 1),  # the second crosses to CPU 1
+              ev(400, 1)]             # after the third ends: the third has none
+    kinds = tl.split_by_cpu(marks, events)
+    assert kinds == {"one CPU": [60.0, 40.0], "crossed CPUs": [150.0]}
+    text = tl.summary(marks, events, slow_us=100)
+    assert "crossed CPUs: 1 (33 %)" in text and "over 100 us: 1" in text
+    assert "one CPU: 2 (67 %)" in text
+    shown = tl.timeline(marks[1], events)
+    assert shown.splitlines()[0] == "round trip of 150 us (times in us from the client's send):"
+    assert "CPU 1  proxy" in shown and "woken (to CPU 1)" in shown
+    assert "400.0" not in shown  # events after the round trip are not its own

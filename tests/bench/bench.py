@@ -351,11 +351,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(int(len(sorted_values) * q), len(sorted_values) - 1)]
 
 
-def latency(port: int, rate_per_s: int = 1000, samples: int = 2000) -> list[float]:
-    """Round trips in microseconds (sorted) of HTTP requests on one keep-alive connection at
-    a fixed rate."""
+def round_trips(port: int, rate_per_s: int = 1000, samples: int = 2000) -> list[tuple[int, int]]:
+    """(start, end) in CLOCK_MONOTONIC ns, in order, of HTTP requests on one keep-alive
+    connection at a fixed rate (the clock BPF's ``bpf_ktime_get_ns`` reads, so a trace of
+    the kernel's events lines up with them: trace_latency.py)."""
     request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-    rtts = []
+    marks = []
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         interval = 1 / rate_per_s
@@ -365,7 +366,7 @@ def latency(port: int, rate_per_s: int = 1000, samples: int = 2000) -> list[floa
             if next_at > now:
                 time.sleep(next_at - now)  # pacing the request rate, not synchronising
             next_at += interval
-            t0 = time.perf_counter_ns()
+            t0 = time.monotonic_ns()
             s.sendall(request)
             buf = b""
             while b"hello\n" not in buf:
@@ -373,9 +374,13 @@ def latency(port: int, rate_per_s: int = 1000, samples: int = 2000) -> list[floa
                 if not chunk:
                     raise RuntimeError("connection closed during latency run")
                 buf += chunk
-            rtts.append((time.perf_counter_ns() - t0) / 1000)
-    rtts.sort()
-    return rtts
+            marks.append((t0, time.monotonic_ns()))
+    return marks
+
+
+def latency(port: int, rate_per_s: int = 1000, samples: int = 2000) -> list[float]:
+    """Round trips in microseconds (sorted) of :func:`round_trips`."""
+    return sorted((end - start) / 1000 for start, end in round_trips(port, rate_per_s, samples))
 
 
 def idle_memory(proxy: Proxy) -> dict:
