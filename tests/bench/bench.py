@@ -469,6 +469,15 @@ http {{
     return procs
 
 
+def tear_down(backends: list[subprocess.Popen]) -> None:
+    """Stop the backends and delete the run's network namespace."""
+    for p in backends:
+        p.terminate()
+    for p in backends:
+        p.wait(10)
+    subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -528,12 +537,8 @@ def main() -> int:
                 finally:
                     proxy.stop()
     finally:
-        for p in backends:
-            p.terminate()
-        for p in backends:
-            p.wait(10)
         subprocess.run(["umount", str(bpffs)], capture_output=True)
-        subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+        tear_down(backends)
     if failed:
         log(f"logs of the failed rounds are in {WORK}")
     else:  # nothing to look into: leave no work directory behind

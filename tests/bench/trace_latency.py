@@ -157,11 +157,7 @@ def main() -> int:
         finally:
             proxy.stop()
     finally:
-        for p in backends:
-            p.terminate()
-        for p in backends:
-            p.wait(10)
-        subprocess.run(["ip", "netns", "delete", bench.NS], capture_output=True)
+        bench.tear_down(backends)
         shutil.rmtree(bench.WORK, ignore_errors=True)
     print(f"{args.proxy}: {len(events):,} events traced"
           + (f", {dropped:,} DROPPED (ring buffer full)" if dropped else ""))
