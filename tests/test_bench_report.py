@@ -61,7 +61,10 @@ def test_report_has_the_round_by_round_table_only_with_the_rival(with_rival):
 def test_a_round_trip_is_split_by_the_cpus_its_events_ran_on():
     import trace_latency as tl
     us = 1000  # ns
-    ev = lambda t, cpu: tl.Event(ts=t * us, cpu=cpu, who=1, tid=7, kind=-1, arg=cpu)
+
+    def ev(t_us: int, cpu: int) -> tl.Event:  # the proxy woken on ``cpu`` at ``t_us``
+        return tl.Event(ts=t_us * us, cpu=cpu, who=1, tid=7, kind=-1, arg=cpu)
+
     marks = [(0, 60 * us), (100 * us, 250 * us), (300 * us, 340 * us)]
     events = [ev(10, 0), ev(50, 0),   # the first stays on CPU 0
               ev(90, 1),              # before the second starts: not its event
