@@ -5,13 +5,13 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 
 # Debian packages: what the product needs at run time, and what the tests drive.
-RUNTIME_DEBS := python3-jsonschema python3-systemd python3-prometheus-client
+RUNTIME_DEBS := python3-jsonschema python3-systemd python3-prometheus-client python3-pycares
 BPF_DEBS := python3-bpfcc bpftool iproute2
 TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout python3-testinfra \
 	python3-uvloop \
-	python3-yaml python3-hypothesis python3-prometheus-client netcat-openbsd systemd debootstrap systemd-container openssh-client \
+	python3-yaml python3-hypothesis python3-dnspython netcat-openbsd systemd debootstrap systemd-container openssh-client \
 	ansible-core ansible-lint vagrant
-BENCH_DEBS := haproxy nginx-light libnginx-mod-stream iperf3 wrk python3-matplotlib
+BENCH_DEBS := haproxy nginx-light libnginx-mod-stream iperf3 wrk python3-matplotlib dnsmasq-base
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
 
 .PHONY: help run test bench appliance-test deps deps-runtime venv bpf headers install clean

@@ -92,7 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        "--grace-period", str(args.grace_period),
                        "--idle-timeout", str(args.idle_timeout), "--eject", str(args.eject),
                        "--splice-after", str(args.splice_after),
-                       "--conn-log-level", args.conn_log_level]
+                       "--conn-log-level", args.conn_log_level,
+                       "--dns-min-ttl", str(args.dns_min_ttl), "--dns-max-ttl", str(args.dns_max_ttl),
+                       "--dns-negative-ttl", str(args.dns_negative_ttl),
+                       "--dns-stale", str(args.dns_stale), "--dns-timeout", str(args.dns_timeout)]
         if args.host:
             worker_argv += ["--host", args.host]
         if args.metrics:
@@ -117,9 +120,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"flyproxy serve: {e}", file=sys.stderr)
             return 1
 
+    from .resolver import DnsOptions
+    dns = DnsOptions(min_ttl_s=args.dns_min_ttl, max_ttl_s=max(args.dns_max_ttl, args.dns_min_ttl),
+                     negative_ttl_s=args.dns_negative_ttl, stale_s=args.dns_stale,
+                     timeout_s=args.dns_timeout)
     options = Options(connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
                       eject_s=args.eject, workers=n_workers, splice_after=args.splice_after,
-                      conn_log_level=logging.getLevelName(args.conn_log_level.upper()))
+                      conn_log_level=logging.getLevelName(args.conn_log_level.upper()), dns=dns)
     channel = None
     if args.worker_channel is not None:  # a worker: counts go to the supervisor, which serves them
         channel = listeners.channel_from_fd(args.worker_channel)
@@ -225,10 +232,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             first = i == 0
             rows.append((a["name"] if first else "", " ".join(map(str, a["ports"])) if first else "",
                          f"{a['active']}{limit}" if first else "", t["target"], t["health"]))
+    _print_table(rows)
+    if reply.get("names"):
+        print()
+        rows = [("NAME", "STATE", "ADDRESSES", "AGE", "TTL", "SOURCE", "LAST ERROR")]
+        for n in reply["names"]:
+            age = "-" if n["age_s"] is None else f"{n['age_s']:g}s"
+            rows.append((n["name"], n["state"], " ".join(n["addresses"]) or "-", age,
+                         f"{n['ttl_s']:g}s", n["source"], n["error"] or "-"))
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -310,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="once one direction of a connection has carried this many bytes, move "
                         "it with splice() (kernel-side copy, a pipe per direction); 0: never "
                         "(default 1 MiB)")
+    p.add_argument("--dns-min-ttl", type=float, default=1.0, metavar="SECONDS",
+                   help="keep a host name's answer at least this long (default 1)")
+    p.add_argument("--dns-max-ttl", type=float, default=300.0, metavar="SECONDS",
+                   help="... and at most this long, whatever its TTL (default 300)")
+    p.add_argument("--dns-negative-ttl", type=float, default=10.0, metavar="SECONDS",
+                   help="a name with no address (NXDOMAIN) is down this long before it is "
+                        "asked again (default 10)")
+    p.add_argument("--dns-stale", type=float, default=300.0, metavar="SECONDS",
+                   help="while the resolver fails, keep using a name's last addresses this "
+                        "long past their TTL (default 300)")
+    p.add_argument("--dns-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="DNS query timeout per try, doubling on the second (default 2)")
     p.add_argument("--workers", default=os.environ.get("FLYPROXY_WORKERS", "1"), metavar="N",
                    help="worker processes sharing the listeners: a number, or auto for one per "
                         "CPU (default 1: a single process; the unit uses auto)")

@@ -117,6 +117,11 @@ class Config:
     def ports(self) -> frozenset[int]:
         return frozenset(p for app in self.apps for p in app.ports)
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The host names among the targets (IP literals need no resolving)."""
+        return frozenset(t.host for app in self.apps for t in app.targets if t.addrs is None)
+
     def summary(self) -> str:
         targets = sum(len(a.targets) for a in self.apps)
         return f"{len(self.apps)} apps, {len(self.ports)} ports, {targets} targets"

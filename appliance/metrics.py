@@ -27,6 +27,8 @@ class NullMetrics:
     def all_down(self, app: str, failures) -> None: ...
     def closed(self, app: str, target, bytes_in: int, bytes_out: int, end: str) -> None: ...
     def reloaded(self, ok: bool, generation: int) -> None: ...
+    def track_resolver(self, resolver) -> None: ...
+    def dns_lookup(self, result: str) -> None: ...
 
 
 def _add(d: dict, key, n: int = 1) -> None:
@@ -48,6 +50,9 @@ class Metrics(NullMetrics):
         self.latency: dict[tuple[str, str], list] = {}
         self.reloads_n: dict[str, int] = {}
         self.generation = 1
+        self.dns_lookups_n: dict[str, int] = {}  # result -> lookups (one A + AAAA pair each)
+        self.resolver = None  # its names' state is read at scrape time
+        self.dns_names: list[dict] = []  # ... or, summed from workers, given here
 
     # -- hooks, on the event loop's thread --------------------------------------------
 
@@ -99,17 +104,28 @@ class Metrics(NullMetrics):
         _add(self.reloads_n, "ok" if ok else "failed")
         self.generation = generation
 
+    def track_resolver(self, resolver) -> None:
+        self.resolver = resolver
+
+    def dns_lookup(self, result: str) -> None:
+        _add(self.dns_lookups_n, result)
+
+    def names(self) -> list[dict]:
+        return self.resolver.status() if self.resolver is not None else self.dns_names
+
     # -- more than one worker: a snapshot each, summed by the supervisor -----------------
 
     # Reloads and the generation are not here: the supervisor counts those itself (one
     # reload is one, however many workers applied it).
     COUNTS = ("accepted_n", "active_n", "rejected_n", "closed_n", "attempts_n", "failures_n",
-              "retries_n", "all_down_n", "bytes_n", "latency")
+              "retries_n", "all_down_n", "bytes_n", "latency", "dns_lookups_n")
 
     def snapshot(self) -> dict:
         """Every per-connection count as JSON (tuple keys become lists), for the supervisor."""
-        return {name: [[list(k) if isinstance(k, tuple) else k, v]
+        snap = {name: [[list(k) if isinstance(k, tuple) else k, v]
                        for k, v in list(getattr(self, name).items())] for name in self.COUNTS}
+        snap["dns_names"] = self.names()
+        return snap
 
     @classmethod
     def merged(cls, snapshots: list[dict]) -> Metrics:
@@ -125,6 +141,7 @@ class Metrics(NullMetrics):
                         d[key] = v if old is None else [a + b for a, b in zip(old, v)]
                     else:
                         d[key] = d.get(key, 0) + v
+        total.dns_names = merged_names([snap.get("dns_names", []) for snap in snapshots])
         return total
 
     # -- the scrape, on prometheus_client's thread -------------------------------------
@@ -174,10 +191,40 @@ class Metrics(NullMetrics):
         gen = GaugeMetricFamily("flyproxy_config_generation", "Config generation in force")
         gen.add_metric([], self.generation)
         yield gen
+        yield family(CounterMetricFamily, "flyproxy_dns_lookups",
+                     "Host-name lookups (A and AAAA of one name), by result", ["result"],
+                     self.dns_lookups_n)
+        names = self.names()
+        state = GaugeMetricFamily("flyproxy_dns_state", "Each host-name target's state (1)",
+                                  labels=["name", "state"])
+        count = GaugeMetricFamily("flyproxy_dns_addresses", "Addresses a host name has now",
+                                  labels=["name"])
+        age = GaugeMetricFamily("flyproxy_dns_answer_age_seconds",
+                                "Seconds since a host name was last answered", labels=["name"])
+        for row in names:
+            state.add_metric([row["name"], row["state"]], 1)
+            count.add_metric([row["name"]], len(row["addresses"]))
+            if row["age_s"] is not None:
+                age.add_metric([row["name"]], row["age_s"])
+        yield state
+        yield count
+        yield age
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics over HTTP from a daemon thread."""
         serve(self, host, port)
+
+
+def merged_names(per_worker: list[list[dict]]) -> list[dict]:
+    """Each name's freshest row over the workers (each resolves on its own)."""
+    best: dict[str, dict] = {}
+    for rows in per_worker:
+        for row in rows:
+            old = best.get(row["name"])
+            age = row["age_s"] if row["age_s"] is not None else float("inf")
+            if old is None or age < (old["age_s"] if old["age_s"] is not None else float("inf")):
+                best[row["name"]] = row
+    return [best[name] for name in sorted(best)]
 
 
 def serve(collector, host: str, port: int) -> None:

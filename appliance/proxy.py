@@ -28,6 +28,7 @@ from .config import Config, ConfigDiff, diff
 from .engine import Engine, Listener
 from .logs import RateLimited
 from .metrics import NullMetrics
+from .resolver import DnsOptions, Resolver
 from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Options:
     conn_log_level: int = logging.DEBUG  # the one line per connection, at close
     workers: int = 1  # processes sharing the listeners; >1: ports bound with SO_REUSEPORT
     splice_after: int = 1 << 20  # bytes one direction carries before splice() takes over (0: never)
+    dns: DnsOptions = dataclasses.field(default_factory=DnsOptions)  # host-name targets
 
 
 GRACE_PERIOD_S = 30.0
@@ -63,6 +65,7 @@ class Proxy:
         self._owned: dict[int, Listener] = {}  # port -> listener, per-port mode
         self._handed: list[Listener] = []
         self.engine: Engine | None = None
+        self.resolver: Resolver | None = None
         self._reload_lock = asyncio.Lock()
         self._drained: asyncio.Future | None = None  # drain() waits on it: no tunnels left
         self._sweeper: asyncio.Task | None = None
@@ -80,6 +83,9 @@ class Proxy:
         """Start accepting: on the given sockets, or on every configured port."""
         self._loop = asyncio.get_running_loop()
         self.engine = Engine(self._loop, self.options.connect_timeout_s)
+        self.resolver = Resolver(self._loop, self.options.dns, self.metrics)
+        self.metrics.track_resolver(self.resolver)
+        await self.resolve(self.config.names)
         if sockets:
             for sock in sockets:
                 sock.listen(listeners.BACKLOG)  # as for our own (systemd's unit says the same)
@@ -145,7 +151,10 @@ class Proxy:
         tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.options.splice_after)
         self.tunnels.add(tunnel)
         self.metrics.accepted(app.name)
-        tunnel.connect(self.health.order(app.targets), self.health)
+        order = self.health.order(app.targets)
+        if self.resolver.unsettled:  # some name has no address now: skip it, or try it last
+            order = self.resolver.arrange(order)
+        tunnel.connect(order, self.health, self.resolver)
 
     def limit(self, max_connections: int) -> int:
         """This process's share of an app's connection limit: with N workers each takes
@@ -164,9 +173,13 @@ class Proxy:
 
     def all_failed(self, tunnel: Tunnel) -> None:
         failures = tunnel.failures
+        app = self._routes.get(tunnel.port)
+        tried = {target for target, _ in failures}
+        skipped = [(t, "dns") for t in (app.targets if app else ()) if t not in tried]
         self._limited.warning(f"down:{tunnel.app}", "app %s port %s: all %d targets failed "
-                              "(%s); closing client", tunnel.app, tunnel.port, len(failures),
-                              balancer.describe(failures) or "no targets")
+                              "(%s); closing client", tunnel.app, tunnel.port,
+                              len(failures) + len(skipped),
+                              balancer.describe(failures + skipped) or "no targets")
         self.metrics.all_down(tunnel.app, failures)
         tunnel.end = "all-targets-down"
         tunnel.close()
@@ -219,6 +232,17 @@ class Proxy:
                     tunnel.end = "idle"
                     tunnel.close()
 
+    # -- host names ----------------------------------------------------------------------
+
+    async def resolve(self, names) -> None:
+        """Have ``names`` (and only those) resolved; wait for first answers, bounded by the
+        connect timeout (a name still unanswered is pending: tried last, when it answers)."""
+        self.resolver.track(names)
+        pending = await self.resolver.settle(self.options.connect_timeout_s)
+        if pending:
+            log.warning("%d host names not answered within %gs; tried once they are",
+                        pending, self.options.connect_timeout_s)
+
     # -- reload and shutdown -----------------------------------------------------------
 
     async def reload(self, new: Config) -> ConfigDiff:
@@ -231,8 +255,15 @@ class Proxy:
             change = diff(self.config, new)
             if not self._handed:
                 self._open_ports(change.added_ports)
+            try:  # names new to this config are answered before it takes over (bounded)
+                await self.resolve(self.config.names | new.names)
+            except BaseException:
+                if not self._handed:
+                    self._close_ports(change.added_ports)
+                raise
             self.config, self._routes = new, new.routes
             self.generation += 1
+            self.resolver.track(new.names)
             if not self._handed:
                 self._close_ports(change.removed_ports)
             return change
@@ -264,3 +295,5 @@ class Proxy:
         finally:
             if self._sweeper is not None:
                 self._sweeper.cancel()
+            if self.resolver is not None:
+                self.resolver.close()

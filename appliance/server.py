@@ -76,6 +76,7 @@ class Server:
                       "max_connections": a.max_connections,
                       "targets": [{"target": str(t), "health": p.health.describe(t)}
                                   for t in a.targets]} for a in p.config.apps],
+            "names": p.resolver.status() if p.resolver is not None else [],
         }
 
     async def serve(self) -> int:

@@ -301,6 +301,8 @@ class Supervisor:
                 t["health"] = (seen.pop() if len(seen) == 1 else
                                "; ".join(f"worker {i}: {h}" for i, h in sorted(t["health"].items())))
         status["apps"] = list(apps.values())
+        from .metrics import merged_names
+        status["names"] = merged_names([r.get("names", []) for _, r in replies])
         return status
 
     # -- metrics: gathered from the workers at scrape time ---------------------------------

@@ -30,7 +30,7 @@ class Tunnel:
     """
 
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
-                 "order", "failures", "health", "attempt", "addrs", "addr_i", "connecting_end",
+                 "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "connecting_end",
                  "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
                  "done")
 
@@ -45,6 +45,7 @@ class Tunnel:
         self.order = ()  # targets to try, in order
         self.failures: list = []  # (target, reason) for each attempt that failed
         self.health = None
+        self.resolver = None  # host-name targets' addresses (appliance.resolver)
         self.attempt = 0  # index into order of the target being tried
         self.addrs = ()  # (family, sockaddr) of that target ...
         self.addr_i = 0  # ... and the next one of them to try
@@ -70,8 +71,8 @@ class Tunnel:
 
     # -- connecting --------------------------------------------------------------------
 
-    def connect(self, order, health) -> None:
-        self.order, self.health = order, health
+    def connect(self, order, health, resolver=None) -> None:
+        self.order, self.health, self.resolver = order, health, resolver
         self.attempt = -1
         self.next_target()
 
@@ -80,28 +81,31 @@ class Tunnel:
         if self.attempt >= len(self.order):
             return self.owner.all_failed(self)
         target = self.order[self.attempt]
-        engine = self.engine
-        self.attempt_started = engine.connect_started(self)
+        self.attempt_started = self.engine.connect_started(self)
         self.addr_i = 0
         if target.addrs is not None:  # an IP literal: nothing to resolve
             self.addrs = target.addrs
             return self.next_address()
-        self.addrs = ()
-        attempt = self.attempt
-        future = engine.loop.create_task(
-            engine.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM))
-        future.add_done_callback(lambda f: self.resolved(f, attempt))
+        # A host name: its addresses as the resolver keeps them (never a lookup here).
+        name = self.resolver.names.get(target.host) if self.resolver is not None else None
+        if name is None:
+            return self.attempt_failed("dns")
+        if name.addrs:
+            self.addrs = name.sockaddrs(target.port)
+            return self.next_address()
+        if name.state == "pending":  # never answered: wait for it, within this attempt's timeout
+            attempt = self.attempt
+            name.waiters.append(lambda name: self.resolved(name, attempt))
+            return
+        self.attempt_failed("dns")
 
-    def resolved(self, future, attempt: int) -> None:
-        exc = future.exception()  # (retrieved even when no longer wanted)
+    def resolved(self, name, attempt: int) -> None:
+        """The first answer for a name this tunnel waits on (``attempt`` of its order)."""
         if attempt != self.attempt or self.done:
             return  # timed out meanwhile (or the client went away)
-        if exc is not None:
-            return self.attempt_failed(failure_reason(exc))
-        infos = future.result()
-        self.addrs = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-        if not self.addrs:
+        if not name.addrs:
             return self.attempt_failed("dns")
+        self.addrs = name.sockaddrs(self.order[attempt].port)
         self.next_address()
 
     def next_address(self, reason: str = "") -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import subprocess
 import uuid
+from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -51,5 +53,16 @@ class NetNS:
         """Sockets created inside this block live in the namespace (setns is per thread)."""
         return entered_path(f"/run/netns/{self.name}")
 
+    def etc(self, *, resolv_conf: str | None = None, hosts: str | None = None) -> None:
+        """Files that ``ip netns exec`` bind-mounts over /etc's for commands it runs here
+        (/etc/netns/NAME/...): a resolver and a hosts file of the test's own."""
+        directory = Path("/etc/netns") / self.name
+        directory.mkdir(parents=True, exist_ok=True)
+        if resolv_conf is not None:
+            (directory / "resolv.conf").write_text(resolv_conf)
+        if hosts is not None:
+            (directory / "hosts").write_text(hosts)
+
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "delete", self.name], check=False)
+        shutil.rmtree(Path("/etc/netns") / self.name, ignore_errors=True)

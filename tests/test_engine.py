@@ -29,6 +29,7 @@ from appliance.config import Target
 from appliance.engine import Engine, EngineSelector, big_pipe_budget
 from appliance.proxy import Options, Proxy
 from appliance.relay import End
+from appliance.resolver import Name, Resolver
 from appliance.tunnel import Tunnel
 
 
@@ -88,7 +89,7 @@ def silent_target():
         silent.close()
 
 
-def start_tunnel(targets, connect_timeout_s, engine=None, splice_after=0):
+def start_tunnel(targets, connect_timeout_s, engine=None, splice_after=0, resolver=None):
     """A client connection handed to a Tunnel that starts connecting to ``targets``;
     returns (owner, tunnel, health, client, engine)."""
     engine = engine or Engine(asyncio.get_running_loop(), connect_timeout_s)
@@ -100,31 +101,35 @@ def start_tunnel(targets, connect_timeout_s, engine=None, splice_after=0):
     accepted.setblocking(False)
     owner, health = Owner(), Health()
     tunnel = Tunnel(engine, owner, accepted, addr, "app", port, splice_after)
-    tunnel.connect(targets, health)
+    tunnel.connect(targets, health, resolver)
     return owner, tunnel, health, client, engine
 
 
-async def relay_one(targets, getaddrinfo, connect_timeout_s=2.0):
-    """start_tunnel() with our resolver, then wait until the connect is decided."""
-    # asyncio's loop is a Python object: the resolver can be ours
-    asyncio.get_running_loop().getaddrinfo = getaddrinfo
-    owner, tunnel, health, client, engine = start_tunnel(targets, connect_timeout_s)
-    await asyncio.wait_for(owner.done.wait(), 10)
-    return owner, tunnel, health, client, engine
+def known_names(**answers) -> Resolver:
+    """A resolver whose names are set by hand (no query is sent): ``name=[addresses]``, or
+    ``name=None`` for a name still pending (never answered)."""
+    resolver = Resolver(asyncio.get_running_loop())
+    for host, addrs in answers.items():
+        name = resolver.names[host.replace("_", ".")] = Name(host.replace("_", "."))
+        if addrs is not None:
+            name.addrs = tuple((socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+                               for a in addrs)
+            name.state = "fresh"
+    return resolver
 
 
 def test_a_name_with_several_addresses_falls_through_to_the_one_that_answers(run):
     live = socket.create_server(("127.0.0.1", 0))
-    refused = dead_port()
-    target = Target("two.addresses.test", 80)
-
-    async def getaddrinfo(host, port, **kw):
-        assert host == "two.addresses.test"
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", refused)),
-                (socket.AF_INET, socket.SOCK_STREAM, 6, "", live.getsockname())]
 
     async def main():
-        owner, tunnel, health, client, engine = await relay_one([target], getaddrinfo)
+        # both addresses of the name on one port: the first refuses, the second listens
+        port = live.getsockname()[1]
+        refuser = socket.create_server(("127.0.0.2", port))
+        refuser.close()  # now 127.0.0.2:port refuses
+        target = Target("two.addresses.test", port)
+        resolver = known_names(two_addresses_test=["127.0.0.2", "127.0.0.1"])
+        owner, tunnel, health, client, engine = start_tunnel([target], 2.0, resolver=resolver)
+        await asyncio.wait_for(owner.done.wait(), 10)
         assert owner.connected_to == target
         assert tunnel.failures == []  # one address refusing is not the target failing
         assert health.describe(target) == "ok"
@@ -141,19 +146,18 @@ def test_a_name_with_several_addresses_falls_through_to_the_one_that_answers(run
     run(main())
 
 
-def test_a_resolver_that_never_answers_costs_one_connect_timeout(run):
+def test_a_name_never_answered_costs_one_connect_timeout(run):
     live = socket.create_server(("127.0.0.1", 0))
     stuck = Target("stuck.resolver.test", 80)
     good = Target(*live.getsockname())
 
-    async def getaddrinfo(host, port, **kw):
-        await asyncio.Event().wait()  # never answers
-
     async def main():
         loop = asyncio.get_running_loop()
         started = loop.time()
-        owner, tunnel, health, client, engine = await relay_one([stuck, good], getaddrinfo,
-                                                                connect_timeout_s=0.3)
+        resolver = known_names(stuck_resolver_test=None)  # pending, and stays so
+        owner, tunnel, health, client, engine = start_tunnel([stuck, good], 0.3,
+                                                             resolver=resolver)
+        await asyncio.wait_for(owner.done.wait(), 10)
         assert owner.connected_to == good
         assert tunnel.failures == [(stuck, "timeout")]
         assert health.describe(stuck).startswith("ejected: timeout")
@@ -161,6 +165,27 @@ def test_a_resolver_that_never_answers_costs_one_connect_timeout(run):
         tunnel.close()
         engine.close()
         client.close()
+
+    run(main())
+
+
+def test_a_connection_waiting_on_a_first_answer_goes_on_when_it_comes(run):
+    live = socket.create_server(("127.0.0.1", 0))
+    late = Target("late.test", live.getsockname()[1])
+
+    async def main():
+        resolver = known_names(late_test=None)
+        owner, tunnel, _, client, engine = start_tunnel([late], 5.0, resolver=resolver)
+        name = resolver.names["late.test"]
+        assert len(name.waiters) == 1 and owner.connected_to is None
+        resolver._succeeded(name, ((socket.AF_INET, "127.0.0.1"),), 30)  # the answer
+        await asyncio.wait_for(owner.done.wait(), 5)
+        assert owner.connected_to == late and tunnel.failures == []
+        assert name.waiters == []
+        tunnel.close()
+        engine.close()
+        client.close()
+        resolver.close()
 
     run(main())
 

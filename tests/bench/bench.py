@@ -217,17 +217,21 @@ def describe_workers(workers: str) -> str:
 class FlyProxy(Proxy):
     name = "flyproxy"
 
-    def __init__(self, base: int, loop: str = "auto", workers: str = "1"):
+    def __init__(self, base: int, loop: str = "auto", workers: str = "1",
+                 target_host: str = "127.0.0.1", netns_exec: bool = False):
         super().__init__(base)
         self.loop, self.workers = loop, workers
         self.name = "flyproxy" + describe_workers(workers)
         if loop == "uvloop":
             self.name += " (uvloop)"
         self.config = WORK / f"flyproxy-{base}.json"
+        self.target_host = target_host  # a host name: answered by the bench's resolver
+        # run under `ip netns exec`, which gives it the namespace's resolv.conf (see DNS)
+        self.wrap = ["ip", "netns", "exec", NS] if netns_exec else []
 
     def write_config(self, extra_http_ports: int = 0) -> None:
-        apps = [{"Name": k, "Ports": [self.front[k]], "Targets": [f"127.0.0.1:{BACKEND[k]}"]}
-                for k in BACKEND]
+        apps = [{"Name": k, "Ports": [self.front[k]],
+                 "Targets": [f"{self.target_host}:{BACKEND[k]}"]} for k in BACKEND]
         if extra_http_ports:  # below the ephemeral range (32768+) and clear of every other port
             apps[0]["Ports"] += list(range(10_000, 10_000 + extra_http_ports))
         tmp = self.config.with_suffix(".tmp")
@@ -239,7 +243,7 @@ class FlyProxy(Proxy):
 
     def start(self) -> None:
         self.write_config()
-        self.procs = [spawn([PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
+        self.procs = [spawn([*self.wrap, PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
                              "-c", str(self.config), "--loop", self.loop,
                              "--workers", self.workers,
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
@@ -476,6 +480,55 @@ def tear_down(backends: list[subprocess.Popen]) -> None:
     for p in backends:
         p.wait(10)
     subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+    shutil.rmtree(Path("/etc/netns") / NS, ignore_errors=True)
+
+
+# -- host-name targets -----------------------------------------------------------------------
+
+BENCH_NAME = "web.bench.test"
+
+
+def start_dns() -> subprocess.Popen:
+    """dnsmasq on 127.0.0.1:53 in the bench's namespace, answering BENCH_NAME (TTL 300 s)
+    and nothing else; commands run with `ip netns exec` find it in their resolv.conf."""
+    etc = Path("/etc/netns") / NS
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    proc = spawn(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                  "--listen-address=127.0.0.1", "--bind-interfaces", "--port=53",
+                  "--local-ttl=300", f"--address=/{BENCH_NAME}/127.0.0.1",
+                  f"--pid-file={WORK}/dnsmasq.pid", "--user=root"], "dnsmasq")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(int(line.split()[1].rsplit(":", 1)[1], 16) == 53 for line in
+               Path("/proc/net/udp").read_text().splitlines()[1:]):
+            return proc
+        time.sleep(0.05)  # polling a port another process opens, bounded
+    raise RuntimeError(f"dnsmasq did not start; logs in {WORK}")
+
+
+def host_names(repeats: int = 5) -> dict:
+    """New conn/s through flyproxy with its target given as an IP literal and as a host
+    name (answered by dnsmasq), alternating ``repeats`` times, medians. Both proxies run
+    the same way (`ip netns exec`, one worker)."""
+    dns = start_dns()
+    literal = FlyProxy(29000, netns_exec=True)
+    named = FlyProxy(29100, target_host=BENCH_NAME, netns_exec=True)
+    runs: dict[str, list] = {}
+    try:
+        for proxy in (literal, named):
+            proxy.start()
+            proxy.ready()
+        for _ in range(repeats):
+            for label, proxy in (("ip", literal), ("names", named)):
+                rate, _ = wrk(proxy.front["http"], True)
+                runs.setdefault(f"conn_per_s_{label}", []).append(rate)
+    finally:
+        for proxy in (literal, named):
+            proxy.stop()
+        dns.terminate()
+        dns.wait(10)
+    return {key: median(values) for key, values in runs.items()}
 
 
 def median(values):
@@ -487,7 +540,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespace, BPF)", file=sys.stderr)
         return 1
-    for tool in ("haproxy", "nginx", "iperf3", "wrk", "systemd-socket-activate", PROXYD):
+    for tool in ("haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD):
         if not shutil.which(tool) and not Path(tool).exists():
             print(f"make bench: {tool} is missing", file=sys.stderr)
             return 1
@@ -529,6 +582,8 @@ def main() -> int:
                     if n == 0 and isinstance(proxy, FlyProxy) and proxy.workers == "1" \
                             and proxy.loop == "auto":
                         extra[proxy.name].update(scale(proxy))
+                        if not isinstance(proxy, FlyProxyBPF):
+                            extra[proxy.name].update(host_names())
                 except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
                     # One proxy failing one round (it crashed, a load could not run) must not
                     # lose the whole run: that round is missing for it, and the report says so.
@@ -696,6 +751,13 @@ def report(summary: dict, meta: dict, rounds: dict) -> str:
                 lines[-1] += (f" The sk_lookup program itself (kernel.bpf_stats_enabled): "
                               f"{v['bpf_ns_per_lookup_10_ports']:.0f} ns per run with 10 ports, "
                               f"{v['bpf_ns_per_lookup_10000_ports']:.0f} ns with 10,000.")
+    for name, v in summary.items():
+        if "conn_per_s_names" in v:
+            lines += ["", f"**{name}**, host-name targets ({SCALE_REPEATS} alternating runs, "
+                      "medians; the name answered by dnsmasq in the namespace, TTL 300 s): "
+                      f"new conn/s {v['conn_per_s_names']:,.0f} with the target as a host name "
+                      f"vs {v['conn_per_s_ip']:,.0f} as an IP literal "
+                      f"({v['conn_per_s_names'] / v['conn_per_s_ip']:.2f}x)."]
     if meta.get("failed"):
         lines += ["", "Rounds that failed (that proxy's medians are over its other rounds): "
                   + "; ".join(meta["failed"]) + "."]

@@ -1,0 +1,461 @@
+"""Host-name targets: resolved off the connection path, kept by TTL, on the event loop.
+
+Every host name the config in force names is tracked here as a :class:`Name`. It is
+resolved when the config is loaded or reloaded (A and AAAA, with c-ares through
+``python3-pycares``: queries run on the event loop, no thread pool), kept, and refreshed
+in the background before its TTL runs out. A connection never waits on a lookup while an
+answer is known; it takes ``Name.addrs`` as they are.
+
+A name is in one of four states (``Name.state``; shown by ``flyproxy status`` and the
+metrics):
+
+- ``pending``: never answered yet. A connection to it waits for the first answer, bounded
+  by its connect attempt's timeout; :meth:`Resolver.arrange` puts such targets after the
+  ones with addresses, so a slow name never delays a target that can be used now.
+- ``fresh``: answered, within the answer's TTL (clamped to ``[min_ttl_s, max_ttl_s]``).
+- ``stale``: the TTL ran out and the refresh failed (timeout, SERVFAIL, resolver
+  unreachable): the last good addresses keep serving for up to ``stale_s`` while the
+  lookup is retried with a backoff; then the name is ``down``.
+- ``down``: no address (NXDOMAIN, no A/AAAA record, or stale for too long). It costs no
+  connect attempt and no lookup per connection: arrange() leaves it out; it is looked up
+  again after ``negative_ttl_s`` (NXDOMAIN, no data) or the backoff (resolver failures).
+
+Names in ``/etc/hosts`` are answered as getaddrinfo answers them (``localhost``, names an
+operator pins there; read again at each refresh, ``max_ttl_s`` apart): a call that reads a
+local file, made on the loop (no query leaves the host). Everything else goes to the
+name servers of ``/etc/resolv.conf`` (read when the resolver starts).
+
+Each worker process has its own resolver (see NOTES.md): queries per second are bounded
+by names x refresh rate x workers, never by connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from typing import Callable, Iterable, Sequence
+
+try:
+    import pycares
+    import pycares.errno as _E
+except ImportError:  # pragma: no cover - python3-pycares is a dependency of the appliance
+    pycares = None
+
+log = logging.getLogger(__name__)
+
+PENDING, FRESH, STALE, DOWN = "pending", "fresh", "stale", "down"
+REFRESH_AT = 0.9  # refresh an answer when this share of its TTL has passed
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # retries after a failed lookup
+HOSTS_PATH = "/etc/hosts"
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+
+
+@dataclasses.dataclass
+class DnsOptions:
+    min_ttl_s: float = 1.0  # answers are kept at least this long ...
+    max_ttl_s: float = 300.0  # ... and at most this long, whatever their TTL says
+    negative_ttl_s: float = 10.0  # NXDOMAIN / no address: down for this long, then asked again
+    stale_s: float = 300.0  # resolver failing: last good addresses serve this long past expiry
+    timeout_s: float = 2.0  # c-ares: per try of a query (it doubles each round) ...
+    tries: int = 2  # ... and how many tries
+
+
+class Name:
+    """One host name: its state, its addresses and who waits for its first answer."""
+
+    __slots__ = ("host", "state", "addrs", "source", "error", "answered_at", "expires_at",
+                 "ttl_s", "failures", "waiters", "timer", "by_port", "querying")
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.state = PENDING
+        self.addrs: tuple[tuple[int, str], ...] = ()  # (family, ip), in the order to try
+        self.source = "dns"  # or "hosts" (/etc/hosts, as getaddrinfo reads it)
+        self.error = ""  # why the last lookup failed ("" after a good one)
+        self.answered_at = 0.0  # monotonic time of the last good answer
+        self.expires_at = 0.0  # ... and when it runs out
+        self.ttl_s = 0.0
+        self.failures = 0  # lookups failed in a row (for the backoff)
+        self.waiters: list[Callable[[Name], None]] = []  # connections waiting (pending only)
+        self.timer = None  # the next refresh or retry
+        self.by_port: dict[int, list] = {}  # port -> [(family, sockaddr)], made once per answer
+        self.querying = False
+
+    def __repr__(self) -> str:
+        return f"<Name {self.host} {self.state} addrs={len(self.addrs)} {self.error}>"
+
+    def sockaddrs(self, port: int) -> list:
+        """The addresses to try for ``port``, in order (made once per answer and port)."""
+        out = self.by_port.get(port)
+        if out is None:
+            out = self.by_port[port] = [(family, (ip, port)) for family, ip in self.addrs]
+        return out
+
+    def describe(self, now: float) -> dict:
+        return {"name": self.host, "state": self.state, "source": self.source,
+                "addresses": [ip for _, ip in self.addrs],
+                "age_s": round(now - self.answered_at, 1) if self.answered_at else None,
+                "ttl_s": self.ttl_s, "error": self.error}
+
+
+def hosts_names(path: str = HOSTS_PATH) -> frozenset[str]:
+    """The names ``/etc/hosts`` gives addresses for (lower case)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return frozenset()
+    names = set()
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        names.update(n.lower().rstrip(".") for n in fields[1:])
+    return frozenset(names)
+
+
+def interleave(v6: Sequence[str], v4: Sequence[str]) -> tuple[tuple[int, str], ...]:
+    """IPv6 and IPv4 addresses alternating, IPv6 first (RFC 8305, section 4)."""
+    out = []
+    for i in range(max(len(v6), len(v4))):
+        if i < len(v6):
+            out.append((_AF_INET6, v6[i]))
+        if i < len(v4):
+            out.append((_AF_INET, v4[i]))
+    return tuple(out)
+
+
+class _Lookup:
+    """The A and AAAA queries of one refresh of one name; decided when both have answered."""
+
+    __slots__ = ("resolver", "name", "results")
+
+    def __init__(self, resolver: Resolver, name: Name) -> None:
+        self.resolver, self.name, self.results = resolver, name, {}
+
+    def answered(self, family: int, result, error) -> None:
+        self.results[family] = (result, error)
+        if len(self.results) == 2:
+            self.resolver._decided(self.name, self.results)
+
+
+class Resolver:
+    """Every host name of the config in force, kept resolved (see the module doc)."""
+
+    def __init__(self, loop, options: DnsOptions | None = None, metrics=None,
+                 hosts_path: str = HOSTS_PATH) -> None:
+        self.loop = loop
+        self.options = options or DnsOptions()
+        self.metrics = metrics
+        self.hosts_path = hosts_path
+        self.names: dict[str, Name] = {}
+        self.unsettled = 0  # names without addresses (pending or down): arrange() has work
+        self._channel = None  # made on the first name that needs DNS
+        self._fds: dict[int, tuple[bool, bool]] = {}  # c-ares sockets -> (read, write) watched
+        self._timer = None  # c-ares' own timeouts
+        self._inflight = 0  # queries sent and not answered
+        self._settled = None  # a future settle() waits on: no name pending
+        self._closed = False
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for n in self.names.values():
+            counts[n.state] = counts.get(n.state, 0) + 1
+        return f"<Resolver names={len(self.names)} {counts} inflight={self._inflight}>"
+
+    # -- the config in force -------------------------------------------------------------
+
+    def track(self, hosts: Iterable[str]) -> None:
+        """Keep exactly ``hosts`` resolved: look up names new to us, forget the others."""
+        wanted = set(hosts)
+        for host in list(self.names):
+            if host not in wanted:
+                self._forget(self.names.pop(host))
+        in_hosts = None
+        for host in sorted(wanted - self.names.keys()):
+            name = self.names[host] = Name(host)
+            if in_hosts is None:
+                in_hosts = hosts_names(self.hosts_path)
+            self._lookup(name, in_hosts)
+        self._count()
+
+    async def settle(self, timeout_s: float) -> int:
+        """Wait (at most ``timeout_s``) until no name is pending; returns how many still are."""
+        pending = sum(n.state == PENDING for n in self.names.values())
+        if pending and timeout_s > 0:
+            if self._settled is None or self._settled.done():
+                self._settled = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._settled), timeout_s)
+            except TimeoutError:
+                pass
+            pending = sum(n.state == PENDING for n in self.names.values())
+        return pending
+
+    def close(self) -> None:
+        self._closed = True
+        for name in self.names.values():
+            self._forget(name)
+        self.names.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        for fd in list(self._fds):
+            self._watch(fd, False, False)
+        self._channel = None
+
+    # -- the connection path -------------------------------------------------------------
+
+    def arrange(self, order: Sequence) -> list:
+        """``order`` (targets, best first) as a connection should try it: targets with
+        addresses (and IP literals) first, names still pending after them, names that are
+        down left out. Only called while some name has no addresses (``unsettled``)."""
+        names = self.names
+        ready, pending = [], []
+        for target in order:
+            if target.addrs is not None:
+                ready.append(target)
+                continue
+            name = names.get(target.host)
+            if name is None:
+                continue
+            if name.addrs:
+                ready.append(target)
+            elif name.state == PENDING:
+                pending.append(target)
+        ready.extend(pending)
+        return ready
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def _lookup(self, name: Name, in_hosts: frozenset[str] | None = None) -> None:
+        name.timer = None
+        if self._closed or name.querying:
+            return
+        if in_hosts is None:
+            in_hosts = hosts_names(self.hosts_path)
+        if name.host.lower().rstrip(".") in in_hosts:
+            return self._from_hosts(name)
+        channel = self._channel
+        if channel is None:
+            try:
+                channel = self._channel = self._make_channel()
+            except Exception as e:  # no python3-pycares, or c-ares cannot start
+                log.error("cannot resolve host names: %s", e)
+                return self._failed(name, "no resolver", negative=True)
+        name.querying = True
+        lookup = _Lookup(self, name)
+        for qtype, family in ((pycares.QUERY_TYPE_AAAA, _AF_INET6),
+                              (pycares.QUERY_TYPE_A, _AF_INET)):
+            self._inflight += 1
+            channel.search(name.host, qtype,
+                           lambda result, error, f=family: self._answer(lookup, f, result, error))
+        self._arm()
+
+    def _make_channel(self):
+        if pycares is None:
+            raise RuntimeError("python3-pycares is not installed")
+        return pycares.Channel(sock_state_cb=self._sock_state, timeout=self.options.timeout_s,
+                               tries=self.options.tries)
+
+    def _answer(self, lookup: _Lookup, family: int, result, error) -> None:
+        self._inflight -= 1
+        lookup.answered(family, result, error)
+
+    def _from_hosts(self, name: Name) -> None:
+        """A name in /etc/hosts: its addresses as getaddrinfo gives them (a local read)."""
+        name.source = "hosts"
+        try:
+            infos = socket.getaddrinfo(name.host, None, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            return self._failed(name, f"hosts: {e}", negative=True)
+        addrs = []
+        for family, _, _, _, sockaddr in infos:
+            if (family, sockaddr[0]) not in addrs:
+                addrs.append((family, sockaddr[0]))
+        self._succeeded(name, tuple(addrs), self.options.max_ttl_s)
+
+    def _decided(self, name: Name, results: dict) -> None:
+        """Both queries of a refresh answered: a good answer, no address, or a failure."""
+        E = _E
+        name.querying = False
+        if self._closed or self.names.get(name.host) is not name:
+            return  # forgotten meanwhile
+        name.source = "dns"
+        ips: dict[int, list[str]] = {_AF_INET: [], _AF_INET6: []}
+        ttls, errors = [], []
+        for family, (result, error) in results.items():
+            if error is None:
+                for record in result or ():
+                    if record.host not in ips[family]:
+                        ips[family].append(record.host)
+                    ttls.append(record.ttl)
+            else:
+                errors.append(error)
+        addrs = interleave(ips[_AF_INET6], ips[_AF_INET])
+        if addrs:
+            return self._succeeded(name, addrs, min(ttls))
+        if all(e in (E.ARES_ENOTFOUND, E.ARES_ENODATA) for e in errors):
+            self._lookups("nxdomain")
+            reason = "nxdomain" if E.ARES_ENOTFOUND in errors else "no address"
+            return self._failed(name, reason, negative=True)
+        worst = next((e for e in errors if e not in (E.ARES_ENOTFOUND, E.ARES_ENODATA)), None)
+        # c-ares (1.18) reports a SERVFAIL or REFUSED answer from every server, and a server
+        # that is not listening, all as ECONNREFUSED: one result, "servfail".
+        result = {E.ARES_ETIMEOUT: "timeout", E.ARES_ESERVFAIL: "servfail",
+                  E.ARES_ECONNREFUSED: "servfail", E.ARES_EREFUSED: "servfail"}.get(worst, "error")
+        reason = {"timeout": "timeout", "servfail": "servfail or unreachable"}.get(
+            result, E.errorcode.get(worst, str(worst)).removeprefix("ARES_E").lower())
+        self._lookups(result)
+        self._failed(name, reason, negative=False)
+
+    def _succeeded(self, name: Name, addrs: tuple, ttl: float) -> None:
+        opts = self.options
+        ttl_s = min(max(float(ttl), opts.min_ttl_s), opts.max_ttl_s)
+        now = time.monotonic()
+        if name.source == "dns":
+            self._lookups("ok")
+        if name.addrs and addrs != name.addrs:
+            log.info("%s: addresses changed: %s -> %s (new connections use the new ones)",
+                     name.host, _ips(name.addrs), _ips(addrs))
+        elif not name.addrs:
+            log.info("%s: %s (%s, ttl %gs)", name.host, _ips(addrs), name.source, ttl_s)
+        if addrs != name.addrs:
+            name.addrs, name.by_port = addrs, {}
+        name.state, name.error, name.failures = FRESH, "", 0
+        name.answered_at, name.expires_at, name.ttl_s = now, now + ttl_s, ttl_s
+        self._schedule(name, ttl_s * REFRESH_AT)
+        self._settle(name)
+
+    def _failed(self, name: Name, reason: str, *, negative: bool) -> None:
+        """No address this time. ``negative``: the answer says so (NXDOMAIN, no record):
+        down now, asked again after negative_ttl_s. Otherwise the resolver failed: the last
+        good addresses serve until stale_s past their expiry, retried with a backoff."""
+        now = time.monotonic()
+        first = name.error != reason
+        name.error = reason
+        name.failures += 1
+        if negative or not name.addrs or now >= name.expires_at + self.options.stale_s:
+            if name.addrs or name.state != DOWN:
+                log.warning("%s: down (%s)%s", name.host, reason,
+                            f"; stopped using {_ips(name.addrs)}" if name.addrs else "")
+            name.state, name.addrs, name.by_port = DOWN, (), {}
+            delay = self.options.negative_ttl_s if negative else self._backoff(name)
+        else:
+            if now >= name.expires_at:
+                name.state = STALE
+            if first:
+                log.warning("%s: lookup failed (%s); still using %s for up to %gs", name.host,
+                            reason, _ips(name.addrs), name.expires_at + self.options.stale_s - now)
+            # retry soon, and look again when the answer runs out or goes stale
+            deadline = name.expires_at if now < name.expires_at else \
+                name.expires_at + self.options.stale_s
+            delay = max(0.0, min(self._backoff(name), deadline - now))
+        self._schedule(name, delay)
+        self._settle(name)
+
+    def _backoff(self, name: Name) -> float:
+        return BACKOFF_S[min(name.failures, len(BACKOFF_S)) - 1]
+
+    def _schedule(self, name: Name, delay_s: float) -> None:
+        if name.timer is not None:
+            name.timer.cancel()
+        name.timer = self.loop.call_later(delay_s, self._refresh, name)
+
+    def _refresh(self, name: Name) -> None:
+        """A name's timer: mark an expired answer stale (or down), then look it up again."""
+        name.timer = None
+        now = time.monotonic()
+        if name.addrs and now >= name.expires_at:
+            if now >= name.expires_at + self.options.stale_s:
+                return self._failed(name, name.error or "expired", negative=False)
+            if name.state == FRESH and name.error:
+                name.state = STALE
+        self._lookup(name)
+
+    def _settle(self, name: Name) -> None:
+        """``name`` has been decided: wake the connections waiting for it, recount."""
+        waiters, name.waiters = name.waiters, []
+        for wake in waiters:
+            wake(name)
+        self._count()
+
+    def _count(self) -> None:
+        names = self.names.values()
+        self.unsettled = sum(not n.addrs for n in names)
+        settled = self._settled
+        if settled is not None and not settled.done() and \
+                not any(n.state == PENDING for n in names):
+            settled.set_result(None)
+
+    def _forget(self, name: Name) -> None:
+        if name.timer is not None:
+            name.timer.cancel()
+            name.timer = None
+        name.state = DOWN
+        name.error = "removed from the config"
+        self._settle(name)
+
+    def _lookups(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dns_lookup(result)
+
+    # -- c-ares on the event loop -------------------------------------------------------
+
+    def _sock_state(self, fd: int, readable: bool, writable: bool) -> None:
+        self._watch(fd, readable, writable)
+
+    def _watch(self, fd: int, readable: bool, writable: bool) -> None:
+        was_r, was_w = self._fds.get(fd, (False, False))
+        loop = self.loop
+        if readable != was_r:
+            if readable:
+                loop.add_reader(fd, self._process, fd, True)
+            else:
+                loop.remove_reader(fd)
+        if writable != was_w:
+            if writable:
+                loop.add_writer(fd, self._process, fd, False)
+            else:
+                loop.remove_writer(fd)
+        if readable or writable:
+            self._fds[fd] = (readable, writable)
+        else:
+            self._fds.pop(fd, None)
+
+    def _process(self, fd: int, read: bool) -> None:
+        bad = pycares.ARES_SOCKET_BAD
+        if self._channel is not None:
+            self._channel.process_fd(fd if read else bad, bad if read else fd)
+        self._arm()
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._channel is not None:
+            self._channel.process_fd(pycares.ARES_SOCKET_BAD, pycares.ARES_SOCKET_BAD)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Have c-ares' next timeout (a query to retry or give up on) handled in time."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._inflight and self._channel is not None and not self._closed:
+            delay = self._channel.timeout()
+            self._timer = self.loop.call_later(delay if delay > 0 else 0.05, self._tick)
+
+    # -- observability -------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        now = time.monotonic()
+        rows = []
+        for name in self.names.values():
+            row = name.describe(now)
+            if name.state == FRESH and name.addrs and now >= name.expires_at:
+                row["state"] = STALE  # expired, its refresh still out
+            rows.append(row)
+        return rows
+
+
+def _ips(addrs) -> str:
+    return ", ".join(ip for _, ip in addrs) or "none"
