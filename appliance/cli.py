@@ -51,6 +51,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from . import control
     from . import metrics as metricsmod
     from . import supervisor as supervisormod
     from . import workers as workersmod
@@ -95,7 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        "--conn-log-level", args.conn_log_level,
                        "--dns-min-ttl", str(args.dns_min_ttl), "--dns-max-ttl", str(args.dns_max_ttl),
                        "--dns-negative-ttl", str(args.dns_negative_ttl),
-                       "--dns-stale", str(args.dns_stale), "--dns-timeout", str(args.dns_timeout)]
+                       "--dns-stale", str(args.dns_stale), "--dns-timeout", str(args.dns_timeout),
+                       "--keepalive-idle", str(args.keepalive_idle),
+                       "--keepalive-interval", str(args.keepalive_interval),
+                       "--keepalive-probes", str(args.keepalive_probes)]
         if args.host:
             worker_argv += ["--host", args.host]
         if args.metrics:
@@ -116,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 1
         try:
             return asyncio.run(supervisor.serve())
-        except OSError as e:  # the control socket or the metrics port
+        except (OSError, control.ControlError) as e:  # the control socket or the metrics port
             print(f"flyproxy serve: {e}", file=sys.stderr)
             return 1
 
@@ -126,7 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      timeout_s=args.dns_timeout)
     options = Options(connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
                       eject_s=args.eject, workers=n_workers, splice_after=args.splice_after,
-                      conn_log_level=logging.getLevelName(args.conn_log_level.upper()), dns=dns)
+                      conn_log_level=logging.getLevelName(args.conn_log_level.upper()), dns=dns,
+                      keepalive_idle_s=args.keepalive_idle,
+                      keepalive_interval_s=args.keepalive_interval,
+                      keepalive_probes=args.keepalive_probes)
     channel = None
     if args.worker_channel is not None:  # a worker: counts go to the supervisor, which serves them
         channel = listeners.channel_from_fd(args.worker_channel)
@@ -147,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return _run(main(), args.loop)
-    except listeners.ListenerError as e:
+    except (listeners.ListenerError, control.ControlError) as e:
         print(f"flyproxy serve: {e}", file=sys.stderr)
         return 1
 
@@ -341,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "long past their TTL (default 300)")
     p.add_argument("--dns-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="DNS query timeout per try, doubling on the second (default 2)")
+    p.add_argument("--keepalive-idle", type=float, default=60.0, metavar="SECONDS",
+                   help="TCP keepalive on both sides of a connection: first probe after this "
+                        "long without traffic (default 60; 0: off)")
+    p.add_argument("--keepalive-interval", type=float, default=15.0, metavar="SECONDS",
+                   help="... then a probe every this long (default 15)")
+    p.add_argument("--keepalive-probes", type=int, default=4, metavar="N",
+                   help="... and this many unanswered probes reset it (default 4)")
     p.add_argument("--workers", default=os.environ.get("FLYPROXY_WORKERS", "1"), metavar="N",
                    help="worker processes sharing the listeners: a number, or auto for one per "
                         "CPU (default 1: a single process; the unit uses auto)")

@@ -14,11 +14,14 @@ for a reload.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import socket
+import stat
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -30,6 +33,33 @@ __all__ = ["App", "Config", "ConfigDiff", "ConfigError", "Target", "diff", "load
 
 # An RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+MAX_BYTES = 1 << 20  # a config file larger than this is refused (10,000 ports take ~60 KB)
+MAX_DEPTH = 16  # JSON nesting; the format itself needs 4
+MAX_ERRORS = 50  # errors reported in full; the rest are counted
+QUOTE_CHARS = 60  # user input quoted in a message is cut to this
+
+
+def quote(value: Any) -> str:
+    """``repr(value)``, cut to QUOTE_CHARS: a message never carries a huge input back."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + f"... ({len(text)} chars)"
+
+
+class _Real(decimal.Decimal):
+    """A JSON number written with a fraction or an exponent (``7401.0``, ``5.001e3``): kept
+    apart from integers, so JSON Schema's "integer" refuses it (it counts 7401.0 as one)."""
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)
+        number.text = text  # as written, for messages
+        return number
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class ConfigError(Exception):
@@ -77,7 +107,7 @@ class Target:
             try:
                 ipaddress.IPv6Address(host)
             except ValueError:
-                raise ValueError(f"{host!r} is not an IPv6 address") from None
+                raise ValueError(f"{quote(host)} is not an IPv6 address") from None
         else:
             host, sep, port = text.rpartition(":")
             if not sep or not host:
@@ -85,9 +115,9 @@ class Target:
             if ":" in host:
                 raise ValueError("an IPv6 address needs [brackets], as in [::1]:80")
             if not _HOSTNAME.match(host):
-                raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+                raise ValueError(f"{quote(host)} is not a valid host name or IPv4 address")
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {quote(port)} is not a number from 1 to 65535")
         return cls(host, int(port))
 
 
@@ -194,19 +224,47 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def load(path: str | Path) -> Config:
-    """Read and validate the config file at ``path``; raise ConfigError naming every problem."""
+    """Read and validate the config file at ``path``; raise ConfigError naming every problem.
+
+    Only a regular file of at most MAX_BYTES is read (a FIFO, a device or a huge file is
+    refused before a byte is read), so a load is bounded in time and memory."""
+    return loads(read(path), str(path))
+
+
+def read(path: str | Path) -> bytes:
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no wait
     except OSError as e:
         raise ConfigError(source, [f"cannot read: {e.strerror}"]) from None
-    return loads(data, source)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(source, ["not a regular file"])
+        if info.st_size > MAX_BYTES:
+            raise ConfigError(source, [f"is {info.st_size:,} bytes; a config may have at "
+                                       f"most {MAX_BYTES:,}"])
+        chunks, size = [], 0
+        while chunk := os.read(fd, MAX_BYTES + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BYTES:  # it grew while we read
+                raise ConfigError(source, [f"has more than {MAX_BYTES:,} bytes"])
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read: {e.strerror}"]) from None
+    finally:
+        os.close(fd)
 
 
 def loads(data: bytes | str, source: str = "<config>") -> Config:
-    raw = data.encode() if isinstance(data, str) else data
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(source, [f"is {len(raw):,} bytes; a config may have at most "
+                                   f"{MAX_BYTES:,}"])
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys,
+                         parse_float=_Real, parse_constant=_no_constant)
     except UnicodeDecodeError as e:
         raise ConfigError(source, [f"not UTF-8 text (byte {e.start})"]) from None
     except json.JSONDecodeError as e:
@@ -215,13 +273,19 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
         raise ConfigError(source, [f"invalid JSON: {e}"]) from None
     except RecursionError:
         raise ConfigError(source, ["invalid JSON: nested too deeply"]) from None
+    depth = _depth(doc)
+    if depth > MAX_DEPTH:
+        raise ConfigError(source, [f"nested {depth} levels deep; at most {MAX_DEPTH}"])
 
     validator = jsonschema.Draft202012Validator(schema())
     problems = [(list(e.absolute_path), _message(e)) for e in validator.iter_errors(doc)]
     problems += _semantic_problems(doc)
     if problems:
         problems.sort(key=lambda p: [(0, x) if isinstance(x, int) else (1, x) for x in p[0]])
-        raise ConfigError(source, [f"{json_path(path)}: {message}" for path, message in problems])
+        lines = [f"{json_path(path)}: {message}" for path, message in problems[:MAX_ERRORS]]
+        if len(problems) > MAX_ERRORS:
+            lines.append(f"(and {len(problems) - MAX_ERRORS} more problems)")
+        raise ConfigError(source, lines)
     apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
                      tuple(Target.parse(t) for t in a["Targets"]), a.get("MaxConnections"))
                  for a in doc["Apps"])
@@ -231,7 +295,25 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
 def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "minItems" and error.validator_value == 1:
         return "is empty; list at least one"
-    return error.message
+    if error.validator == "pattern" and error.schema.get("description"):
+        return f"{quote(error.instance)}: {error.schema['description']}"
+    if error.validator in ("type", "minimum", "maximum", "maxLength", "minLength", "enum",
+                           "additionalProperties", "required"):
+        return error.message if len(error.message) <= 2 * QUOTE_CHARS else \
+            f"{quote(error.instance)}: fails {error.validator} {error.validator_value!r}"
+    return error.message[:2 * QUOTE_CHARS]
+
+
+def _depth(doc: Any) -> int:
+    """How deeply lists and objects nest in ``doc`` (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in
+                         (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _semantic_problems(doc: Any) -> list[tuple[list, str]]:
@@ -250,7 +332,7 @@ def _semantic_problems(doc: Any) -> list[tuple[list, str]]:
         if isinstance(name, str):
             if name in names:
                 problems.append((["Apps", i, "Name"],
-                                 f"{name!r} is already the name of Apps[{names[name]}]"))
+                                 f"{quote(name)} is already the name of Apps[{names[name]}]"))
             names.setdefault(name, i)
         ports = app.get("Ports")
         for j, port in enumerate(ports if isinstance(ports, list) else []):
@@ -260,7 +342,7 @@ def _semantic_problems(doc: Any) -> list[tuple[list, str]]:
                 problems.append((["Apps", i, "Ports", j],
                                  f"port {port} is already used by {owners[port]}"))
             else:
-                owners[port] = f"Apps[{i}] ({name!r})"
+                owners[port] = f"Apps[{i}] ({quote(name)})"
         targets = app.get("Targets")
         seen: dict[Target, int] = {}
         for j, text in enumerate(targets if isinstance(targets, list) else []):
@@ -269,10 +351,10 @@ def _semantic_problems(doc: Any) -> list[tuple[list, str]]:
             try:
                 target = Target.parse(text)
             except ValueError as e:
-                problems.append((["Apps", i, "Targets", j], f"{text!r}: {e}"))
+                problems.append((["Apps", i, "Targets", j], f"{quote(text)}: {e}"))
                 continue
             if target in seen:
                 problems.append((["Apps", i, "Targets", j],
-                                 f"{text!r} is already listed as Targets[{seen[target]}]"))
+                                 f"{quote(text)} is already listed as Targets[{seen[target]}]"))
             seen.setdefault(target, j)
     return problems

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from typing import TYPE_CHECKING
 
@@ -23,19 +24,47 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/run/flyproxy/control.sock"
-REQUEST_TIMEOUT_S = 30.0  # a reload binds ports and re-reads a file: seconds at most
+# Timeouts nest, outermost longest, so the innermost one that fails is the one reported:
+# a supervisor waits WORKER_TIMEOUT_S for a worker (workers.py), the control socket gives
+# a request REQUEST_TIMEOUT_S, the CLI waits CLIENT_TIMEOUT_S for the reply.
+REQUEST_TIMEOUT_S = 30.0  # a reload binds ports, re-reads a file, resolves new names
+CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 5
+CONNECT_TIMEOUT_S = 5.0  # the CLI waits this long for room in a full accept queue
+LINE_LIMIT = 64 * 1024  # a request is one short JSON line; longer is answered with an error
 
 
 class ControlError(Exception):
     pass
 
 
+def remove_stale(path: str) -> None:
+    """Make way for our socket at ``path``: remove a socket a previous run left (nothing
+    answers on it); refuse to touch anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket; not removing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # stale: nobody listens
+        except OSError as e:  # a full backlog (EAGAIN) means somebody does
+            raise ControlError(f"{path}: another process answers there ({e.strerror})") from None
+        else:
+            raise ControlError(f"{path}: another proxy is serving on it")
+    os.unlink(path)
+
+
 async def start(server: Server, path: str) -> asyncio.AbstractServer:
-    if os.path.exists(path):
-        os.unlink(path)  # left by a previous run; we own the runtime dir
+    remove_stale(path)
     old = os.umask(0o177)
     try:
-        return await asyncio.start_unix_server(lambda r, w: _handle(server, r, w), path)
+        return await asyncio.start_unix_server(lambda r, w: _handle(server, r, w), path,
+                                               limit=LINE_LIMIT)
     finally:
         os.umask(old)
 
@@ -43,31 +72,47 @@ async def start(server: Server, path: str) -> asyncio.AbstractServer:
 async def _handle(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            writer.write(await _answer(server, await reader.readline()))
+            writer.write(await _answer(server, await _read_line(reader)))
             await writer.drain()
     except (TimeoutError, ConnectionError) as e:
-        log.warning("control connection: %s", e or type(e).__name__)
+        log.warning("control connection: %s", str(e) or type(e).__name__)
     finally:
         writer.close()
 
 
-async def _answer(server: Server, line: bytes) -> bytes:
-    """One request line -> one reply line."""
+async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """One request line, or None if it is longer than LINE_LIMIT (answered with an error)."""
     try:
-        command = json.loads(line)["command"]
-    except (ValueError, KeyError, TypeError):
-        reply = {"ok": False, "error": "expected a JSON line with a command"}
+        return await reader.readline()
+    except ValueError:  # asyncio.LimitOverrunError, re-raised by readline() as ValueError
+        return None
+
+
+async def _answer(server: Server, line: bytes | None) -> bytes:
+    """One request line -> one reply line."""
+    if line is None:
+        reply = {"ok": False, "error": f"request longer than {LINE_LIMIT} bytes"}
     else:
-        reply = await server.handle_command(command)
+        try:
+            request = json.loads(line)
+            command = request["command"]
+            if not isinstance(command, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            reply = {"ok": False, "error": "expected a JSON line with a command"}
+        else:
+            reply = await server.handle_command(command)
+            if "id" in request:  # a supervisor matches replies to its requests by id
+                reply = {**reply, "id": request["id"]}
     return json.dumps(reply).encode() + b"\n"
 
 
 async def serve_channel(server: Server, sock: socket.socket) -> None:
     """Answer requests on a worker's channel to its supervisor (a socketpair, one JSON
     line each way per request, in order) until the supervisor closes it."""
-    reader, writer = await asyncio.open_connection(sock=sock)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT)
     try:
-        while line := await reader.readline():
+        while (line := await _read_line(reader)) != b"":
             writer.write(await _answer(server, line))
             await writer.drain()
     except ConnectionError:
@@ -84,12 +129,12 @@ def reload_reply(ok: bool, message: str, generation: int, digest: str) -> dict:
     return reply
 
 
-def request(path: str, command: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
+def request(path: str, command: str, timeout_s: float = CLIENT_TIMEOUT_S) -> dict:
     """Send one command to a running proxy and return its reply (blocking, bounded)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout_s)
-            sock.connect(path)
+            _connect(sock, path)
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             data = b""
             deadline = time.monotonic() + timeout_s
@@ -100,9 +145,27 @@ def request(path: str, command: str, timeout_s: float = REQUEST_TIMEOUT_S) -> di
                 data += chunk
     except FileNotFoundError:
         raise ControlError(f"{path}: no control socket (is the proxy running?)") from None
+    except BlockingIOError:
+        raise ControlError(f"{path}: the proxy's control socket is busy (its accept queue "
+                           f"stayed full for {CONNECT_TIMEOUT_S:g}s)") from None
     except OSError as e:
         raise ControlError(f"{path}: {e.strerror or e}") from None
     try:
         return json.loads(data)
     except ValueError:
         raise ControlError(f"{path}: no reply from the proxy") from None
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """connect(), waiting (bounded) while the server's accept queue is full: a Unix socket
+    answers that with EAGAIN at once instead of queueing the connect."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    pause = 0.01
+    while True:
+        try:
+            return sock.connect(path)
+        except BlockingIOError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)  # the accept queue is full: no event to wait on from here
+            pause = min(pause * 2, 0.2)

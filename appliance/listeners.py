@@ -16,6 +16,18 @@ class ListenerError(Exception):
     pass
 
 
+def keepalive(sock: socket.socket, idle_s: float, interval_s: float, probes: int) -> None:
+    """TCP keepalive on ``sock``: probes after ``idle_s`` without traffic, every
+    ``interval_s``, ``probes`` unanswered ones and the connection is reset. Set on a
+    listening socket, every connection it accepts inherits it (no call per connection)."""
+    if idle_s <= 0:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle_s)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(interval_s)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, probes))
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` -> (host or "", port); ValueError otherwise."""
     host, sep, port = text.rpartition(":")

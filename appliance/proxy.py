@@ -44,6 +44,11 @@ class Options:
     workers: int = 1  # processes sharing the listeners; >1: ports bound with SO_REUSEPORT
     splice_after: int = 1 << 20  # bytes one direction carries before splice() takes over (0: never)
     dns: DnsOptions = dataclasses.field(default_factory=DnsOptions)  # host-name targets
+    # TCP keepalive, both sides: a peer that vanishes without FIN or RST is found in
+    # idle + interval * probes seconds (0 idle: off)
+    keepalive_idle_s: float = 60.0
+    keepalive_interval_s: float = 15.0
+    keepalive_probes: int = 4
 
 
 GRACE_PERIOD_S = 30.0
@@ -92,11 +97,13 @@ class Proxy:
                 self._handed.append(self._serve(sock, None))
         else:
             self._open_ports(self.config.ports)
-        if self.options.idle_timeout_s > 0:
+        if self.options.idle_timeout_s > 0 or self.options.keepalive_idle_s > 0:
             self._sweeper = self._loop.create_task(self._sweep_idle())
         self.accepting = True
 
     def _serve(self, sock: socket.socket, port: int | None) -> Listener:
+        o = self.options  # the client side: accepted sockets inherit the listener's keepalive
+        listeners.keepalive(sock, o.keepalive_idle_s, o.keepalive_interval_s, o.keepalive_probes)
         return self.engine.listen(sock, port, self._accepted)
 
     def _open_ports(self, ports) -> None:
@@ -213,19 +220,34 @@ class Proxy:
             self._drained.set_result(None)
 
     async def _sweep_idle(self) -> None:
-        """Close connections that moved no byte for ``idle_timeout_s`` (checked in steps).
+        """Close connections that moved no byte for ``idle_timeout_s`` (checked in steps),
+        and give backend sockets that lived a step their keepalive.
 
-        Costs nothing per byte: a tunnel's byte counts are compared between sweeps.
+        Costs nothing per byte: a tunnel's byte counts are compared between sweeps. A
+        backend socket gets keepalive only once its connection has lived a step: no
+        system call for the short connections that never need a probe.
         """
-        idle_s = self.options.idle_timeout_s
-        step_s = min(idle_s / 4, 5.0)
+        o = self.options
+        idle_s = o.idle_timeout_s
+        step_s = min(idle_s / 4, 5.0) if idle_s > 0 else 5.0
+        keepalive = o.keepalive_idle_s > 0
         while True:
             await asyncio.sleep(step_s)  # a periodic timer, not a synchronisation
             now = time.monotonic()
             for tunnel in list(self.tunnels):
-                if tunnel.backend is None:
+                backend = tunnel.backend
+                if backend is None:
                     continue  # still connecting: the connect timeout applies
-                moved = tunnel.client.nbytes + tunnel.backend.nbytes
+                if keepalive and not tunnel.keepalive and backend.sock is not None:
+                    tunnel.keepalive = True
+                    try:
+                        listeners.keepalive(backend.sock, o.keepalive_idle_s,
+                                            o.keepalive_interval_s, o.keepalive_probes)
+                    except OSError:
+                        pass  # closing meanwhile
+                if idle_s <= 0:
+                    continue
+                moved = tunnel.client.nbytes + backend.nbytes
                 if moved != tunnel.seen_bytes:
                     tunnel.seen_bytes, tunnel.seen_at = moved, now
                 elif now - tunnel.seen_at >= idle_s:

@@ -164,17 +164,24 @@ class Server:
         """Re-read the config file and apply it; returns (ok, message). Never raises for bad input."""
         notify("RELOADING=1", "STATUS=reloading")
         try:
-            new = configmod.load(self.config_path)
+            # read and validated off the loop (bounded: config.MAX_BYTES), applied on it
+            new = await asyncio.to_thread(configmod.load, self.config_path)
             change = await self.proxy.reload(new)
         except (configmod.ConfigError, listeners.ListenerError) as e:
-            message = (f"reload of {self.config_path} failed, "
-                       f"still serving generation {self.proxy.generation}:\n{e}")
-            log.error("%s", message)
-            self.metrics.reloaded(False, self.proxy.generation)
-            notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
-            return False, message
+            return self._reload_failed(f"reload of {self.config_path} failed, "
+                                       f"still serving generation {self.proxy.generation}:\n{e}")
+        except Exception as e:  # a bug: still answer, and still tell systemd we are ready
+            log.exception("reload of %s failed", self.config_path)
+            return self._reload_failed(f"reload of {self.config_path} failed (internal error: "
+                                       f"{e!r}), still serving generation {self.proxy.generation}")
         message = f"reloaded to generation {self.proxy.generation} ({new.summary()}): {change}"
         self.metrics.reloaded(True, self.proxy.generation)
         log.info("%s", message)
         notify("READY=1", f"STATUS={self.status_line()}")
         return True, message
+
+    def _reload_failed(self, message: str) -> tuple[bool, str]:
+        log.error("%s", message)
+        self.metrics.reloaded(False, self.proxy.generation)
+        notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
+        return False, message

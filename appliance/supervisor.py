@@ -237,7 +237,7 @@ class Supervisor:
         async with self._reload_lock:
             notify("RELOADING=1", "STATUS=reloading")
             try:
-                new = configmod.load(self.config_path)
+                new = await asyncio.to_thread(configmod.load, self.config_path)
             except configmod.ConfigError as e:
                 return self._reload_failed(f"reload of {self.config_path} failed, "
                                            f"still serving generation {self.generation}:\n{e}")

@@ -32,7 +32,7 @@ class Tunnel:
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
                  "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "connecting_end",
                  "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
-                 "done")
+                 "done", "keepalive")
 
     def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
                  splice_after: int = 0) -> None:
@@ -58,6 +58,7 @@ class Tunnel:
         self.seen_at = self.started  # ... and since when
         self.splice_after = splice_after or NEVER
         self.done = False
+        self.keepalive = False  # the backend socket has its TCP keepalive (proxy's sweep)
         self.client = End(self, sock)
         self.client.update()  # read what the client sends while the backend connects
 

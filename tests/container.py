@@ -32,7 +32,7 @@ MIRROR = os.environ.get("FLYPROXY_DEBIAN_MIRROR", "http://deb.debian.org/debian"
 # (python3-apt, sudo, ssh). Installing them here keeps CI from downloading them per boot.
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "python3", "python3-jsonschema", "python3-systemd", "python3-prometheus-client",
-    "python3-pycares",
+    "python3-pycares", "python3-cffi-backend",  # (debootstrap resolves no virtual package)
     "python3-bpfcc", "bpftool", "iproute2", "netcat-openbsd", "linux-headers-amd64", "make",
     "openssh-server", "sudo", "python3-apt", "procps", "kmod", "util-linux",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -145,3 +146,80 @@ def test_cli_check_bad(tmp_path):
         f"{path}: Apps[0].Targets[0]: 'x': not host:port",
     ]
     assert "Traceback" not in result.stderr
+
+
+# -- hostile input (found by an adversarial run): refused, bounded, quoted briefly ----------
+
+@pytest.mark.parametrize("ports", ["[7401.0]", "[5.001e3]", "[7401e0]"])
+def test_a_port_written_as_a_float_is_refused_even_when_integral(ports):
+    text = '{"Apps": [{"Name": "a", "Ports": %s, "Targets": ["127.0.0.1:1"]}]}' % ports
+    (error,) = errors_of(text)
+    assert error.startswith("Apps[0].Ports[0]: ") and "is not of type 'integer'" in error
+
+
+def test_an_integral_float_cannot_take_a_port_from_another_app():
+    text = doc(app("a", [7401]), app("b", [7401.0]))
+    assert any("Apps[1].Ports[0]" in e for e in errors_of(text))
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:٩٠٠٠", "127.0.0.1:９０００", "host:9０"])
+def test_a_target_port_takes_ascii_digits_only(target):
+    (error,) = errors_of(doc(app(targets=[target])))
+    assert "is not a number from 1 to 65535" in error
+
+
+@pytest.mark.parametrize("name", ["a b", "\ud800x", "app/1", "-lead", "ünïcode", "x\n"])
+def test_app_names_are_restricted_to_a_sane_set(name):
+    (error,) = errors_of(json.dumps({"Apps": [app(name)]}))
+    assert error.startswith("Apps[0].Name: ") and "ASCII letters, digits" in error
+
+
+@pytest.mark.parametrize("name", ["five-thousand", "App_2", "a.b", "9"])
+def test_ordinary_app_names_pass(name):
+    assert config.loads(doc(app(name)), "cfg.json").apps[0].name == name
+
+
+@pytest.mark.parametrize("depth", [17, 500, 980, 5000, 60000])
+def test_deep_nesting_is_a_clear_error_not_a_crash(depth):
+    text = '{"Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"], "X": ' + \
+        "[" * depth + "]" * depth + "}]}"
+    (error,) = errors_of(text)
+    assert "nested" in error and "deep" in error
+
+
+def test_nan_and_infinity_are_not_json():
+    (error,) = errors_of('{"Apps": [{"Name": "a", "Ports": [NaN], "Targets": ["h:1"]}]}')
+    assert "NaN is not a JSON number" in error
+
+
+def test_messages_quote_huge_input_briefly():
+    errors = errors_of(doc(app("x" * 200_000, targets=["y" * 100_000 + ":1"])))
+    assert errors and all(len(e) < 400 for e in errors), [len(e) for e in errors]
+
+
+def test_thousands_of_errors_are_counted_not_all_listed():
+    errors = errors_of(doc(app(ports=[70000 + i for i in range(3000)])))
+    assert len(errors) == config.MAX_ERRORS + 1
+    assert errors[-1] == f"(and {3000 - config.MAX_ERRORS} more problems)"
+
+
+def test_only_a_regular_file_is_read(tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(config.ConfigError) as info:  # returns at once: nothing waits on it
+        config.load(fifo)
+    assert str(info.value) == f"{fifo}: not a regular file"
+    for path in ("/dev/zero", str(tmp_path)):
+        with pytest.raises(config.ConfigError) as info:
+            config.load(path)
+        assert "not a regular file" in str(info.value)
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(200 * 1024 * 1024)  # sparse: 200 MB that cost no disk
+    with pytest.raises(config.ConfigError) as info:
+        config.load(big)
+    assert str(info.value) == (f"{big}: is {200 * 1024 * 1024:,} bytes; a config may have at "
+                               f"most {config.MAX_BYTES:,}")

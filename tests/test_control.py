@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 
-from helpers import connect, free_ports, greet, read_line, run_cli, write_config
+import pytest
+
+from helpers import PYTHON, REPO, connect, free_ports, greet, read_line, run_cli, write_config
 
 
 def start(tmp_path, start_proxy, make_backend):
@@ -60,3 +65,116 @@ def test_reload_without_a_running_proxy_says_so(tmp_path):
     result = run_cli("reload", "-c", str(cfg), "--control", str(tmp_path / "none.sock"))
     assert result.returncode == 1
     assert "no control socket (is the proxy running?)" in result.stderr
+
+
+def ask(control: str, payload: bytes) -> dict:
+    """Send ``payload`` raw on the control socket; the one reply line, parsed."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(control)
+        try:
+            s.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it answered and closed before taking all of it
+        return json.loads(read_line(s))
+
+
+@pytest.mark.parametrize("payload, error", [
+    (b'{"command": "' + b"x" * (10 << 20) + b'"}\n', "request longer than 65536 bytes"),
+    (b"[" * 60000 + b"]" * 60000 + b"\n", "request longer than 65536 bytes"),
+    (b"[" * 30000 + b"]" * 30000 + b"\n", "expected a JSON line with a command"),
+    (b'{"command": ["status"]}\n', "expected a JSON line with a command"),
+], ids=["10-MB-line", "60k-deep", "30k-deep", "not-a-string"])
+def test_a_hostile_request_gets_an_error_reply_and_the_proxy_serves_on(tmp_path, start_proxy,
+                                                                       make_backend, payload,
+                                                                       error):
+    proxy, cfg, control, port = start(tmp_path, start_proxy, make_backend)
+    assert ask(control, payload) == {"ok": False, "error": error}
+    assert ask(control, b'{"command": "status"}\n')["ok"] is True
+    assert greet(port) == "one"
+
+
+def test_a_deeply_nested_config_fails_the_reload_with_a_reply_and_ready_again(
+        tmp_path, start_proxy, make_backend):
+    proxy, cfg, control, port = start(tmp_path, start_proxy, make_backend)
+    cfg.write_text('{"Apps": [{"Name": "a", "Ports": [1], "Targets": ["h:1"], "X": '
+                   + "[" * 970 + "]" * 970 + "}]}")
+    assert ask(control, b'{"command": "reload"}\n')["ok"] is False  # answered, not dropped
+    proxy.notify.wait_for("READY", "1")  # and systemd is told the reload is over
+    assert "nested 973 levels deep" in proxy.output()
+    assert "still serving generation 1" in proxy.output()
+    assert greet(port) == "one"
+
+
+def test_a_fifo_as_the_config_fails_the_reload_at_once(tmp_path, start_proxy, make_backend):
+    proxy, cfg, control, port = start(tmp_path, start_proxy, make_backend)
+    cfg.unlink()
+    os.mkfifo(cfg)  # nobody writes it: reading it would wait forever
+    proxy.reload()  # SIGHUP; READY=1 again (bounded wait)
+    assert f"{cfg}: not a regular file" in proxy.output()
+    assert greet(port) == "one"
+
+
+def test_serve_refuses_to_remove_what_is_not_a_stale_socket_of_ours(tmp_path, start_proxy,
+                                                                    make_backend):
+    backend = make_backend("one")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    result = run_cli("serve", "-c", str(cfg), "--host", "127.0.0.1", "--control", str(precious))
+    assert result.returncode == 1
+    assert f"{precious} exists and is not a socket; not removing it" in result.stderr
+    assert precious.read_text() == "keep me"
+    control = str(tmp_path / "control.sock")
+    start_proxy(cfg, "--control", control)
+    other = write_config(tmp_path / "other.json", {"b": ([free_ports(1)[0]], [backend.address])})
+    result = run_cli("serve", "-c", str(other), "--host", "127.0.0.1", "--control", control)
+    assert result.returncode == 1 and "another proxy is serving on it" in result.stderr
+    assert ask(control, b'{"command": "status"}\n')["ok"] is True  # the first one's socket
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # a socket nobody listens on: left by a run that died
+    (tmp_path / "second").mkdir()
+    start_proxy(write_config(tmp_path / "second" / "config.json",
+                             {"c": ([free_ports(1)[0]], [backend.address])}),
+                "--control", str(stale))  # replaced, and serving
+    assert ask(str(stale), b'{"command": "status"}\n')["ok"] is True
+
+
+def test_the_cli_waits_while_the_control_sockets_queue_is_full(tmp_path):
+    path = str(tmp_path / "busy.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(0)
+    fillers = []
+    try:
+        while True:  # fill the accept queue: the next connect gets EAGAIN at once
+            f = socket.socket(socket.AF_UNIX)
+            f.setblocking(False)
+            try:
+                f.connect(path)
+            except BlockingIOError:
+                f.close()
+                break
+            fillers.append(f)
+        cli = subprocess.Popen([PYTHON, "-m", "appliance", "status", "--json", "--control", path],
+                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            cli.wait(1.0)  # it did not give up on the full queue
+        server.settimeout(10)
+        for _ in fillers:  # drain the queue; the CLI's connect goes through
+            server.accept()[0].close()
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            assert json.loads(read_line(conn)) == {"command": "status"}
+            conn.sendall(json.dumps({"ok": True, "generation": 7}).encode() + b"\n")
+        out, err = cli.communicate(timeout=10)
+        assert cli.returncode == 0, err
+        assert json.loads(out)["generation"] == 7
+    finally:
+        for f in fillers:
+            f.close()
+        server.close()

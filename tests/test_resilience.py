@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (PYTHON, REPO, NotifySocket, closed_by_peer, connect, dead_port, free_ports,
-                     greet, pipes_of, read_line, recv_all, write_config)
+                     greet, pipes_of, read_line, recv_all, wait_until, write_config)
 from load import LoadGenerator
 from test_observability import sample, scrape
 
@@ -220,3 +220,53 @@ def test_over_the_pipe_quota_bulk_connections_stay_on_recv_and_send(tmp_path, ma
         notify.close()
         shutil.rmtree(copy)
     assert "Traceback" not in err, err
+
+
+def keepalive_timers(port: int) -> dict[str, str]:
+    """The kernel's own view (``ss -o``) of TCP connections on loopback port ``port``:
+    local address -> the timer it runs (``keepalive,...`` once SO_KEEPALIVE is on)."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{port} or "
+                          f"dport = :{port} )"], capture_output=True, text=True, timeout=10)
+    timers = {}
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        timers[f"{fields[2]}>{fields[3]}"] = next(
+            (f for f in fields[4:] if f.startswith("timer:(")), "")
+    return timers
+
+
+def test_both_sides_of_a_connection_get_tcp_keepalive(tmp_path, start_proxy, make_backend):
+    """A peer that vanishes without FIN or RST is found by keepalive probes, not only by
+    the idle timeout: the client's socket (from the listener) and the backend's (once the
+    connection has lived a sweep) run the kernel's keepalive timer with our settings."""
+    backend = make_backend("one")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    start_proxy(cfg, "--keepalive-idle", "45", "--keepalive-interval", "5",
+                "--keepalive-probes", "3", "--idle-timeout", "8")  # a sweep every 2 s
+    with connect(port) as held:
+        assert read_line(held) == b"one"
+        client_side = f"127.0.0.1:{port}>127.0.0.1:{held.getsockname()[1]}"
+
+        def backend_side():
+            timers = keepalive_timers(backend.port)
+            return next((t for side, t in timers.items()
+                         if side.endswith(f">127.0.0.1:{backend.port}")), None)
+
+        timer = keepalive_timers(port)[client_side]
+        assert timer.startswith("timer:(keepalive,"), timer
+        assert 40 <= int(timer.split(",")[1].split("sec")[0].split("min")[0]) <= 45, timer
+        timer = wait_until(lambda: (backend_side() or "").startswith("timer:(keepalive,")
+                           and backend_side(), "the backend socket's keepalive")
+        held.sendall(b"x\n")
+        assert read_line(held) == b"x"  # traffic still flows
+
+
+def test_keepalive_off_sets_no_timer(tmp_path, start_proxy, make_backend):
+    backend = make_backend("one")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    start_proxy(cfg, "--keepalive-idle", "0")
+    with connect(port) as held:
+        assert read_line(held) == b"one"
+        assert not any(t.startswith("timer:(keepalive") for t in keepalive_timers(port).values())
