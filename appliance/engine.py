@@ -160,7 +160,7 @@ class Engine:
                                         "closed", fd, exc_info=True)
                     tunnel = getattr(getattr(handler, "__self__", None), "tunnel", None)
                     if tunnel is not None:
-                        tunnel.close()
+                        tunnel.abort("error")
             else:  # the event loop's (or one taken out by an earlier event in this batch)
                 others.append((fd, events))
         return others

@@ -251,8 +251,7 @@ class Proxy:
                 if moved != tunnel.seen_bytes:
                     tunnel.seen_bytes, tunnel.seen_at = moved, now
                 elif now - tunnel.seen_at >= idle_s:
-                    tunnel.end = "idle"
-                    tunnel.close()
+                    tunnel.abort("idle")  # a reset both ways: not a clean end of stream
 
     # -- host names ----------------------------------------------------------------------
 
@@ -311,8 +310,7 @@ class Proxy:
         except TimeoutError:
             left = list(self.tunnels)
             for tunnel in left:
-                tunnel.end = "shutdown"
-                tunnel.close()
+                tunnel.abort("shutdown")
             return len(left)
         finally:
             if self._sweeper is not None:

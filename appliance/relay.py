@@ -10,7 +10,8 @@ backend is connected) holds an :class:`End` per socket. Invariants:
 - Half-close: EOF read from one end becomes ``shutdown(SHUT_WR)`` on the other once
   everything before it is written; the other direction stays open. When both
   directions have ended, both sockets are closed.
-- An error (reset) on either end closes both.
+- An error (reset) on one end is passed on as a reset of the other, after what was read
+  before it is delivered (bounded: see Tunnel.fail); an orderly EOF stays an EOF.
 - Data the client sends while the backend connects is kept, up to ``EARLY_LIMIT``
   (then the client is not read until the backend is there).
 
@@ -25,8 +26,11 @@ The sockets live in the :class:`~appliance.engine.Engine`'s epoll set.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 from typing import TYPE_CHECKING
 
 from .engine import BIG_PIPE_SIZE, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_SIZE
@@ -40,6 +44,7 @@ READABLE = EPOLLIN | EPOLLRDHUP  # RDHUP: the peer's FIN has arrived (see End.re
 EARLY_LIMIT = 64 * 1024
 
 NEVER = float("inf")
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 MIN_PIPE_SIZE = 64 * 1024  # the default; smaller pipes are not worth a splice
 SPLICE_EVENT_BYTES = 4 << 20  # what one event may splice (then other connections' events)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -114,7 +119,7 @@ class End:
             else:
                 self.read(events)
         elif events & (EPOLLERR | EPOLLHUP) and not events & EPOLLOUT:
-            tunnel.fail()  # an error reported while we neither read nor write: do not spin
+            tunnel.fail(self)  # an error reported while we neither read nor write: do not spin
 
     # -- reading -------------------------------------------------------------------
 
@@ -126,7 +131,7 @@ class End:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            self.tunnel.fail()
+            self.tunnel.fail(self)
             return 0
         if not n:
             self.got_eof()
@@ -143,7 +148,7 @@ class End:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            return self.tunnel.fail()
+            return self.tunnel.fail(self)
         if not n:
             return self.got_eof()
         self.nbytes += n
@@ -161,7 +166,7 @@ class End:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            return self.tunnel.fail()
+            return self.tunnel.fail(peer)
         if sent < n:
             peer.out = bytes(data[sent:])  # off the shared buffer
             peer.hold()
@@ -180,7 +185,7 @@ class End:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            self.tunnel.fail()
+            self.tunnel.fail(self)
             return -1
 
     def hold(self) -> None:
@@ -217,7 +222,7 @@ class End:
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self.tunnel.fail()
+            self.tunnel.fail(self)
 
     # -- writing what is pending ---------------------------------------------------------
 
@@ -238,8 +243,11 @@ class End:
         self.drained()
 
     def drained(self) -> None:
-        """Nothing pending for this socket any more: read the peer again, or pass its EOF."""
+        """Nothing pending for this socket any more: read the peer again, or pass its EOF
+        (or, when the peer was reset, pass that on: Tunnel.fail)."""
         self.update()
+        if self.tunnel.survivor is self:
+            return self.tunnel.delivered()
         peer = self.peer
         if peer.eof:
             self.shutdown()
@@ -293,10 +301,31 @@ class End:
                 self.hold()
                 return False
             except OSError:
-                self.tunnel.fail()
+                self.tunnel.fail(self)
                 return False
         self.drained()
         return self.sock is not None  # (drained() may have closed the tunnel)
+
+    def detach(self) -> None:
+        """Watch this socket no more (it failed); its pipe, if any, stays for the peer."""
+        self.reading = False
+        self.out, self.piped = None, 0
+        self.update()
+
+    def reset(self) -> None:
+        """Make close() send a reset (RST), not an orderly FIN."""
+        if self.sock is not None:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            except OSError:
+                pass
+
+    def unsent(self) -> int:
+        """Bytes still in this socket's send queue (not yet acknowledged by the peer)."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
 
     def close(self) -> None:
         if self.sock is None:

@@ -111,7 +111,7 @@ class Server:
         except asyncio.CancelledError:  # second signal
             aborted = len(self.proxy.tunnels)
             for tunnel in list(self.proxy.tunnels):
-                tunnel.close()
+                tunnel.abort("shutdown")
         if aborted:
             log.warning("aborted %d connections still open at shutdown", aborted)
         log.info("stopped")

@@ -18,6 +18,8 @@ _Socket = _socket.socket  # the C type: no Python-level __init__ per connection
 _NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 _SOL_SOCKET, _SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
+ABORT_FLUSH_S = 2.0  # after a reset on one side: the other side's bytes get this long
+UNSENT_POLL_S = 0.01  # ... checked this often for having left the send queue
 
 
 class Tunnel:
@@ -32,7 +34,7 @@ class Tunnel:
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
                  "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "connecting_end",
                  "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
-                 "done", "keepalive")
+                 "done", "keepalive", "survivor", "abort_timer")
 
     def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
                  splice_after: int = 0) -> None:
@@ -59,6 +61,8 @@ class Tunnel:
         self.splice_after = splice_after or NEVER
         self.done = False
         self.keepalive = False  # the backend socket has its TCP keepalive (proxy's sweep)
+        self.survivor: End | None = None  # after one end failed: the other, being flushed
+        self.abort_timer = None
         self.client = End(self, sock)
         self.client.update()  # read what the client sends while the backend connects
 
@@ -190,10 +194,60 @@ class Tunnel:
 
     # -- ending --------------------------------------------------------------------------
 
-    def fail(self) -> None:
-        """An error on either socket: close both (a reset, as far as the ending says)."""
+    def fail(self, end: End | None = None) -> None:
+        """An error (a reset, mostly) on ``end``: pass it on as a reset of the other end.
+
+        What was read from ``end`` before the error and not yet written to the other end
+        is delivered first, and the other end's send queue left to drain to its peer, for
+        at most ABORT_FLUSH_S; then the other end is reset (SO_LINGER 0). So a truncated
+        transfer never looks complete to the other side: it ends in a reset, as it would
+        have without the proxy."""
+        if self.done:
+            return
+        backend = self.backend
+        if end is None or backend is None or end.sock is None:
+            if self.end is None:
+                self.end = "client-reset" if end is self.client else "reset"
+            return self.abort(self.end)
+        survivor = backend if end is self.client else self.client
+        if self.survivor is not None:  # the survivor failed too: nothing left to deliver
+            return self.abort(self.end or "reset")
         if self.end is None:
-            self.end = "reset"
+            self.end = "client-reset" if end is self.client else "backend-reset"
+        end.detach()
+        self.survivor = survivor
+        survivor.reading = False
+        if survivor.out is None and not survivor.piped:
+            return self.delivered()
+        survivor.update()  # writable: the rest goes out, then delivered()
+        self.abort_timer = self.engine.loop.call_later(ABORT_FLUSH_S, self.abort, self.end)
+
+    def delivered(self) -> None:
+        """Everything for the survivor is in its socket: once the kernel has sent it (its
+        send queue empty, or the deadline), reset it."""
+        if self.done:
+            return
+        survivor = self.survivor
+        if survivor.unsent():
+            if self.abort_timer is None:
+                self.abort_timer = self.engine.loop.call_later(ABORT_FLUSH_S, self.abort,
+                                                               self.end)
+            # the kernel gives no event for "acknowledged": look again shortly (bounded by
+            # the deadline above)
+            self.engine.loop.call_later(UNSENT_POLL_S, self.delivered)
+            return
+        self.abort(self.end)
+
+    def abort(self, why: str) -> None:
+        """End the connection with a reset on both sides (idle timeout, drain deadline,
+        relay error, or a reset passed on)."""
+        if self.done:
+            return
+        if self.end is None:
+            self.end = why
+        self.client.reset()
+        if self.backend is not None:
+            self.backend.reset()
         self.close()
 
     def close(self) -> None:
@@ -201,6 +255,8 @@ class Tunnel:
         if self.done:
             return
         self.done = True
+        if self.abort_timer is not None:
+            self.abort_timer.cancel()
         if self.connecting_end is not None:
             self.connecting_end.close()
             self.connecting_end = None

@@ -203,7 +203,7 @@ def test_a_client_reset_while_connecting_abandons_the_attempt_at_once(run):
         await asyncio.wait_for(owner.done.wait(), 10)
         assert loop.time() - started < 5  # not the 30 s connect timeout
         assert owner.connected_to is None
-        assert tunnel.end == "reset"
+        assert tunnel.end == "client-reset"
         assert not engine.connecting and tunnel.connecting_end is None
         engine.close()
 

@@ -110,17 +110,71 @@ def test_slow_reader_keeps_proxy_memory_bounded(tmp_path, relay_proxy):
         assert received == total
 
 
-def test_backend_reset_closes_the_client(tmp_path, relay_proxy):
+RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() resets
+
+
+def reset_after_sending(conn: socket.socket, data: bytes) -> None:
+    """Send ``data``, wait (bounded) until the peer's kernel has it all, then reset."""
+    conn.sendall(data)
+    wait_until(lambda: _unsent(conn) == 0, "the data acknowledged before the reset")
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+    conn.close()
+
+
+def _unsent(sock: socket.socket) -> int:
+    import fcntl
+    import struct
+    import termios
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def read_until_reset(sock: socket.socket) -> tuple[int, str]:
+    """Read until the connection ends: (bytes read, "reset" or "eof")."""
+    total = 0
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return total, "reset"
+        if not chunk:
+            return total, "eof"
+        total += len(chunk)
+
+
+def test_backend_reset_reaches_the_client_as_a_reset_after_its_bytes(tmp_path, relay_proxy):
+    """The backend sends 200,000 bytes and resets: the client gets all 200,000, then
+    ECONNRESET, as it would without the proxy (not a clean EOF, and nothing dropped from
+    what sat in the proxy's buffer or pipe)."""
     def backend(conn):
-        conn.sendall(b"about to reset\n")
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()  # linger 0: RST
+        assert conn.recv(1) == b"?"  # (our connect is done: the reset is not the connect's)
+        reset_after_sending(conn, os.urandom(200_000))
 
     with scripted_backend(backend) as address:
         proxy, port = proxy_to(tmp_path, relay_proxy, address)
-        with connect(port, timeout=5) as s:
-            assert read_line(s) == b"about to reset"
-            assert closed_by_peer(s)
+        with connect(port, timeout=10) as s:
+            s.sendall(b"?")
+            assert read_until_reset(s) == (200_000, "reset")
+    wait_until(lambda: "end=backend-reset" in proxy.output(), "the log line says how it ended")
+
+
+def test_a_slow_client_still_gets_every_byte_before_the_reset(tmp_path, relay_proxy):
+    """The client reads slowly (a small receive buffer): the proxy still holds bytes for it
+    when the backend resets; they are delivered, then the reset."""
+    payload = os.urandom(3 << 20)
+
+    def backend(conn):
+        assert conn.recv(1) == b"?"
+        reset_after_sending(conn, payload)
+
+    with scripted_backend(backend) as address:
+        proxy, port = proxy_to(tmp_path, relay_proxy, address)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        with s:
+            s.sendall(b"?")
+            assert read_until_reset(s) == (len(payload), "reset")
 
 
 def test_client_reset_closes_the_backend(tmp_path, relay_proxy):
@@ -208,3 +262,33 @@ def test_a_bulk_connection_moves_to_splice_after_the_threshold_and_frees_it_all(
         assert recv_all(s) == b"bye\n"  # half-close still travels both ways
     # the proxy closes its side after ours: pipes and dups all closed
     wait_until(lambda: len(fds_of(proxy.pid)) <= fds_before, "every fd of the connection closed")
+
+
+def test_an_idle_timeout_resets_both_sides(tmp_path, start_proxy):
+    """An idle close is an abort: both sides see a reset, never a clean end of stream
+    (a stalled download cut at the idle timeout must not look complete)."""
+    backend_saw = []
+
+    def backend(conn):
+        conn.sendall(b"hi\n")
+        backend_saw.append(read_until_reset(conn)[1])
+
+    with scripted_backend(backend) as address:
+        port, = free_ports(1)
+        cfg = write_config(tmp_path / "config.json", {"a": ([port], [address])})
+        proxy = start_proxy(cfg, "--idle-timeout", "1")
+        with connect(port, timeout=10) as s:
+            assert read_line(s) == b"hi"
+            assert read_until_reset(s) == (0, "reset")
+    assert backend_saw == ["reset"]
+    wait_until(lambda: "end=idle" in proxy.output(), "the log line says why it ended")
+
+
+def test_an_orderly_end_stays_an_orderly_end(tmp_path, relay_proxy, make_backend):
+    backend = make_backend("echo")
+    proxy, port = proxy_to(tmp_path, relay_proxy, backend.address)
+    with connect(port) as s:
+        s.sendall(b"x\n")
+        s.shutdown(socket.SHUT_WR)
+        assert read_until_reset(s) == (len(b"echo\nx\nbye\n"), "eof")
+    wait_until(lambda: "end=closed" in proxy.output(), "the log line says it closed")
