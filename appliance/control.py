@@ -109,15 +109,28 @@ async def _answer(server: Server, line: bytes | None) -> bytes:
 
 async def serve_channel(server: Server, sock: socket.socket) -> None:
     """Answer requests on a worker's channel to its supervisor (a socketpair, one JSON
-    line each way per request, in order) until the supervisor closes it."""
+    line each way, matched by id) until the supervisor closes it. Each request runs on its
+    own, so a heartbeat is answered while a reload is still resolving names."""
     reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT)
+    running: set[asyncio.Task] = set()
+
+    async def answer(line: bytes | None) -> None:
+        try:
+            writer.write(await _answer(server, line))  # one write per reply: no interleaving
+            await writer.drain()
+        except ConnectionError:
+            pass  # the supervisor went away: the read loop sees it too
+
     try:
         while (line := await _read_line(reader)) != b"":
-            writer.write(await _answer(server, line))
-            await writer.drain()
+            task = asyncio.ensure_future(answer(line))
+            running.add(task)
+            task.add_done_callback(running.discard)
     except ConnectionError:
         pass
     finally:
+        for task in running:
+            task.cancel()
         writer.close()
 
 

@@ -145,6 +145,8 @@ class Server:
             ok, message = await self.reload()
             return control.reload_reply(ok, message, self.proxy.generation,
                                         self.proxy.config.digest)
+        if command == "ping":  # a supervisor's heartbeat: the loop is alive
+            return {"ok": True}
         if command == "status":
             return {"ok": True, **self.status()}
         if command == "metrics" and hasattr(self.metrics, "snapshot"):

@@ -41,11 +41,13 @@ import time
 from . import config as configmod
 from . import control
 from .server import notify
-from .workers import REQUEST_TIMEOUT_S, Worker, WorkerGone
+from .workers import (METRICS_TIMEOUT_S, PING_TIMEOUT_S, RELOAD_TIMEOUT_S, REQUEST_TIMEOUT_S,
+                      Worker, WorkerGone)
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 60.0  # a worker binds every port (thousands, per-port mode) and imports
+HEARTBEAT_S = 1.0  # each worker is pinged this often; one that misses PING_TIMEOUT_S is replaced
 RESTARTS, RESTART_WINDOW_S = 5, 60.0
 _BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
          "from appliance.cli import main; sys.exit(main())")
@@ -108,6 +110,7 @@ class Supervisor:
             return 1
         for w in self.workers:
             self._spawn(self._watch(w))
+            self._spawn(self._heartbeat(w))
         control_server = None
         if self.control_path:
             control_server = await control.start(self, self.control_path)
@@ -186,6 +189,28 @@ class Supervisor:
                 continue  # counted against the restart budget on the next pass
             log.info("%s started", w)
 
+    async def _heartbeat(self, w: Worker) -> None:
+        """Ping ``w`` every HEARTBEAT_S: a worker that is hung (stopped, stuck in a loop)
+        misses the deadline and is killed; _watch starts another. So a hung worker is
+        found in seconds, not at the next status or reload, and its listeners' share of
+        new connections goes to a live worker (per-port mode: its SO_REUSEPORT sockets
+        close with it; BPF mode: its group member waits in the supervisor's hands for the
+        replacement, the connections queued there are not lost)."""
+        while not self._stop.is_set():
+            try:
+                async with asyncio.timeout(HEARTBEAT_S):
+                    await self._stop.wait()
+                return
+            except TimeoutError:
+                pass
+            if not w.ready:
+                continue  # starting, or being replaced
+            try:
+                await w.request("ping", PING_TIMEOUT_S)
+            except WorkerGone as e:
+                if not self._stop.is_set():
+                    log.error("%s", e)
+
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals == 1:
@@ -215,9 +240,10 @@ class Supervisor:
 
     # -- the control surface (same commands as a single process's) ----------------------
 
-    async def _gather(self, command: str) -> list[tuple[Worker, dict | WorkerGone]]:
+    async def _gather(self, command: str, timeout_s: float = REQUEST_TIMEOUT_S
+                      ) -> list[tuple[Worker, dict | WorkerGone]]:
         ready = [w for w in self.workers if w.ready]
-        replies = await asyncio.gather(*(w.request(command) for w in ready),
+        replies = await asyncio.gather(*(w.request(command, timeout_s) for w in ready),
                                        return_exceptions=True)
         for r in replies:
             if isinstance(r, BaseException) and not isinstance(r, WorkerGone):
@@ -241,7 +267,7 @@ class Supervisor:
             except configmod.ConfigError as e:
                 return self._reload_failed(f"reload of {self.config_path} failed, "
                                            f"still serving generation {self.generation}:\n{e}")
-            replies = await self._gather("reload")
+            replies = await self._gather("reload", RELOAD_TIMEOUT_S)
             failed = [f"{w}: {r}" if isinstance(r, WorkerGone) else f"{w}: {r.get('error')}"
                       for w, r in replies if isinstance(r, WorkerGone) or not r.get("ok")]
             digests = {r.get("digest") for _, r in replies if isinstance(r, dict) and r.get("ok")}
@@ -319,7 +345,7 @@ class Supervisor:
     async def gather_metrics(self) -> dict:
         from .metrics import Metrics
 
-        snaps = [r["metrics"] for _, r in await self._gather("metrics")
+        snaps = [r["metrics"] for _, r in await self._gather("metrics", METRICS_TIMEOUT_S)
                  if isinstance(r, dict) and r.get("ok")]
         total = Metrics.merged(snaps)
         total.reloads_n = dict(self.reloads)  # one reload is one, however many workers
@@ -342,7 +368,7 @@ class _GatheredMetrics:
             return
         future = asyncio.run_coroutine_threadsafe(sup.gather_metrics(), sup._loop)
         try:
-            total = future.result(REQUEST_TIMEOUT_S)
+            total = future.result(METRICS_TIMEOUT_S + 1)
         except Exception as e:  # a scrape must not take the proxy down; say what failed
             log.error("metrics scrape: could not gather the workers' counts: %r", e)
             future.cancel()

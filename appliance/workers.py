@@ -4,8 +4,14 @@ A worker is a fresh ``flyproxy serve`` (exec'd: no event loop state is inherited
 fork) given the listening sockets, the config in force (in an anonymous file: not the
 file on disk, which may hold an edit not yet reloaded) and one end of a socketpair, its
 *channel*, which carries the control protocol (``control.py``: one JSON line each way,
-requests answered in order). A worker whose channel closes (its supervisor gone) shuts
-down gracefully by itself.
+each reply carrying its request's id; requests run concurrently, so a heartbeat is
+answered while a reload waits on DNS). A worker whose channel closes (its supervisor
+gone) shuts down gracefully by itself.
+
+A worker that misses a deadline is killed (its channel is out of step, and it may be hung:
+SIGSTOP, a bug); the supervisor starts another. A reply that comes late anyway (from a
+worker that woke up before the kill landed) carries an old id and is dropped, never taken
+for the answer to a later request.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ import os
 import signal
 import socket
 
-REQUEST_TIMEOUT_S = 30.0
+# Deadlines for a worker's answer. Each is shorter than what waits on it: a reload's
+# (control.REQUEST_TIMEOUT_S, 30 s, for the whole reload) and a scrape's (Prometheus
+# gives 10 s by default).
+REQUEST_TIMEOUT_S = 10.0  # status, and whatever has no deadline of its own
+RELOAD_TIMEOUT_S = 25.0  # a reload binds ports, reads the file, resolves new names
+METRICS_TIMEOUT_S = 5.0
+PING_TIMEOUT_S = 3.0  # the supervisor's heartbeat (supervisor.HEARTBEAT_S apart)
 CHANNEL_LIMIT = 64 * 1024 * 1024  # a status line lists every port: 10,000 ports is ~60 KB
 
 
@@ -49,7 +61,7 @@ def _anonymous_file(data: bytes) -> int:
 
 
 class Worker:
-    """One worker process and its channel; requests on it are answered in order."""
+    """One worker process and its channel; replies are matched to requests by id."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -57,7 +69,9 @@ class Worker:
         self.ready = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
+        self._ids = 0  # the last request id sent
+        self._pending: dict[int, asyncio.Future] = {}  # id -> the future its reply settles
+        self._replies: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
@@ -79,26 +93,51 @@ class Worker:
         finally:
             theirs.close()  # the worker has it; EOF on ours means the worker is gone
             os.close(config_fd)
-        self._reader, self._writer = await asyncio.open_connection(sock=mine, limit=CHANNEL_LIMIT)
+        self.attach(*await asyncio.open_connection(sock=mine, limit=CHANNEL_LIMIT))
+
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Use this channel: its replies are read by one task and handed to their requests."""
+        self._reader, self._writer = reader, writer
+        self._replies = asyncio.ensure_future(self._read_replies(reader))
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        why = "exited"
+        try:
+            while line := await reader.readline():
+                reply = json.loads(line)
+                future = self._pending.pop(reply.get("id"), None)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+                # else: a late answer to a request that gave up: dropped, never misread
+        except (ConnectionError, OSError, ValueError) as e:
+            why = f"its channel failed: {e!r}"
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(WorkerGone(f"{self} {why}"))
+        self._pending.clear()
 
     async def request(self, command: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
-        if self._writer is None:
+        """Send ``command``, return the reply with its id; a worker that does not answer
+        within ``timeout_s`` is killed (WorkerGone says why)."""
+        if self._writer is None or self._replies is None or self._replies.done():
             raise WorkerGone(f"{self} is not running")
-        async with self._lock:
-            try:
-                self._writer.write(json.dumps({"command": command}).encode() + b"\n")
+        self._ids += 1
+        ident = self._ids
+        future = self._pending[ident] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                self._writer.write(json.dumps({"command": command, "id": ident}).encode()
+                                   + b"\n")
                 await self._writer.drain()
-                async with asyncio.timeout(timeout_s):
-                    line = await self._reader.readline()
-            except (ConnectionError, OSError) as e:
-                raise WorkerGone(f"{self}: {e}") from None
-            except TimeoutError:
-                self.kill()  # its channel is out of step now; a fresh worker replaces it
-                raise WorkerGone(f"{self} did not answer {command!r} in {timeout_s:g}s; "
-                                 "killed") from None
-        if not line:
-            raise WorkerGone(f"{self} exited")
-        return json.loads(line)
+                return await future
+        except TimeoutError:  # (before OSError: in Python 3.11 TimeoutError is one)
+            self.kill()
+            raise WorkerGone(f"{self} did not answer {command!r} in {timeout_s:g}s; "
+                             "killed (another is started)") from None
+        except (ConnectionError, OSError) as e:
+            raise WorkerGone(f"{self}: {command!r} failed: {e!r}") from None
+        finally:
+            self._pending.pop(ident, None)
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -110,5 +149,11 @@ class Worker:
     def close_channel(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        self._reader = self._writer = None
+        if self._replies is not None:
+            self._replies.cancel()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(WorkerGone(f"{self} exited"))
+        self._pending.clear()
+        self._reader = self._writer = self._replies = None
         self.ready = False

@@ -4,7 +4,9 @@ supervisor."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import json as _json
 import os
 import signal
 import socket
@@ -251,3 +253,63 @@ def test_a_replaced_worker_serves_the_config_in_force_not_a_broken_file(workers)
     assert st["restarts"] == 1 and st["digest"] != ""
     assert all(greet(port) == "one" for _ in range(20))  # both workers serve the old config
     cfg.write_bytes(good)
+
+
+def test_a_hung_worker_is_replaced_and_its_share_of_connections_served(tmp_path, start_proxy,
+                                                                        make_backend):
+    """One of two workers is SIGSTOPped (hung, not dead): the supervisor's heartbeat finds
+    it within seconds, kills and replaces it; new connections are served, status and
+    metrics answer in full (before: half the connections hung, the worker was never
+    replaced, and after SIGCONT every request read the previous one's reply)."""
+    backend = make_backend("one")
+    port, metrics_port = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    control = str(tmp_path / "control.sock")
+    proxy = start_proxy(cfg, "--control", control, "--workers", str(N),
+                        "--metrics", f"127.0.0.1:{metrics_port}")
+    hung = status(control)["workers"][0]["pid"]
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        wait_until(lambda: hung not in [w["pid"] for w in status(control)["workers"]]
+                   and all(w["ready"] for w in status(control)["workers"]),
+                   "the hung worker replaced", timeout=20)
+    finally:
+        if alive(hung):
+            os.kill(hung, signal.SIGCONT)
+    assert status(control)["restarts"] == 1
+    assert [greet(port) for _ in range(40)] == ["one"] * 40  # none reach a hung worker
+    assert "did not answer 'ping' in 3s; killed" in proxy.output()
+    text = scrape(metrics_port)
+    assert sample(text, "flyproxy_workers") == N
+    result = run_cli("reload", "-c", str(cfg), "--control", control, "--pin-dir", "")
+    assert result.returncode == 0, result.stderr  # replies are not out of step
+
+
+def test_a_late_reply_is_never_taken_for_the_next_one():
+    """The supervisor's side of a channel: a worker answers a request after its deadline
+    (the late reply carries the old id); the next request gets its own answer."""
+    from appliance.workers import Worker, WorkerGone
+
+    async def main():
+        mine, theirs = socket.socketpair()
+        w = Worker(0)
+        w.attach(*await asyncio.open_connection(sock=mine))
+        w.kill = lambda: None  # no process here: the channel alone is under test
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(WorkerGone, match="did not answer 'status' in 0.2s"):
+            await w.request("status", 0.2)  # nobody answers in time
+        first = _json.loads(await loop.sock_recv(theirs, 1000))
+        answer = asyncio.ensure_future(w.request("status", 5))
+        second = _json.loads(await loop.sock_recv(theirs, 1000))
+        assert second["id"] != first["id"]
+        await loop.sock_sendall(theirs, _json.dumps({"ok": True, "id": first["id"],
+                                                     "late": True}).encode() + b"\n")
+        await loop.sock_sendall(theirs, _json.dumps({"ok": True, "id": second["id"]}).encode()
+                                + b"\n")
+        reply = await asyncio.wait_for(answer, 5)
+        assert reply == {"ok": True, "id": second["id"]}
+        w.close_channel()
+        theirs.close()
+
+    asyncio.run(main())
