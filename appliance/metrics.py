@@ -2,8 +2,8 @@
 
 The hot path only adds to plain ints in dicts (one dict lookup and an add per event, written
 out rather than called: no locks, no label parsing); a custom collector turns them into
-metric families when Prometheus scrapes. The scrape runs in prometheus_client's HTTP
-thread and copies each dict with ``list(d.items())``, which the GIL makes atomic.
+metric families when Prometheus scrapes, rendered by prometheus_client's text format and
+served by our own endpoint on the event loop (``metrics_http.py``: no thread).
 :class:`NullMetrics` is the same surface doing nothing, used when metrics are off.
 """
 
@@ -19,6 +19,8 @@ CONNECT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 class NullMetrics:
     """Metrics off: every hook is a no-op."""
+
+    http = None  # the endpoint (metrics_http.MetricsServer), when served
 
     def track_active(self, active: dict[str, int]) -> None: ...
     def accepted(self, app: str) -> None: ...
@@ -210,9 +212,6 @@ class Metrics(NullMetrics):
         yield count
         yield age
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve /metrics over HTTP from a daemon thread."""
-        serve(self, host, port)
 
 
 def merged_names(per_worker: list[list[dict]]) -> list[dict]:
@@ -227,23 +226,32 @@ def merged_names(per_worker: list[list[dict]]) -> list[dict]:
     return [best[name] for name in sorted(best)]
 
 
-def serve(collector, host: str, port: int) -> None:
-    """Serve ``collector``'s families on http://host:port/metrics from a daemon thread."""
-    from prometheus_client import CollectorRegistry, start_http_server
+def exposition(collector) -> bytes:
+    """``collector``'s families in Prometheus' text format."""
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    registry = CollectorRegistry()
+    registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    start_http_server(port, host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    return generate_latest(registry)
+
+
+def endpoint(address: str, render):
+    """The /metrics endpoint for ``address`` (HOST:PORT), bound now; started by the server."""
+    from .listeners import parse_hostport
+    from .metrics_http import MetricsServer, bind
+
+    host, port = parse_hostport(address)
+    return MetricsServer(bind(host or "127.0.0.1", port), render)
 
 
 def create(address: str | None) -> NullMetrics:
     """Metrics served at ``address`` (HOST:PORT), or NullMetrics when it is None."""
     if not address:
         return NullMetrics()
-    from .listeners import parse_hostport
-
-    host, port = parse_hostport(address)
     metrics = Metrics()
-    metrics.serve(host or "127.0.0.1", port)
+
+    async def render() -> bytes:
+        return exposition(metrics)
+
+    metrics.http = endpoint(address, render)
     return metrics

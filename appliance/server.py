@@ -85,6 +85,8 @@ class Server:
         await self.proxy.start(self.sockets)
         if self.control_path:
             self._control = await control.start(self, self.control_path)
+        if self.metrics.http is not None:
+            await self.metrics.http.start()
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
         if self.channel is None:
@@ -102,6 +104,8 @@ class Server:
         self.proxy.stop_accepting()
         if self._control is not None:
             self._control.close()
+        if self.metrics.http is not None:
+            self.metrics.http.close()
         n = len(self.proxy.tunnels)
         if n:
             log.info("stopped accepting; waiting up to %ss for %d connections", self.grace_s, n)

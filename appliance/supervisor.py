@@ -77,6 +77,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task] = set()
         self._reload_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics_http = None  # the /metrics endpoint, bound by serve_metrics()
 
     def __repr__(self) -> str:
         return f"<Supervisor {self.config_path} workers={len(self.workers)}>"
@@ -114,6 +115,8 @@ class Supervisor:
         control_server = None
         if self.control_path:
             control_server = await control.start(self, self.control_path)
+        if self.metrics_http is not None:
+            await self.metrics_http.start()
         pids = ", ".join(str(w.proc.pid) for w in self.workers)
         log.info("serving %s with %d workers (pids %s)", self.config.summary(),
                  len(self.workers), pids)
@@ -124,6 +127,8 @@ class Supervisor:
             member.close()  # the BPF program sends new connections to the listener
         if control_server is not None:
             control_server.close()
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         await self._shutdown()
         log.info("stopped")
         return self._exit
@@ -334,15 +339,20 @@ class Supervisor:
     # -- metrics: gathered from the workers at scrape time ---------------------------------
 
     def serve_metrics(self) -> None:
-        """Start the metrics endpoint (before :meth:`serve`, so a bad address fails early)."""
+        """Bind the metrics endpoint (before :meth:`serve`, so a bad address fails early)."""
         from . import metrics as metricsmod
-        from .listeners import parse_hostport
 
         if self.metrics_address:
-            host, port = parse_hostport(self.metrics_address)
-            metricsmod.serve(_GatheredMetrics(self), host or "127.0.0.1", port)
+            self.metrics_http = metricsmod.endpoint(self.metrics_address, self.render_metrics)
 
-    async def gather_metrics(self) -> dict:
+    async def render_metrics(self) -> bytes:
+        """A scrape: every worker's counts, gathered now and summed (a worker that does not
+        answer in time is left out, and replaced: see workers.py)."""
+        from .metrics import exposition
+
+        return exposition(_GatheredMetrics(self, await self.gather_metrics()))
+
+    async def gather_metrics(self):
         from .metrics import Metrics
 
         snaps = [r["metrics"] for _, r in await self._gather("metrics", METRICS_TIMEOUT_S)
@@ -354,26 +364,17 @@ class Supervisor:
 
 
 class _GatheredMetrics:
-    """A prometheus_client collector: on each scrape (in its HTTP thread) the supervisor's
-    loop asks every worker for its counts and sums them."""
+    """A prometheus_client collector: the workers' summed counts, and the supervisor's own."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, total) -> None:
         self.supervisor = supervisor
+        self.total = total
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         sup = self.supervisor
-        if sup._loop is None:
-            return
-        future = asyncio.run_coroutine_threadsafe(sup.gather_metrics(), sup._loop)
-        try:
-            total = future.result(METRICS_TIMEOUT_S + 1)
-        except Exception as e:  # a scrape must not take the proxy down; say what failed
-            log.error("metrics scrape: could not gather the workers' counts: %r", e)
-            future.cancel()
-            return
-        yield from total.collect()
+        yield from self.total.collect()
         workers = GaugeMetricFamily("flyproxy_workers", "Worker processes serving now")
         workers.add_metric([], sum(w.ready for w in sup.workers))
         yield workers

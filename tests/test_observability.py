@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import urllib.request
 
-from helpers import connect, dead_port, free_ports, greet, recv_all, run_cli, write_config
+import pytest
+
+from helpers import closed_by_peer, connect, dead_port, free_ports, greet, recv_all, run_cli, write_config
 
 
 def scrape(port: int) -> str:
@@ -96,3 +99,58 @@ def test_status_shows_target_health(tmp_path, start_proxy, make_backend):
     assert health[dead].startswith("ejected: refused")
     table = run_cli("status", "--control", control).stdout
     assert "ejected: refused" in table
+
+
+def test_idle_connections_to_the_metrics_port_cannot_starve_the_data_plane(tmp_path, start_proxy,
+                                                                           make_backend):
+    """A local user holds hundreds of idle connections to /metrics (with prometheus_client's
+    threaded server each took a thread and an fd, forever, and at nofile 1024 the proxy
+    could no longer accept): at most MAX_CLIENTS are kept, each for READ_DEADLINE_S; the
+    rest are closed at once; the data plane serves throughout; scrapes work again after."""
+    from appliance import metrics_http
+    import resource
+
+    backend = make_backend("b")
+    port, metrics_port = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    proxy = start_proxy(cfg, "--metrics", f"127.0.0.1:{metrics_port}",
+                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    idle = []
+    try:
+        for _ in range(600):  # more than the proxy has fds for
+            s = socket.socket()
+            s.settimeout(10)
+            s.connect(("127.0.0.1", metrics_port))
+            idle.append(s)
+        assert [greet(port) for _ in range(10)] == ["b"] * 10
+        open_fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+        assert open_fds < 64, f"{open_fds} fds open in the proxy"
+        # every idle connection is closed by the proxy: at once, or at the read deadline
+        for s in idle:
+            assert closed_by_peer(s)
+    finally:
+        for s in idle:
+            s.close()
+    assert "flyproxy_connections_accepted" in scrape(metrics_port)
+    assert metrics_http.MAX_CLIENTS == 8  # (what the docstring promises)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
+    (b"GET /other HTTP/1.1\r\n\r\n", b"404"),
+    (b"GET /metrics HTTP/1.1\r\n" + b"X: " + b"y" * 20000 + b"\r\n\r\n", b""),
+], ids=["post", "not-found", "huge-header"])
+def test_the_metrics_endpoint_answers_only_what_it_serves(tmp_path, start_proxy, make_backend,
+                                                          request_bytes, status):
+    backend = make_backend("b")
+    port, metrics_port = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    start_proxy(cfg, "--metrics", f"127.0.0.1:{metrics_port}")
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as s:
+        try:
+            s.sendall(request_bytes)
+            answer = recv_all(s)
+        except ConnectionResetError:
+            answer = b""
+    assert answer.split(b" ", 2)[1:2] == ([status] if status else [])
+    assert "flyproxy_connections_accepted" in scrape(metrics_port)
