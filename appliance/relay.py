@@ -60,7 +60,8 @@ class End:
     what was meant for *this* socket but not yet taken."""
 
     __slots__ = ("tunnel", "engine", "sock", "fd", "peer", "events", "reading", "nbytes", "eof",
-                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "pipe_size")
+                 "shut", "out", "early", "piped", "splice_at", "pipe_r", "pipe_w", "pipe_size",
+                 "connecting")
 
     def __init__(self, tunnel: Tunnel, sock) -> None:
         self.tunnel = tunnel
@@ -79,6 +80,7 @@ class End:
         self.splice_at = NEVER  # after this many bytes read, read through a pipe
         self.pipe_r = self.pipe_w = -1
         self.pipe_size = 0
+        self.connecting = False  # a backend socket whose connect is in progress
 
     def __repr__(self) -> str:
         state = "closed" if self.sock is None else ("eof" if self.eof else "open")
@@ -90,8 +92,7 @@ class End:
         if self.sock is None:
             return  # closed: out of the set already
         new = (READABLE if self.reading else 0) | \
-            (EPOLLOUT if self.out is not None or self.piped or self.tunnel.connecting_end is self
-             else 0)
+            (EPOLLOUT if self.out is not None or self.piped or self.connecting else 0)
         old = self.events
         if new != old:
             engine = self.engine
@@ -107,7 +108,7 @@ class End:
 
     def ready(self, events: int) -> None:
         tunnel = self.tunnel
-        if tunnel.connecting_end is self:
+        if self.connecting:
             return tunnel.connect_done(self, events)
         if events & EPOLLOUT:
             self.flush()

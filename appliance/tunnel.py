@@ -18,6 +18,7 @@ _Socket = _socket.socket  # the C type: no Python-level __init__ per connection
 _NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _TCP, _NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 _SOL_SOCKET, _SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
+HAPPY_EYEBALLS_S = 0.25  # RFC 8305's "Connection Attempt Delay"
 ABORT_FLUSH_S = 2.0  # after a reset on one side: the other side's bytes get this long
 UNSENT_POLL_S = 0.01  # ... checked this often for having left the send queue
 
@@ -32,7 +33,7 @@ class Tunnel:
     """
 
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
-                 "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "connecting_end",
+                 "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "racing", "stagger",
                  "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
                  "done", "keepalive", "survivor", "abort_timer")
 
@@ -51,7 +52,8 @@ class Tunnel:
         self.attempt = 0  # index into order of the target being tried
         self.addrs = ()  # (family, sockaddr) of that target ...
         self.addr_i = 0  # ... and the next one of them to try
-        self.connecting_end: End | None = None  # the backend socket while it connects
+        self.racing: list[End] = []  # backend sockets connecting now (one per address tried)
+        self.stagger = None  # the timer that starts the next address (Happy Eyeballs)
         self.backend: End | None = None
         self.started = time.monotonic()
         self.attempt_started = 0.0
@@ -114,8 +116,14 @@ class Tunnel:
         self.next_address()
 
     def next_address(self, reason: str = "") -> None:
-        """Connect to the next address of the current target (a name may have several)."""
+        """Connect to the next address of the current target (a name may have several).
+
+        Happy Eyeballs (RFC 8305): if the target has more addresses, the next one starts
+        HAPPY_EYEBALLS_S later while this one is still pending, or at once if it fails;
+        the first to connect wins and the others are closed. All of them share the
+        target's connect timeout."""
         addrs = self.addrs
+        self.stagger = None
         while self.addr_i < len(addrs):
             family, sockaddr = addrs[self.addr_i]
             self.addr_i += 1
@@ -129,25 +137,38 @@ class Tunnel:
             err = sock.connect_ex(sockaddr)
             if err == errno.EINPROGRESS or not err:
                 end = End(self, sock)
-                self.connecting_end = end
+                end.connecting = True
+                self.racing.append(end)
                 end.reading = False
                 end.update()  # writable: connected (or failed)
+                if self.addr_i < len(addrs):
+                    self.stagger = self.engine.loop.call_later(HAPPY_EYEBALLS_S,
+                                                               self.next_address)
                 return
             sock.close()
             reason = errno_reason(err)
-        self.attempt_failed(reason or "no address")
+        if not self.racing:
+            self.attempt_failed(reason or "no address")
 
     def connect_done(self, end: End, events: int) -> None:
         # Writable without an error or hang-up reported: connected (no SO_ERROR to ask for).
         if events & (EPOLLERR | EPOLLHUP):
             err = end.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
             if err:
-                self.connecting_end = None
+                self.racing.remove(end)
                 end.close()
-                return self.next_address(errno_reason(err))
+                if self.addr_i < len(self.addrs):  # the next address now, not at the stagger
+                    if self.stagger is not None:
+                        self.stagger.cancel()
+                    return self.next_address(errno_reason(err))
+                if not self.racing:
+                    self.attempt_failed(errno_reason(err))
+                return
+        end.connecting = False
+        self.racing.remove(end)
+        self.stop_racing()  # the others lost
         engine = self.engine
         engine.connect_ended(self)
-        self.connecting_end = None
         target = self.order[self.attempt]
         if self.health.failed:
             self.health.success(target)
@@ -182,15 +203,21 @@ class Tunnel:
         """The current target did not answer (or has no address left): try the next one."""
         if self.done:
             return
-        end = self.connecting_end
-        if end is not None:
-            self.connecting_end = None
-            end.close()
+        self.stop_racing()
         self.engine.connect_ended(self)
         target = self.order[self.attempt]
         self.failures.append((target, reason))
         self.health.failure(target, reason)
         self.next_target()
+
+    def stop_racing(self) -> None:
+        """Close every backend socket still connecting, start no further address."""
+        if self.stagger is not None:
+            self.stagger.cancel()
+            self.stagger = None
+        racing, self.racing = self.racing, []
+        for end in racing:
+            end.close()
 
     # -- ending --------------------------------------------------------------------------
 
@@ -257,9 +284,8 @@ class Tunnel:
         self.done = True
         if self.abort_timer is not None:
             self.abort_timer.cancel()
-        if self.connecting_end is not None:
-            self.connecting_end.close()
-            self.connecting_end = None
+        if self.backend is None:  # still connecting (or waiting for a first DNS answer)
+            self.stop_racing()
             self.engine.connect_ended(self)
         self.client.close()
         if self.backend is not None:

@@ -253,3 +253,30 @@ def test_the_challenge_config_verbatim_with_its_names_answered_by_dns(lab):
     assert "attempts=2" not in proxy.output()
     names = {n["name"]: n["state"] for n in lab.status()["names"]}
     assert names == {"tcp-echo.fly.dev": "fresh", "bad.target.for.testing": "down"}
+
+
+def test_a_black_holed_address_does_not_fail_a_name_that_has_a_working_one(lab):
+    """dual.test has ::1, where SYNs are dropped, and 127.0.0.1, which answers: Happy
+    Eyeballs starts 127.0.0.1 250 ms into the ::1 attempt and it wins; the target never
+    fails (before, the one timeout covered the whole target: 3 of 3 connections failed)."""
+    live = lab.backend("v4")
+    with lab.ns.entered():
+        silent = socket.socket(socket.AF_INET6)
+        silent.bind(("::1", live.port))
+        silent.listen(0)
+        fillers = []
+        for _ in range(4):  # fill its accept queue: further SYNs to [::1]:port are dropped
+            f = socket.socket(socket.AF_INET6)
+            f.setblocking(False)
+            f.connect_ex(("::1", live.port))
+            fillers.append(f)
+    try:
+        lab.dns.set("dual.test", ("AAAA", "::1", 300), ("A", "127.0.0.1", 300))
+        proxy = lab.proxy({"a": ([7000], [f"dual.test:{live.port}"])}, "--connect-timeout", "3")
+        assert [lab.greet(7000, timeout=3) for _ in range(3)] == ["v4"] * 3
+        assert "attempts=2" not in proxy.output() and "targets failed" not in proxy.output()
+        assert lab.name("dual.test")["addresses"] == ["::1", "127.0.0.1"]
+    finally:
+        for f in fillers:
+            f.close()
+        silent.close()

@@ -204,7 +204,7 @@ def test_a_client_reset_while_connecting_abandons_the_attempt_at_once(run):
         assert loop.time() - started < 5  # not the 30 s connect timeout
         assert owner.connected_to is None
         assert tunnel.end == "client-reset"
-        assert not engine.connecting and tunnel.connecting_end is None
+        assert not engine.connecting and tunnel.racing == []
         engine.close()
 
     with silent_target() as silent:
