@@ -9,7 +9,7 @@ RUNTIME_DEBS := python3-jsonschema python3-systemd python3-prometheus-client pyt
 BPF_DEBS := python3-bpfcc bpftool iproute2
 TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout python3-testinfra \
 	python3-uvloop \
-	python3-yaml python3-hypothesis python3-dnspython netcat-openbsd systemd debootstrap systemd-container openssh-client \
+	python3-yaml python3-hypothesis python3-dnspython python3-setuptools python3-wheel netcat-openbsd systemd debootstrap systemd-container openssh-client \
 	ansible-core ansible-lint vagrant
 BENCH_DEBS := haproxy nginx-light libnginx-mod-stream iperf3 wrk python3-matplotlib dnsmasq-base
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
@@ -73,11 +73,12 @@ bpf: deps
 	$(PYTHON) -m appliance bpf build
 
 install:
-	install -d $(LIBDIR)/appliance/bpf $(LIBDIR)/bpf $(DESTDIR)/usr/bin \
+	install -d $(LIBDIR)/bpf $(DESTDIR)/usr/bin \
 		$(DESTDIR)/lib/systemd/system $(DESTDIR)/etc/flyproxy $(DESTDIR)/usr/share/doc/flyproxy
-	install -m 0644 appliance/*.py appliance/*.json $(LIBDIR)/appliance/
-	install -m 0644 appliance/bpf/*.py $(LIBDIR)/appliance/bpf/
-	install -m 0644 bpf/steer.c $(LIBDIR)/bpf/
+	install -m 0644 appliance/*.py appliance/*.json -t $(LIBDIR)/appliance -D
+	for pkg in bpf cli dataplane service; do \
+		install -m 0644 -D -t $(LIBDIR)/appliance/$$pkg appliance/$$pkg/*.py; done
+	install -m 0644 bpf/steer.c $(LIBDIR)/appliance/bpf/steer.c
 	install -m 0755 bpf/kernel-headers.sh $(LIBDIR)/bpf/
 	install -m 0755 systemd/flyproxy $(DESTDIR)/usr/bin/flyproxy
 	install -m 0644 systemd/*.socket systemd/*.service systemd/*.timer $(DESTDIR)/lib/systemd/system/

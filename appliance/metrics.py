@@ -237,8 +237,8 @@ def exposition(collector) -> bytes:
 
 def endpoint(address: str, render):
     """The /metrics endpoint for ``address`` (HOST:PORT), bound now; started by the server."""
-    from .listeners import parse_hostport
     from .metrics_http import MetricsServer, bind
+    from .settings import parse_hostport
 
     host, port = parse_hostport(address)
     return MetricsServer(bind(host or "127.0.0.1", port), render)

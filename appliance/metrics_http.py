@@ -14,7 +14,7 @@ data plane needs to accept. This one is a small HTTP/1.1 responder on asyncio:
   one request per connection (Connection: close).
 
 The body comes from ``render``, a coroutine function: a single process renders its own
-counters; a supervisor first gathers its workers' (see supervisor.py).
+counters; a supervisor first gathers its workers' (see service/supervisor.py).
 """
 
 from __future__ import annotations

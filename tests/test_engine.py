@@ -24,13 +24,15 @@ import pytest
 from helpers import dead_port
 
 from appliance import config
-from appliance.balancer import Health
 from appliance.config import Target
-from appliance.engine import Engine, EngineSelector, big_pipe_budget
-from appliance.proxy import Options, Proxy
-from appliance.relay import End
-from appliance.resolver import Name, Resolver
-from appliance.tunnel import Tunnel
+from appliance.dataplane.balancer import Health
+from appliance.dataplane.engine import Engine, big_pipe_budget
+from appliance.dataplane.loop import EngineSelector
+from appliance.dataplane.proxy import Proxy
+from appliance.dataplane.relay import End
+from appliance.dataplane.resolver import Name, Resolver
+from appliance.dataplane.tunnel import Tunnel
+from appliance.settings import Settings
 
 
 @pytest.fixture(params=["engine-selector", "nested"])
@@ -333,7 +335,7 @@ def test_a_closed_connection_is_freed_at_once_not_left_to_the_garbage_collector(
              "Targets": [f"127.0.0.1:{dead}", f"127.0.0.1:{live}"]},
             {"Name": "down", "Ports": [front_down.getsockname()[1]],
              "Targets": [f"127.0.0.1:{dead}"]}]}))
-        proxy = Proxy(cfg, options=Options(splice_after=64 * 1024))
+        proxy = Proxy(cfg, Settings(splice_after=64 * 1024))
         await proxy.start([front, front_down])  # handed in: routed by the port dialled
 
         async def client(sock_addr, payload=b"", reset=False):

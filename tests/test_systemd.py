@@ -234,7 +234,7 @@ def test_journal_has_structured_fields(appliance):
                            "SYSLOG_IDENTIFIER=flyproxy"]).stdout
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert records, "no journal records from the proxy"
-    assert any(r.get("LOGGER") == "appliance.server" and "serving" in r.get("MESSAGE", "")
+    assert any(r.get("LOGGER") == "appliance.service.server" and "serving" in r.get("MESSAGE", "")
                for r in records)
 
 

@@ -220,8 +220,8 @@ def test_app_limit_is_shared_between_workers(tmp_path, start_proxy, make_backend
 def test_bad_worker_count_is_refused(tmp_path):
     cfg = write_config(tmp_path / "config.json", {"a": ([1], ["127.0.0.1:1"])})
     result = run_cli("serve", "-c", str(cfg), "--workers", "0")
-    assert result.returncode == 1
-    assert "--workers 0: expected 1 to 64 or auto" in result.stderr
+    assert result.returncode == 2  # a usage error, as argparse reports every bad argument
+    assert "argument --workers: 0: expected 1 to 64 or auto" in result.stderr
 
 
 def test_a_port_in_use_stops_startup_with_the_workers_error(tmp_path, make_backend):
@@ -288,7 +288,7 @@ def test_a_hung_worker_is_replaced_and_its_share_of_connections_served(tmp_path,
 def test_a_late_reply_is_never_taken_for_the_next_one():
     """The supervisor's side of a channel: a worker answers a request after its deadline
     (the late reply carries the old id); the next request gets its own answer."""
-    from appliance.workers import Worker, WorkerGone
+    from appliance.service.workers import Worker, WorkerGone
 
     async def main():
         mine, theirs = socket.socketpair()

@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 
 from ..config import Config
+from . import SOURCE
 from . import syscalls as sc
 from .state import COUNTERS, GROUP, LISTENER, PORTS, PinnedState, SteeringError, ensure_bpffs
 
-SOURCE = Path(__file__).resolve().parent.parent.parent / "bpf" / "steer.c"
 FUNCTION = "flyproxy_steer"
 MIN_KERNEL = (5, 9)  # sk_lookup programs and BPF links for them
 

@@ -20,9 +20,9 @@ import struct
 from pathlib import Path
 
 from ..config import Config
+from . import DEFAULT_PIN_DIR
 from . import syscalls as sc
 
-DEFAULT_PIN_DIR = "/sys/fs/bpf/flyproxy"
 PORTS, LISTENER, COUNTERS = "flyproxy_ports", "flyproxy_listener", "flyproxy_counters"
 GROUP = "flyproxy_group"  # pinned by `bpf load` (an older state gains it on its next load)
 COUNTER_NAMES = ("steered", "no_listener", "assign_failed")  # the enum in bpf/steer.c

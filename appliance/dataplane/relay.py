@@ -1,6 +1,6 @@
 """The byte relay: the two sockets of a connection and the bytes between them.
 
-A :class:`~appliance.tunnel.Tunnel` (a client connection and its backend, and how the
+A :class:`~appliance.dataplane.tunnel.Tunnel` (a client connection and its backend, and how the
 backend is connected) holds an :class:`End` per socket. Invariants:
 
 - Bytes read from one end are written to the other unchanged and in order.
@@ -21,7 +21,7 @@ sees one event per pipeful (1 MiB, or 256 KiB once the process has its share of 
 pipes; see engine.BIG_PIPE_SIZE). Same invariants, with one pipeful in flight instead of
 one read; short connections never pay for a pipe.
 
-The sockets live in the :class:`~appliance.engine.Engine`'s epoll set.
+The sockets live in the :class:`~appliance.dataplane.engine.Engine`'s epoll set.
 """
 
 from __future__ import annotations
@@ -95,15 +95,12 @@ class End:
             (EPOLLOUT if self.out is not None or self.piped or self.connecting else 0)
         old = self.events
         if new != old:
-            engine = self.engine
             if not old:
-                engine.epoll.register(self.fd, new)
-                engine.handlers[self.fd] = self.ready  # (not kept here: no cycle to collect)
+                self.engine.watch(self.fd, new, self.ready)  # (not kept here: no cycle)
             elif not new:
-                engine.epoll.unregister(self.fd)
-                del engine.handlers[self.fd]
+                self.engine.unwatch(self.fd)
             else:
-                engine.epoll.modify(self.fd, new)
+                self.engine.modify(self.fd, new)
             self.events = new
 
     def ready(self, events: int) -> None:
@@ -331,10 +328,8 @@ class End:
     def close(self) -> None:
         if self.sock is None:
             return
-        if self.events:  # close() takes the fd out of the epoll set by itself
-            del self.engine.handlers[self.fd]
-            self.events = 0
-        self.engine.closed.add(self.fd)
+        self.engine.forget(self.fd, bool(self.events))  # close() takes it out of the set
+        self.events = 0
         self.sock.close()
         self.sock = None
         if self.pipe_r >= 0:

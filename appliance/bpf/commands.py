@@ -1,8 +1,10 @@
-"""``flyproxy bpf ...``: the privileged, short-lived control plane for sk_lookup steering.
+"""What each ``flyproxy bpf ...`` command does (parsed in ``appliance/cli/bpf.py``): the
+privileged, short-lived control plane for sk_lookup steering.
 
-Nouns only read (``status``); verbs change state (``load``, ``sync``,
-``register``, ``unload``). ``build`` compiles and verifies without attaching.
-Only ``build`` and ``load`` compile (and import bcc); the rest are plain bpf() calls.
+Nouns only read (``status``, ``metrics``); verbs change state (``load``, ``sync``,
+``register``, ``unspread``, ``unload``). ``build`` compiles and verifies without
+attaching. Only ``build`` and ``load`` compile (and import bcc); the rest are plain
+bpf() calls.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import sys
 from pathlib import Path
 
 from .. import config as configmod
-from .. import listeners
+from ..dataplane import listeners
+from ..service.systemd import systemd_fds
 from . import syscalls as sc
-from .state import DEFAULT_PIN_DIR, PinnedState, SteeringError, socket_cookie, unload
+from .state import PinnedState, SteeringError, socket_cookie, unload
 
 
 def _config(path: str) -> configmod.Config:
@@ -99,7 +102,7 @@ def _listener(args) -> socket.socket:
             raise SteeringError(f"process {args.pid} has {len(found)} listening TCP sockets"
                                 f"{on_port}; name one with --fd or --port")
         return found[0]
-    fds = [args.fd] if args.fd is not None else listeners.systemd_fds()
+    fds = [args.fd] if args.fd is not None else systemd_fds()
     if len(fds) != 1:
         raise SteeringError("say which socket to register: --fd N, --pid PID [--fd N], "
                             f"or exactly one socket from systemd (got {len(fds)})")
@@ -226,66 +229,3 @@ def cmd_unload(args) -> int:
     removed = unload(args.pin_dir)
     print(f"{args.pin_dir}: " + (f"unpinned {', '.join(removed)}" if removed else "nothing loaded"))
     return 0
-
-
-def add_commands(sub) -> None:
-    from .loader import SOURCE
-
-    bpf = sub.add_parser("bpf", help="manage sk_lookup steering (privileged)")
-    cmds = bpf.add_subparsers(dest="bpf_command", required=True, metavar="COMMAND")
-
-    def common(p, config=False):
-        p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR,
-                       help=f"state dir in bpffs (default {DEFAULT_PIN_DIR})")
-        if config:
-            from ..cli import DEFAULT_CONFIG
-            p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-        return p
-
-    p = cmds.add_parser("build", help="compile and verify the program without attaching it")
-    p.add_argument("--source", default=str(SOURCE))
-    p.add_argument("--dump", action="store_true", help=argparse.SUPPRESS)  # print the final C
-    p.set_defaults(func=cmd_build)
-
-    p = common(cmds.add_parser("load", help="load, attach and pin; fill the port map"), True)
-    p.add_argument("--source", default=str(SOURCE))
-    p.set_defaults(func=cmd_load)
-
-    common(cmds.add_parser("sync", help="make the port map equal the config"), True) \
-        .set_defaults(func=cmd_sync)
-
-    p = common(cmds.add_parser("register", help="put the proxy's listening socket in the sockmap"))
-    p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
-    p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
-    p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
-    p.add_argument("--spread", action="store_true",
-                   help="with --pid: also register the process's worker group (if it has one), "
-                        "so connections spread evenly over its workers")
-    p.set_defaults(func=cmd_register)
-
-    p = common(cmds.add_parser("unspread", help="clear the workers' group: the listener takes "
-                                                "every connection (before stopping the proxy)"))
-    p.set_defaults(func=cmd_unspread)
-
-    p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
-
-    p = common(cmds.add_parser("metrics", help="steering counters in Prometheus text format (read-only)"))
-    p.add_argument("--textfile", metavar="PATH",
-                   help="write them here atomically (node_exporter's textfile collector)")
-    p.set_defaults(func=cmd_metrics)
-
-    common(cmds.add_parser("unload", help="detach and unpin everything")) \
-        .set_defaults(func=cmd_unload)
-
-
-def run(args) -> int:
-    try:
-        return args.func(args)
-    except SteeringError as e:
-        print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
-        return 1

@@ -3,7 +3,7 @@
 Pick a target at random; if the connect fails (refused, unreachable, timed out,
 name does not resolve) try the remaining targets in random order, each at most
 once, every attempt bounded by its own timeout (the attempts themselves are made
-by :class:`appliance.tunnel.Tunnel`). The client never sees a failure while any
+by :class:`appliance.dataplane.tunnel.Tunnel`). The client never sees a failure while any
 target works.
 """
 
@@ -13,7 +13,7 @@ import random
 import time
 from typing import Sequence
 
-from .config import Target
+from ..config import Target
 
 
 def describe(failures: list[tuple[Target, str]]) -> str:

@@ -32,17 +32,13 @@ by names x refresh rate x workers, never by connections.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import time
 from typing import Callable, Iterable, Sequence
 
-try:
-    import pycares
-    import pycares.errno as _E
-except ImportError:  # pragma: no cover - python3-pycares is a dependency of the appliance
-    pycares = None
+from ..settings import Settings
+from . import cares
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +47,6 @@ REFRESH_AT = 0.9  # refresh an answer when this share of its TTL has passed
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # retries after a failed lookup
 HOSTS_PATH = "/etc/hosts"
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
-
-
-@dataclasses.dataclass
-class DnsOptions:
-    min_ttl_s: float = 1.0  # answers are kept at least this long ...
-    max_ttl_s: float = 300.0  # ... and at most this long, whatever their TTL says
-    negative_ttl_s: float = 10.0  # NXDOMAIN / no address: down for this long, then asked again
-    stale_s: float = 300.0  # resolver failing: last good addresses serve this long past expiry
-    timeout_s: float = 2.0  # c-ares: per try of a query (it doubles each round) ...
-    tries: int = 2  # ... and how many tries
 
 
 class Name:
@@ -126,35 +112,18 @@ def interleave(v6: Sequence[str], v4: Sequence[str]) -> tuple[tuple[int, str], .
     return tuple(out)
 
 
-class _Lookup:
-    """The A and AAAA queries of one refresh of one name; decided when both have answered."""
-
-    __slots__ = ("resolver", "name", "results")
-
-    def __init__(self, resolver: Resolver, name: Name) -> None:
-        self.resolver, self.name, self.results = resolver, name, {}
-
-    def answered(self, family: int, result, error) -> None:
-        self.results[family] = (result, error)
-        if len(self.results) == 2:
-            self.resolver._decided(self.name, self.results)
-
-
 class Resolver:
     """Every host name of the config in force, kept resolved (see the module doc)."""
 
-    def __init__(self, loop, options: DnsOptions | None = None, metrics=None,
+    def __init__(self, loop, settings: Settings | None = None, metrics=None,
                  hosts_path: str = HOSTS_PATH) -> None:
         self.loop = loop
-        self.options = options or DnsOptions()
+        self.settings = settings or Settings()
         self.metrics = metrics
         self.hosts_path = hosts_path
         self.names: dict[str, Name] = {}
         self.unsettled = 0  # names without addresses (pending or down): arrange() has work
-        self._channel = None  # made on the first name that needs DNS
-        self._fds: dict[int, tuple[bool, bool]] = {}  # c-ares sockets -> (read, write) watched
-        self._timer = None  # c-ares' own timeouts
-        self._inflight = 0  # queries sent and not answered
+        self._channel: cares.Channel | None = None  # made on the first name that needs DNS
         self._settled = None  # a future settle() waits on: no name pending
         self._closed = False
 
@@ -162,7 +131,7 @@ class Resolver:
         counts: dict[str, int] = {}
         for n in self.names.values():
             counts[n.state] = counts.get(n.state, 0) + 1
-        return f"<Resolver names={len(self.names)} {counts} inflight={self._inflight}>"
+        return f"<Resolver names={len(self.names)} {counts} {self._channel!r}>"
 
     # -- the config in force -------------------------------------------------------------
 
@@ -198,11 +167,9 @@ class Resolver:
         for name in self.names.values():
             self._forget(name)
         self.names.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-        for fd in list(self._fds):
-            self._watch(fd, False, False)
-        self._channel = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     # -- the connection path -------------------------------------------------------------
 
@@ -236,31 +203,15 @@ class Resolver:
             in_hosts = hosts_names(self.hosts_path)
         if name.host.lower().rstrip(".") in in_hosts:
             return self._from_hosts(name)
-        channel = self._channel
-        if channel is None:
+        if self._channel is None:
             try:
-                channel = self._channel = self._make_channel()
+                self._channel = cares.Channel(self.loop, self.settings.dns_timeout_s,
+                                              self.settings.dns_tries)
             except Exception as e:  # no python3-pycares, or c-ares cannot start
                 log.error("cannot resolve host names: %s", e)
                 return self._failed(name, "no resolver", negative=True)
         name.querying = True
-        lookup = _Lookup(self, name)
-        for qtype, family in ((pycares.QUERY_TYPE_AAAA, _AF_INET6),
-                              (pycares.QUERY_TYPE_A, _AF_INET)):
-            self._inflight += 1
-            channel.search(name.host, qtype,
-                           lambda result, error, f=family: self._answer(lookup, f, result, error))
-        self._arm()
-
-    def _make_channel(self):
-        if pycares is None:
-            raise RuntimeError("python3-pycares is not installed")
-        return pycares.Channel(sock_state_cb=self._sock_state, timeout=self.options.timeout_s,
-                               tries=self.options.tries)
-
-    def _answer(self, lookup: _Lookup, family: int, result, error) -> None:
-        self._inflight -= 1
-        lookup.answered(family, result, error)
+        self._channel.lookup(name.host, lambda results: self._decided(name, results))
 
     def _from_hosts(self, name: Name) -> None:
         """A name in /etc/hosts: its addresses as getaddrinfo gives them (a local read)."""
@@ -273,20 +224,19 @@ class Resolver:
         for family, _, _, _, sockaddr in infos:
             if (family, sockaddr[0]) not in addrs:
                 addrs.append((family, sockaddr[0]))
-        self._succeeded(name, tuple(addrs), self.options.max_ttl_s)
+        self._succeeded(name, tuple(addrs), self.settings.dns_max_ttl_s)
 
     def _decided(self, name: Name, results: dict) -> None:
         """Both queries of a refresh answered: a good answer, no address, or a failure."""
-        E = _E
         name.querying = False
         if self._closed or self.names.get(name.host) is not name:
             return  # forgotten meanwhile
         name.source = "dns"
         ips: dict[int, list[str]] = {_AF_INET: [], _AF_INET6: []}
         ttls, errors = [], []
-        for family, (result, error) in results.items():
+        for family, (records, error) in results.items():
             if error is None:
-                for record in result or ():
+                for record in records or ():
                     if record.host not in ips[family]:
                         ips[family].append(record.host)
                     ttls.append(record.ttl)
@@ -295,23 +245,17 @@ class Resolver:
         addrs = interleave(ips[_AF_INET6], ips[_AF_INET])
         if addrs:
             return self._succeeded(name, addrs, min(ttls))
-        if all(e in (E.ARES_ENOTFOUND, E.ARES_ENODATA) for e in errors):
+        if not errors:  # answered, but with no record of either family
             self._lookups("nxdomain")
-            reason = "nxdomain" if E.ARES_ENOTFOUND in errors else "no address"
-            return self._failed(name, reason, negative=True)
-        worst = next((e for e in errors if e not in (E.ARES_ENOTFOUND, E.ARES_ENODATA)), None)
-        # c-ares (1.18) reports a SERVFAIL or REFUSED answer from every server, and a server
-        # that is not listening, all as ECONNREFUSED: one result, "servfail".
-        result = {E.ARES_ETIMEOUT: "timeout", E.ARES_ESERVFAIL: "servfail",
-                  E.ARES_ECONNREFUSED: "servfail", E.ARES_EREFUSED: "servfail"}.get(worst, "error")
-        reason = {"timeout": "timeout", "servfail": "servfail or unreachable"}.get(
-            result, E.errorcode.get(worst, str(worst)).removeprefix("ARES_E").lower())
+            return self._failed(name, "no address", negative=True)
+        failure = next((e for e in errors if not cares.is_negative(e)), errors[0])
+        result, reason = cares.reason(failure)
         self._lookups(result)
-        self._failed(name, reason, negative=False)
+        self._failed(name, reason, negative=cares.is_negative(failure))
 
     def _succeeded(self, name: Name, addrs: tuple, ttl: float) -> None:
-        opts = self.options
-        ttl_s = min(max(float(ttl), opts.min_ttl_s), opts.max_ttl_s)
+        opts = self.settings
+        ttl_s = min(max(float(ttl), opts.dns_min_ttl_s), opts.dns_max_ttl_s)
         now = time.monotonic()
         if name.source == "dns":
             self._lookups("ok")
@@ -335,21 +279,21 @@ class Resolver:
         first = name.error != reason
         name.error = reason
         name.failures += 1
-        if negative or not name.addrs or now >= name.expires_at + self.options.stale_s:
+        if negative or not name.addrs or now >= name.expires_at + self.settings.dns_stale_s:
             if name.addrs or name.state != DOWN:
                 log.warning("%s: down (%s)%s", name.host, reason,
                             f"; stopped using {_ips(name.addrs)}" if name.addrs else "")
             name.state, name.addrs, name.by_port = DOWN, (), {}
-            delay = self.options.negative_ttl_s if negative else self._backoff(name)
+            delay = self.settings.dns_negative_ttl_s if negative else self._backoff(name)
         else:
             if now >= name.expires_at:
                 name.state = STALE
             if first:
                 log.warning("%s: lookup failed (%s); still using %s for up to %gs", name.host,
-                            reason, _ips(name.addrs), name.expires_at + self.options.stale_s - now)
+                            reason, _ips(name.addrs), name.expires_at + self.settings.dns_stale_s - now)
             # retry soon, and look again when the answer runs out or goes stale
             deadline = name.expires_at if now < name.expires_at else \
-                name.expires_at + self.options.stale_s
+                name.expires_at + self.settings.dns_stale_s
             delay = max(0.0, min(self._backoff(name), deadline - now))
         self._schedule(name, delay)
         self._settle(name)
@@ -367,7 +311,7 @@ class Resolver:
         name.timer = None
         now = time.monotonic()
         if name.addrs and now >= name.expires_at:
-            if now >= name.expires_at + self.options.stale_s:
+            if now >= name.expires_at + self.settings.dns_stale_s:
                 return self._failed(name, name.error or "expired", negative=False)
             if name.state == FRESH and name.error:
                 name.state = STALE
@@ -399,50 +343,6 @@ class Resolver:
     def _lookups(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.dns_lookup(result)
-
-    # -- c-ares on the event loop -------------------------------------------------------
-
-    def _sock_state(self, fd: int, readable: bool, writable: bool) -> None:
-        self._watch(fd, readable, writable)
-
-    def _watch(self, fd: int, readable: bool, writable: bool) -> None:
-        was_r, was_w = self._fds.get(fd, (False, False))
-        loop = self.loop
-        if readable != was_r:
-            if readable:
-                loop.add_reader(fd, self._process, fd, True)
-            else:
-                loop.remove_reader(fd)
-        if writable != was_w:
-            if writable:
-                loop.add_writer(fd, self._process, fd, False)
-            else:
-                loop.remove_writer(fd)
-        if readable or writable:
-            self._fds[fd] = (readable, writable)
-        else:
-            self._fds.pop(fd, None)
-
-    def _process(self, fd: int, read: bool) -> None:
-        bad = pycares.ARES_SOCKET_BAD
-        if self._channel is not None:
-            self._channel.process_fd(fd if read else bad, bad if read else fd)
-        self._arm()
-
-    def _tick(self) -> None:
-        self._timer = None
-        if self._channel is not None:
-            self._channel.process_fd(pycares.ARES_SOCKET_BAD, pycares.ARES_SOCKET_BAD)
-        self._arm()
-
-    def _arm(self) -> None:
-        """Have c-ares' next timeout (a query to retry or give up on) handled in time."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._inflight and self._channel is not None and not self._closed:
-            delay = self._channel.timeout()
-            self._timer = self.loop.call_later(delay if delay > 0 else 0.05, self._tick)
 
     # -- observability -------------------------------------------------------------------
 

@@ -38,9 +38,10 @@ import socket
 import sys
 import time
 
-from . import config as configmod
+from .. import config as configmod
+from ..settings import Settings
 from . import control
-from .server import notify
+from .systemd import notify
 from .workers import (METRICS_TIMEOUT_S, PING_TIMEOUT_S, RELOAD_TIMEOUT_S, REQUEST_TIMEOUT_S,
                       Worker, WorkerGone)
 
@@ -54,20 +55,23 @@ _BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
 
 
 class Supervisor:
-    def __init__(self, config_path: str, config: configmod.Config, workers: int,
-                 worker_argv: list[str], sockets: list[socket.socket], *,
-                 control_path: str | None = None, metrics_address: str | None = None,
-                 grace_s: float = 30.0) -> None:
+    def __init__(self, config_path: str, config: configmod.Config, settings: Settings,
+                 sockets: list[socket.socket], *, control_path: str | None = None,
+                 metrics_address: str | None = None, log_level: str = "info") -> None:
         self.config_path = config_path
         self.config = config
         self.generation = 1
-        self.workers = [Worker(i) for i in range(workers)]
-        self.worker_argv = worker_argv
+        self.settings = settings
+        self.workers = [Worker(i) for i in range(settings.workers)]
+        # a worker is `flyproxy serve` with exactly our settings (settings.py)
+        self.worker_argv = ["--log-level", log_level, "serve", "-c", config_path,
+                            *settings.to_argv(), *(["--collect-metrics"] if metrics_address
+                                                   else [])]
         self.sockets = sockets
         self.group: list[socket.socket] = []  # one per worker, with handed-in sockets
         self.control_path = control_path
         self.metrics_address = metrics_address
-        self.grace_s = grace_s
+        self.grace_s = settings.grace_period_s
         self.reloads = {"ok": 0, "failed": 0}
         self.restarts = 0
         self._restart_times: collections.deque[float] = collections.deque()
@@ -88,7 +92,7 @@ class Supervisor:
         """With handed-in sockets: one SO_REUSEPORT listener per worker on an ephemeral port
         (dual-stack on every address, as the BPF program assigns both families to it;
         connections that reach it directly find no app for its port and are closed)."""
-        from . import listeners
+        from ..dataplane import listeners
 
         if not self.sockets or len(self.workers) < 2:
             return
@@ -144,7 +148,8 @@ class Supervisor:
         return [s.fileno() for s in self.sockets] + own
 
     def _worker_args(self, w: Worker) -> list[str]:
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))  # (appliance/service/supervisor.py)
         flags = ["-I"] if sys.flags.isolated else []
         fds = [str(fd) for fd in self._fds(w)]
         return [sys.executable, *flags, "-c", _BOOT, package_parent, *self.worker_argv,
@@ -332,7 +337,7 @@ class Supervisor:
                 t["health"] = (seen.pop() if len(seen) == 1 else
                                "; ".join(f"worker {i}: {h}" for i, h in sorted(t["health"].items())))
         status["apps"] = list(apps.values())
-        from .metrics import merged_names
+        from ..metrics import merged_names
         status["names"] = merged_names([r.get("names", []) for _, r in replies])
         return status
 
@@ -340,7 +345,7 @@ class Supervisor:
 
     def serve_metrics(self) -> None:
         """Bind the metrics endpoint (before :meth:`serve`, so a bad address fails early)."""
-        from . import metrics as metricsmod
+        from .. import metrics as metricsmod
 
         if self.metrics_address:
             self.metrics_http = metricsmod.endpoint(self.metrics_address, self.render_metrics)
@@ -348,12 +353,12 @@ class Supervisor:
     async def render_metrics(self) -> bytes:
         """A scrape: every worker's counts, gathered now and summed (a worker that does not
         answer in time is left out, and replaced: see workers.py)."""
-        from .metrics import exposition
+        from ..metrics import exposition
 
         return exposition(_GatheredMetrics(self, await self.gather_metrics()))
 
     async def gather_metrics(self):
-        from .metrics import Metrics
+        from ..metrics import Metrics
 
         snaps = [r["metrics"] for _, r in await self._gather("metrics", METRICS_TIMEOUT_S)
                  if isinstance(r, dict) and r.get("ok")]

@@ -6,9 +6,10 @@ their handles, protocol callbacks), more than HAProxy spends on the whole
 connection. Here one epoll set (level-triggered) holds the listeners and every client
 and backend socket; each event is handled with one plain socket call that never
 waits (``accept`` here; ``connect``, ``recv_into``, ``send``, ``splice`` in
-:mod:`appliance.relay` and :mod:`appliance.tunnel`).
+:mod:`appliance.dataplane.relay` and :mod:`appliance.dataplane.tunnel`).
 
-That epoll set is also the event loop's: with :class:`EngineSelector` (the default) the
+That epoll set is also the event loop's: with :class:`~appliance.dataplane.loop.EngineSelector`
+(the default; ``loop.py`` keeps everything that touches asyncio's internals) the
 asyncio loop's one ``epoll_wait`` per wakeup brings the relay's events, handled right
 in the selector, and the loop's own (control socket, signals, timers' wakeups); one
 system call and no loop iteration per wakeup while only connections are busy. On
@@ -25,15 +26,13 @@ import _socket
 import errno
 import fcntl
 import logging
-import math
 import os
 import select
-import selectors
 import socket
-from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Callable
 
-from .logs import RateLimited
+from ..logs import RateLimited
+from .loop import MAX_EVENTS, adopt
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -44,7 +43,7 @@ EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
 
 READ_SIZE = 256 * 1024  # the shared read buffer: one recv_into
-# Pipes for spliced directions (appliance.relay). The larger the pipe, the more one splice()
+# Pipes for spliced directions (appliance.dataplane.relay). The larger the pipe, the more one splice()
 # moves: 1 MiB (fs.pipe-max-size, the most an unprivileged process may ask for) takes half
 # the system calls per GB that 256 KiB does. But every pipe's size counts against the user's
 # quota (fs.pipe-user-pages-soft, 64 MiB by default), so a process sizes only its first few
@@ -52,7 +51,6 @@ READ_SIZE = 256 * 1024  # the shared read buffer: one recv_into
 BIG_PIPE_SIZE = 1 << 20
 PIPE_SIZE = 256 * 1024
 BIG_PIPE_SHARE = 8  # a process's 1 MiB pipes take at most 1/8 of the user's pipe quota
-MAX_EVENTS = 512  # per callback; the rest come in the next one (the epoll fd stays readable)
 ACCEPT_BATCH = 64  # accepts per listener event, so one busy port cannot starve the others
 ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener for this long
 
@@ -103,16 +101,35 @@ class Engine:
         # fds closed while a batch of events is handled: the batch's later events for them
         # are stale (and the number may already belong to a new socket)
         self.closed: set[int] = set()
-        selector = getattr(loop, "_selector", None)
-        if isinstance(selector, EngineSelector) and selector.engine is None:
-            self._selector = selector  # the loop's own wait is ours: one epoll_wait per wakeup
-            selector.engine = self
-            selector.loop = loop
-            self.epoll = selector._selector
+        self._selector = adopt(loop, self)
+        if self._selector is not None:  # the loop's own wait is ours: one epoll_wait per wakeup
+            self.epoll = self._selector.epoll
         else:  # (uvloop, or any other loop) our epoll set is one more fd the loop watches
-            self._selector = None
             self.epoll = select.epoll()
             loop.add_reader(self.epoll.fileno(), self._ready)
+
+    # -- the epoll set: every socket of ours goes in and out through these --------------
+
+    def watch(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
+        """Put ``fd`` in the set for ``events``; ``handler(events)`` runs on each."""
+        self.epoll.register(fd, events)
+        self.handlers[fd] = handler
+
+    def modify(self, fd: int, events: int) -> None:
+        self.epoll.modify(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        """Take ``fd`` out of the set (it stays open)."""
+        self.epoll.unregister(fd)
+        del self.handlers[fd]
+
+    def forget(self, fd: int, watched: bool) -> None:
+        """``fd`` is being closed (close() takes it out of the set by itself): drop its
+        handler, and any event for it still in the batch being handled (the number may
+        be reused at once by a new socket)."""
+        if watched:
+            del self.handlers[fd]
+        self.closed.add(fd)
 
     # -- pipes ---------------------------------------------------------------------
 
@@ -135,7 +152,7 @@ class Engine:
         if self._timer is not None:
             self._timer.cancel()
         if self._selector is not None:
-            self._selector.engine = None
+            self._selector.release()
             return
         self.loop.remove_reader(self.epoll.fileno())
         self.epoll.close()
@@ -217,14 +234,12 @@ class Listener:
         self._pause = None
         if not self.active and self.sock.fileno() >= 0:
             self.active = True
-            self.engine.epoll.register(self.fd, EPOLLIN)
-            self.engine.handlers[self.fd] = self.ready
+            self.engine.watch(self.fd, EPOLLIN, self.ready)
 
     def stop(self) -> None:
         if self.active:
             self.active = False
-            self.engine.epoll.unregister(self.fd)
-            del self.engine.handlers[self.fd]
+            self.engine.unwatch(self.fd)
         if self._pause is not None:
             self._pause.cancel()
             self._pause = None
@@ -253,52 +268,3 @@ class Listener:
                 return  # ECONNABORTED and the like: the next event brings the rest
             # Left blocking: the relay's reads and writes say MSG_DONTWAIT themselves.
             on_accept(_Socket(family, _STREAM, 0, fd), addr, port)
-
-
-class EngineSelector(selectors.EpollSelector):
-    """asyncio's epoll selector, sharing its epoll set with the :class:`Engine`.
-
-    ``select()`` hands the relay's events to the engine as they come, and returns to the
-    loop only when the loop has something to do: an event of its own, a callback made
-    ready or a timer added by a handler (a connect timeout, a DNS task), or its timeout.
-    So a busy proxy runs one ``epoll_wait`` per wakeup and no loop iteration around it.
-    This reads three attributes of asyncio's BaseEventLoop (``_ready``, ``_scheduled``,
-    ``_stopping``), stable across Python 3.11 (the version we ship on) and later.
-    """
-
-    engine: Engine | None = None
-    loop = None  # set with the engine
-
-    def select(self, timeout=None):
-        loop = self.loop
-        if loop is None:  # (no engine yet)
-            return super().select(timeout)
-        deadline = None if timeout is None else _monotonic() + max(timeout, 0)
-        scheduled = len(loop._scheduled)
-        fd_to_key = self._fd_to_key
-        poll = self._selector.poll
-        while True:
-            if deadline is None:
-                ms = -1
-            else:
-                ms = deadline - _monotonic()
-                ms = 0 if ms <= 0 else math.ceil(ms * 1e3) * 1e-3
-            try:
-                fd_events = poll(ms, MAX_EVENTS + len(fd_to_key))
-            except InterruptedError:
-                return []
-            if not fd_events:
-                break  # the timeout
-            if self.engine is not None:
-                fd_events = self.engine.dispatch(fd_events)
-            if fd_events or ms == 0 or loop._ready or loop._stopping or \
-                    len(loop._scheduled) != scheduled:
-                break
-        ready = []
-        for fd, event in fd_events:
-            key = fd_to_key.get(fd)
-            if key:
-                events = (selectors.EVENT_WRITE if event & ~EPOLLIN else 0) | \
-                    (selectors.EVENT_READ if event & ~EPOLLOUT else 0)
-                ready.append((key, events & key.events))
-        return ready

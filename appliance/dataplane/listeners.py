@@ -6,8 +6,9 @@ sockets, whoever made them.
 
 from __future__ import annotations
 
-import os
 import socket
+
+from ..settings import parse_hostport  # noqa: F401  (where the CLI's HOST:PORT is parsed)
 
 BACKLOG = 4096  # connections; the kernel caps it at net.core.somaxconn
 
@@ -26,14 +27,6 @@ def keepalive(sock: socket.socket, idle_s: float, interval_s: float, probes: int
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle_s)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(interval_s)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, probes))
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` -> (host or "", port); ValueError otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 def bind(port: int, host: str | None = None, backlog: int = BACKLOG,
@@ -107,11 +100,3 @@ def check_listening_tcp(sock: socket.socket, what: str) -> None:
         raise ListenerError(f"{what} is not a TCP (stream) socket")
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise ListenerError(f"{what} is not listening")
-
-
-def systemd_fds() -> list[int]:
-    """The fds systemd passed us (LISTEN_FDS), or [] when not socket-activated."""
-    if "LISTEN_FDS" not in os.environ:
-        return []
-    from systemd import daemon  # python3-systemd; only needed under systemd
-    return list(daemon.listen_fds(unset_environment=True))

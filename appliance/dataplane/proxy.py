@@ -12,57 +12,37 @@ listeners. Listeners come in two kinds:
 Either way a connection is routed by its local port, looked up in the config at
 accept time, so a reload changes where *new* connections go and never touches the
 connections already relayed. The sockets themselves are handled by the relay's
-:class:`~appliance.engine.Engine` (one epoll set the event loop watches).
+:class:`~appliance.dataplane.engine.Engine` (one epoll set the event loop watches).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import time
 
+from ..config import Config, ConfigDiff, diff
+from ..logs import RateLimited
+from ..metrics import NullMetrics
+from ..settings import Settings
 from . import balancer, listeners
-from .config import Config, ConfigDiff, diff
 from .engine import Engine, Listener
-from .logs import RateLimited
-from .metrics import NullMetrics
-from .resolver import DnsOptions, Resolver
+from .resolver import Resolver
 from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("appliance.connections")
 
 
-@dataclasses.dataclass
-class Options:
-    connect_timeout_s: float = 3.0  # per target attempt
-    idle_timeout_s: float = 3600.0  # no byte either way for this long: closed (0 = never)
-    eject_s: float = 10.0  # a target that failed is tried last for this long
-    conn_log_level: int = logging.DEBUG  # the one line per connection, at close
-    workers: int = 1  # processes sharing the listeners; >1: ports bound with SO_REUSEPORT
-    splice_after: int = 1 << 20  # bytes one direction carries before splice() takes over (0: never)
-    dns: DnsOptions = dataclasses.field(default_factory=DnsOptions)  # host-name targets
-    # TCP keepalive, both sides: a peer that vanishes without FIN or RST is found in
-    # idle + interval * probes seconds (0 idle: off)
-    keepalive_idle_s: float = 60.0
-    keepalive_interval_s: float = 15.0
-    keepalive_probes: int = 4
-
-
-GRACE_PERIOD_S = 30.0
-
-
 class Proxy:
-    def __init__(self, config: Config, *, host: str | None = None,
-                 options: Options | None = None, metrics: NullMetrics | None = None) -> None:
+    def __init__(self, config: Config, settings: Settings | None = None, *,
+                 metrics: NullMetrics | None = None) -> None:
         self.config = config
         self.generation = 1
-        self.host = host
-        self.options = options or Options()
+        self.settings = settings or Settings()
         self.metrics = metrics or NullMetrics()
-        self.health = balancer.Health(self.options.eject_s)
+        self.health = balancer.Health(self.settings.eject_s)
         self.tunnels: set[Tunnel] = set()
         self.active: dict[str, int] = {}  # app name -> open connections
         self.metrics.track_active(self.active)
@@ -87,8 +67,8 @@ class Proxy:
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Start accepting: on the given sockets, or on every configured port."""
         self._loop = asyncio.get_running_loop()
-        self.engine = Engine(self._loop, self.options.connect_timeout_s)
-        self.resolver = Resolver(self._loop, self.options.dns, self.metrics)
+        self.engine = Engine(self._loop, self.settings.connect_timeout_s)
+        self.resolver = Resolver(self._loop, self.settings, self.metrics)
         self.metrics.track_resolver(self.resolver)
         await self.resolve(self.config.names)
         if sockets:
@@ -97,12 +77,12 @@ class Proxy:
                 self._handed.append(self._serve(sock, None))
         else:
             self._open_ports(self.config.ports)
-        if self.options.idle_timeout_s > 0 or self.options.keepalive_idle_s > 0:
+        if self.settings.idle_timeout_s > 0 or self.settings.keepalive_idle_s > 0:
             self._sweeper = self._loop.create_task(self._sweep_idle())
         self.accepting = True
 
     def _serve(self, sock: socket.socket, port: int | None) -> Listener:
-        o = self.options  # the client side: accepted sockets inherit the listener's keepalive
+        o = self.settings  # the client side: accepted sockets inherit the listener's keepalive
         listeners.keepalive(sock, o.keepalive_idle_s, o.keepalive_interval_s, o.keepalive_probes)
         return self.engine.listen(sock, port, self._accepted)
 
@@ -112,11 +92,11 @@ class Proxy:
         try:
             for port in sorted(ports):
                 try:
-                    sock = listeners.bind(port, self.host,
-                                          reuse_port=self.options.workers > 1)
+                    sock = listeners.bind(port, self.settings.host,
+                                          reuse_port=self.settings.workers > 1)
                 except OSError as e:
                     raise listeners.ListenerError(
-                        f"cannot listen on {self.host or '*'}:{port}: {e.strerror}") from None
+                        f"cannot listen on {self.settings.host or '*'}:{port}: {e.strerror}") from None
                 opened[port] = self._serve(sock, port)
         except BaseException:
             for listener in opened.values():
@@ -155,7 +135,7 @@ class Proxy:
             sock.close()
             return
         self.active[app.name] = active + 1
-        tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.options.splice_after)
+        tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.settings.splice_after)
         self.tunnels.add(tunnel)
         self.metrics.accepted(app.name)
         order = self.health.order(app.targets)
@@ -167,7 +147,7 @@ class Proxy:
         """This process's share of an app's connection limit: with N workers each takes
         limit // N (at least 1), so together they never exceed the limit (but for limits
         below N)."""
-        return max(1, max_connections // self.options.workers)
+        return max(1, max_connections // self.settings.workers)
 
     # -- what the tunnels tell us (tunnel.Tunnel's owner) ----------------------------------
 
@@ -207,10 +187,10 @@ class Proxy:
         bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
         end = tunnel.end or "closed"
         self.metrics.closed(tunnel.app, tunnel.target, bytes_in, bytes_out, end)
-        if conn_log.isEnabledFor(self.options.conn_log_level):
+        if conn_log.isEnabledFor(self.settings.conn_log_levelno):
             client = tunnel.client_addr
             secs = time.monotonic() - tunnel.started
-            conn_log.log(self.options.conn_log_level,
+            conn_log.log(self.settings.conn_log_levelno,
                          "app=%s port=%s client=%s target=%s attempts=%d in=%d out=%d "
                          "secs=%.3f end=%s", tunnel.app, tunnel.port, client and client[0],
                          tunnel.target, tunnel.attempts, bytes_in, bytes_out, secs, end,
@@ -227,7 +207,7 @@ class Proxy:
         backend socket gets keepalive only once its connection has lived a step: no
         system call for the short connections that never need a probe.
         """
-        o = self.options
+        o = self.settings
         idle_s = o.idle_timeout_s
         step_s = min(idle_s / 4, 5.0) if idle_s > 0 else 5.0
         keepalive = o.keepalive_idle_s > 0
@@ -259,10 +239,10 @@ class Proxy:
         """Have ``names`` (and only those) resolved; wait for first answers, bounded by the
         connect timeout (a name still unanswered is pending: tried last, when it answers)."""
         self.resolver.track(names)
-        pending = await self.resolver.settle(self.options.connect_timeout_s)
+        pending = await self.resolver.settle(self.settings.connect_timeout_s)
         if pending:
             log.warning("%d host names not answered within %gs; tried once they are",
-                        pending, self.options.connect_timeout_s)
+                        pending, self.settings.connect_timeout_s)
 
     # -- reload and shutdown -----------------------------------------------------------
 
@@ -296,15 +276,17 @@ class Proxy:
             listener.close()
         self._handed.clear()
 
-    async def drain(self, grace_s: float = GRACE_PERIOD_S) -> int:
-        """Wait up to ``grace_s`` for open connections to finish, then abort the rest.
+    async def drain(self, grace_s: float | None = None) -> int:
+        """Wait up to ``grace_s`` (default: the grace period setting) for open connections
+        to finish, then abort the rest.
 
         Returns how many connections had to be aborted.
         """
         try:
             if self.tunnels:
                 self._drained = self._loop.create_future()
-                async with asyncio.timeout(grace_s):
+                async with asyncio.timeout(self.settings.grace_period_s if grace_s is None
+                                           else grace_s):
                     await self._drained
             return 0
         except TimeoutError:

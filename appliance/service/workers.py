@@ -32,15 +32,6 @@ PING_TIMEOUT_S = 3.0  # the supervisor's heartbeat (supervisor.HEARTBEAT_S apart
 CHANNEL_LIMIT = 64 * 1024 * 1024  # a status line lists every port: 10,000 ports is ~60 KB
 
 
-def count(text: str) -> int:
-    """``--workers``: a number, or ``auto`` for the CPUs this process may run on."""
-    if text == "auto":
-        return len(os.sched_getaffinity(0))
-    if not text.isdigit() or not 1 <= int(text) <= 64:
-        raise ValueError(f"--workers {text}: expected 1 to 64 or auto")
-    return int(text)
-
-
 class WorkerGone(Exception):
     pass
 

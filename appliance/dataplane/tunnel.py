@@ -1,5 +1,5 @@
 """A client connection and its backend: connecting (failover over targets and their
-addresses, each attempt bounded), then relaying through two :class:`~appliance.relay.End`
+addresses, each attempt bounded), then relaying through two :class:`~appliance.dataplane.relay.End`
 objects, then closing both once.
 """
 
@@ -48,7 +48,7 @@ class Tunnel:
         self.order = ()  # targets to try, in order
         self.failures: list = []  # (target, reason) for each attempt that failed
         self.health = None
-        self.resolver = None  # host-name targets' addresses (appliance.resolver)
+        self.resolver = None  # host-name targets' addresses (appliance.dataplane.resolver)
         self.attempt = 0  # index into order of the target being tried
         self.addrs = ()  # (family, sockaddr) of that target ...
         self.addr_i = 0  # ... and the next one of them to try

@@ -18,40 +18,32 @@ import os
 import signal
 import socket
 
-from . import config as configmod
-from . import control, listeners
-from .logs import RateLimited
-from .metrics import NullMetrics
-from .proxy import GRACE_PERIOD_S, Options, Proxy
+from .. import config as configmod
+from ..dataplane import listeners
+from ..dataplane.proxy import Proxy
+from ..logs import RateLimited
+from ..metrics import NullMetrics
+from ..settings import Settings
+from . import control
+from .systemd import notify
 
 log = logging.getLogger(__name__)
 
 
-def notify(*lines: str) -> None:
-    """Tell systemd about our state (READY=1, RELOADING=1, STATUS=...); a no-op outside it."""
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    try:
-        from systemd import daemon
-    except ImportError:  # pragma: no cover - python3-systemd is a dependency of the appliance
-        return
-    daemon.notify("\n".join(lines))
-
-
 class Server:
-    def __init__(self, config_path: str, config: configmod.Config, *,
-                 host: str | None = None, sockets: list[socket.socket] | None = None,
-                 options: Options | None = None, metrics: NullMetrics | None = None,
-                 grace_s: float = GRACE_PERIOD_S, control_path: str | None = None,
-                 channel: socket.socket | None = None) -> None:
+    def __init__(self, config_path: str, config: configmod.Config,
+                 settings: Settings | None = None, *,
+                 sockets: list[socket.socket] | None = None, metrics: NullMetrics | None = None,
+                 control_path: str | None = None, channel: socket.socket | None = None) -> None:
         self.config_path = config_path
         self.control_path = control_path
         self.channel = channel  # set in a worker: its supervisor's requests come here
         self._control = None
         self.metrics = metrics or NullMetrics()
-        self.proxy = Proxy(config, host=host, options=options, metrics=self.metrics)
+        self.settings = settings or Settings()
+        self.proxy = Proxy(config, self.settings, metrics=self.metrics)
         self.sockets = sockets or []
-        self.grace_s = grace_s
+        self.grace_s = self.settings.grace_period_s
         self._stop = asyncio.Event()
         self._loop_errors = RateLimited(log)
         self._tasks: set[asyncio.Task] = set()

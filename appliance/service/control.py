@@ -16,16 +16,18 @@ import os
 import socket
 import stat
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .server import Server
+class Commands(Protocol):
+    """What answers the control protocol: a single process's Server, or a Supervisor."""
+
+    async def handle_command(self, command: str) -> dict: ...
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/run/flyproxy/control.sock"
 # Timeouts nest, outermost longest, so the innermost one that fails is the one reported:
-# a supervisor waits WORKER_TIMEOUT_S for a worker (workers.py), the control socket gives
+# a supervisor waits up to RELOAD_TIMEOUT_S for a worker (workers.py), the control socket gives
 # a request REQUEST_TIMEOUT_S, the CLI waits CLIENT_TIMEOUT_S for the reply.
 REQUEST_TIMEOUT_S = 30.0  # a reload binds ports, re-reads a file, resolves new names
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 5
@@ -59,7 +61,7 @@ def remove_stale(path: str) -> None:
     os.unlink(path)
 
 
-async def start(server: Server, path: str) -> asyncio.AbstractServer:
+async def start(server: Commands, path: str) -> asyncio.AbstractServer:
     remove_stale(path)
     old = os.umask(0o177)
     try:
@@ -69,7 +71,7 @@ async def start(server: Server, path: str) -> asyncio.AbstractServer:
         os.umask(old)
 
 
-async def _handle(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _handle(server: Commands, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
             writer.write(await _answer(server, await _read_line(reader)))
@@ -88,7 +90,7 @@ async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
         return None
 
 
-async def _answer(server: Server, line: bytes | None) -> bytes:
+async def _answer(server: Commands, line: bytes | None) -> bytes:
     """One request line -> one reply line."""
     if line is None:
         reply = {"ok": False, "error": f"request longer than {LINE_LIMIT} bytes"}
@@ -107,7 +109,7 @@ async def _answer(server: Server, line: bytes | None) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
-async def serve_channel(server: Server, sock: socket.socket) -> None:
+async def serve_channel(server: Commands, sock: socket.socket) -> None:
     """Answer requests on a worker's channel to its supervisor (a socketpair, one JSON
     line each way, matched by id) until the supervisor closes it. Each request runs on its
     own, so a heartbeat is answered while a reload is still resolving names."""

@@ -1,0 +1,107 @@
+"""The ``flyproxy`` command line: parsing and printing only.
+
+Nouns that only read (``check``, ``status``, ``bpf status``) never change state; verbs do.
+Errors a user can cause print one clear line per problem and exit 1; tracebacks are for
+bugs. Every ``serve`` option comes from ``appliance/settings.py``. The ``bpf`` commands
+(``cli/bpf.py``) import bcc only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .. import __version__
+from ..settings import LOG_LEVELS, add_arguments
+from . import bpf, commands
+
+DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
+DEFAULT_CONTROL = os.environ.get("FLYPROXY_CONTROL", "/run/flyproxy/control.sock")
+
+
+def _setup_logging(level: str) -> None:
+    if os.environ.get("JOURNAL_STREAM") and os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler
+            handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="flyproxy")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:  # pragma: no cover
+            handler = logging.StreamHandler()
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flyproxy", description="An L4 TCP proxy appliance with sk_lookup BPF steering.")
+    parser.add_argument("--version", action="version", version=f"flyproxy {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("FLYPROXY_LOG_LEVEL", "info"),
+                        choices=LOG_LEVELS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                       help=f"config file (default {DEFAULT_CONFIG})")
+
+    def control_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONTROL) -> None:
+        p.add_argument("--control", default=default, metavar="PATH",
+                       help=f"control socket (default {default})")
+
+    p = sub.add_parser("check", help="validate a config file")
+    config_arg(p)
+    p.set_defaults(func=commands.check)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    config_arg(p)
+    p.add_argument("--fd", type=int, action="append",
+                   help="serve on this inherited listening socket instead of binding ports "
+                        "(repeatable; systemd's LISTEN_FDS are used automatically)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="single-listener mode: bind one socket here and route every connection "
+                        "steered to it by the port the client dialled (use with flyproxy bpf)")
+    control_arg(p, None)
+    p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
+                   help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
+    add_arguments(p)  # every tunable: appliance/settings.py
+    # set by a supervisor for its workers (service/supervisor.py)
+    p.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--collect-metrics", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--generation", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=commands.serve)
+
+    p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")
+    config_arg(p)
+    control_arg(p)
+    p.add_argument("--pin-dir", default=bpf.DEFAULT_PIN_DIR,
+                   help=f"BPF state to sync after the proxy reloaded, if loaded "
+                        f"(default {bpf.DEFAULT_PIN_DIR}; '' to skip)")
+    p.set_defaults(func=commands.reload)
+
+    p = sub.add_parser("status", help="show the running proxy (read-only)")
+    control_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=commands.status)
+
+    p = sub.add_parser("echo", help="run a TCP echo backend")
+    p.add_argument("--listen", action="append", required=True, metavar="HOST:PORT")
+    p.set_defaults(func=commands.echo)
+
+    p = sub.add_parser("demo", help="the challenge's apps, served by local echo targets")
+    p.add_argument("--workdir", help="where to write the demo config (default: a temp dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address the proxy binds (default 127.0.0.1)")
+    p.set_defaults(func=commands.demo)
+
+    bpf.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    if args.command == "bpf":
+        return bpf.run(args)
+    return args.func(args)

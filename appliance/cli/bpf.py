@@ -1,0 +1,75 @@
+"""``flyproxy bpf ...``: the arguments of the steering commands (``appliance/bpf/commands.py``
+does the work). Parsing them imports nothing privileged."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..bpf import DEFAULT_PIN_DIR, SOURCE
+
+DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
+
+
+def add_commands(sub) -> None:
+    bpf = sub.add_parser("bpf", help="manage sk_lookup steering (privileged)")
+    cmds = bpf.add_subparsers(dest="bpf_command", required=True, metavar="COMMAND")
+
+    def common(p, config=False):
+        p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR,
+                       help=f"state dir in bpffs (default {DEFAULT_PIN_DIR})")
+        if config:
+            p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        return p
+
+    p = cmds.add_parser("build", help="compile and verify the program without attaching it")
+    p.add_argument("--source", default=str(SOURCE))
+    p.add_argument("--dump", action="store_true", help=argparse.SUPPRESS)  # print the final C
+    p.set_defaults(func="build")
+
+    p = common(cmds.add_parser("load", help="load, attach and pin; fill the port map"), True)
+    p.add_argument("--source", default=str(SOURCE))
+    p.set_defaults(func="load")
+
+    common(cmds.add_parser("sync", help="make the port map equal the config"), True) \
+        .set_defaults(func="sync")
+
+    p = common(cmds.add_parser("register", help="put the proxy's listening socket in the sockmap"))
+    p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
+    p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
+    p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
+    p.add_argument("--spread", action="store_true",
+                   help="with --pid: also register the process's worker group (if it has one), "
+                        "so connections spread evenly over its workers")
+    p.set_defaults(func="register")
+
+    p = common(cmds.add_parser("unspread", help="clear the workers' group: the listener takes "
+                                                "every connection (before stopping the proxy)"))
+    p.set_defaults(func="unspread")
+
+    p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func="status")
+
+    p = common(cmds.add_parser("metrics", help="steering counters in Prometheus text format (read-only)"))
+    p.add_argument("--textfile", metavar="PATH",
+                   help="write them here atomically (node_exporter's textfile collector)")
+    p.set_defaults(func="metrics")
+
+    common(cmds.add_parser("unload", help="detach and unpin everything")) \
+        .set_defaults(func="unload")
+
+
+def run(args) -> int:
+    from ..bpf import commands  # (ctypes and pins; bcc only for build and load)
+    from ..bpf.state import SteeringError
+
+    try:
+        return getattr(commands, f"cmd_{args.func}")(args)
+    except SteeringError as e:
+        print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,155 @@
+"""The commands besides ``bpf``: each turns parsed arguments into a call and prints the
+outcome (one clear line per problem a user can cause, exit 1)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from .. import config as configmod
+from ..settings import Settings, parse_hostport
+
+
+def _load_or_exit(path: str) -> configmod.Config:
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def check(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    print(f"{args.config}: OK: {config.summary()}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from ..service import launch
+
+    settings = Settings.from_args(args)
+    try:
+        if args.worker_channel is not None:  # a worker, started by a supervisor
+            sockets = launch.sockets_for(None, args.fd)
+            return launch.serve_worker(args.config, args.config_fd, args.worker_channel,
+                                       settings, sockets, generation=args.generation,
+                                       collect_metrics=args.collect_metrics)
+        config = _load_or_exit(args.config)
+        sockets = launch.sockets_for(args.listen, args.fd)
+        return launch.serve(args.config, config, settings, sockets, control_path=args.control,
+                            metrics=args.metrics, log_level=args.log_level)
+    except launch.LaunchError as e:
+        print(f"flyproxy serve: {e}", file=sys.stderr)
+        return 1
+
+
+def reload(args: argparse.Namespace) -> int:
+    """Validate, have the running proxy apply the config, then sync the BPF port map.
+
+    The order keeps every kept port working and makes an added port work as soon as
+    this returns: the proxy learns new ports before BPF steers them to it, and a
+    removed port stops being steered only after the proxy has dropped it.
+    """
+    from ..service import control
+
+    config = _load_or_exit(args.config)
+    try:
+        reply = control.request(args.control, "reload")
+    except control.ControlError as e:
+        print(f"flyproxy reload: {e}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"flyproxy reload: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if reply.get("digest") != config.digest:
+        print(f"flyproxy reload: {args.config} changed while reloading; run reload again",
+              file=sys.stderr)
+        return 1
+    print(reply["message"])
+    if args.pin_dir and os.path.exists(os.path.join(args.pin_dir, "link")):
+        from ..bpf.state import PinnedState, SteeringError
+        try:
+            with PinnedState(args.pin_dir) as state:
+                changed, removed = state.sync(config)
+        except (SteeringError, OSError) as e:
+            print(f"flyproxy reload: the proxy has the new config but the BPF port map "
+                  f"was not synced: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.pin_dir}: port map synced: {len(changed)} added or changed, "
+              f"{len(removed)} removed")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from ..service import control
+
+    try:
+        reply = control.request(args.control, "status")
+    except control.ControlError as e:
+        print(f"flyproxy status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(f"config {reply['config']} (generation {reply['generation']}, {reply['mode']} mode, "
+          f"{reply['active']} active connections)")
+    if "workers" in reply:
+        print(f"{len(reply['workers'])} workers ({reply['restarts']} restarts): " + ", ".join(
+            f"pid {w['pid']} ({w['active']} active)" if w["ready"] else f"pid {w['pid']} (starting)"
+            for w in reply["workers"]))
+    rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH")]
+    for a in reply["apps"]:
+        limit = f"/{a['max_connections']}" if a.get("max_connections") else ""
+        for i, t in enumerate(a["targets"]):
+            first = i == 0
+            rows.append((a["name"] if first else "", " ".join(map(str, a["ports"])) if first else "",
+                         f"{a['active']}{limit}" if first else "", t["target"], t["health"]))
+    _print_table(rows)
+    if reply.get("names"):
+        print()
+        rows = [("NAME", "STATE", "ADDRESSES", "AGE", "TTL", "SOURCE", "LAST ERROR")]
+        for n in reply["names"]:
+            age = "-" if n["age_s"] is None else f"{n['age_s']:g}s"
+            rows.append((n["name"], n["state"], " ".join(n["addresses"]) or "-", age,
+                         f"{n['ttl_s']:g}s", n["source"], n["error"] or "-"))
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def echo(args: argparse.Namespace) -> int:
+    from .. import echo as echomod
+
+    try:
+        addresses = [(h or "127.0.0.1", p) for h, p in map(parse_hostport, args.listen)]
+    except ValueError as e:
+        print(f"flyproxy echo: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(echomod.serve(addresses))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from .. import demo as demomod
+    from ..dataplane.listeners import ListenerError
+    from ..dataplane.loop import run
+
+    try:
+        return run(demomod.run(args.workdir, args.host))
+    except OSError as e:
+        print(f"flyproxy demo: {e} (is another demo or proxy using the ports?)", file=sys.stderr)
+        return 1
+    except ListenerError as e:
+        print(f"flyproxy demo: {e}", file=sys.stderr)
+        return 1

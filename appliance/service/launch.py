@@ -1,0 +1,92 @@
+"""``flyproxy serve``: from its arguments to a running service.
+
+Three shapes: a single process (:class:`~appliance.service.server.Server`), a supervisor
+with workers (``--workers N`` > 1: :class:`~appliance.service.supervisor.Supervisor`), and
+a worker (started by a supervisor: its channel and the config in force arrive as fds).
+Errors a user can cause are raised as :class:`LaunchError`, one line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from .. import config as configmod
+from .. import metrics as metricsmod
+from ..dataplane import listeners
+from ..dataplane.loop import run
+from ..settings import Settings, parse_hostport
+from . import control
+from .server import Server
+from .supervisor import Supervisor
+from .systemd import systemd_fds
+
+
+class LaunchError(Exception):
+    pass
+
+
+def sockets_for(listen: str | None, fds: list[int] | None) -> list[socket.socket]:
+    """The handed-in sockets: bound for ``--listen``, ``--fd`` N, or systemd's LISTEN_FDS
+    ([] in per-port mode, where the proxy binds every port itself)."""
+    try:
+        if listen:
+            host, port = parse_hostport(listen)
+            return [listeners.bind(port, host or None)]
+        return [listeners.from_fd(fd) for fd in (fds or systemd_fds())]
+    except (listeners.ListenerError, ValueError) as e:
+        raise LaunchError(str(e)) from None
+    except OSError as e:
+        raise LaunchError(f"cannot listen on {listen}: {e.strerror}") from None
+
+
+def serve(config_path: str, config: configmod.Config, settings: Settings,
+          sockets: list[socket.socket], *, control_path: str | None, metrics: str | None,
+          log_level: str) -> int:
+    """Run a single process, or a supervisor and its workers; returns the exit status."""
+    if settings.workers > 1:
+        supervisor = Supervisor(config_path, config, settings, sockets, control_path=control_path,
+                                metrics_address=metrics, log_level=log_level)
+        try:
+            supervisor.serve_metrics()
+        except (OSError, ValueError) as e:
+            raise LaunchError(f"--metrics {metrics}: {e}") from None
+        try:
+            supervisor.make_group()
+        except OSError as e:
+            raise LaunchError(f"cannot make the workers' listening group: {e.strerror}") from None
+        try:
+            return asyncio.run(supervisor.serve())
+        except (OSError, control.ControlError) as e:  # the control socket or the metrics port
+            raise LaunchError(str(e)) from None
+    try:
+        collector = metricsmod.create(metrics)
+    except (OSError, ValueError) as e:
+        raise LaunchError(f"--metrics {metrics}: {e}") from None
+    return _run_server(Server(config_path, config, settings, sockets=sockets, metrics=collector,
+                              control_path=control_path), settings)
+
+
+def serve_worker(config_path: str, config_fd: int, channel_fd: int, settings: Settings,
+                 sockets: list[socket.socket], *, generation: int, collect_metrics: bool) -> int:
+    """A worker: the config in force comes from its supervisor (an anonymous file), its
+    counts go to the supervisor over its channel, which serves them."""
+    with os.fdopen(config_fd, "rb") as f:
+        try:
+            config = configmod.loads(f.read(), config_path)
+        except configmod.ConfigError as e:
+            raise LaunchError(str(e)) from None
+    channel = listeners.channel_from_fd(channel_fd)
+    collector = metricsmod.Metrics() if collect_metrics else metricsmod.NullMetrics()
+    server = Server(config_path, config, settings, sockets=sockets, metrics=collector,
+                    channel=channel)
+    server.proxy.generation = generation
+    return _run_server(server, settings)
+
+
+def _run_server(server: Server, settings: Settings) -> int:
+    try:
+        return run(server.serve(), settings.loop)
+    except (listeners.ListenerError, control.ControlError) as e:
+        raise LaunchError(str(e)) from None

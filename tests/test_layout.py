@@ -1,0 +1,127 @@
+"""The tree as a maintainer meets it: no import cycles, the privileged side never in the
+proxy, one place per setting, the asyncio internals the engine relies on, a complete wheel."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from appliance.dataplane import loop
+from appliance.settings import Settings, add_arguments
+from helpers import PYTHON, REPO
+
+PACKAGE = REPO / "appliance"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_at_import_time(path: Path) -> set[str]:
+    """The appliance modules ``path`` imports when it is imported (module level; not
+    inside functions, nor under ``if TYPE_CHECKING``)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("appliance")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("appliance"):
+                continue
+            for a in node.names:  # `from . import x` may name a submodule
+                sub = f"{target}.{a.name}"
+                found.add(sub if (REPO / (sub.replace(".", "/") + ".py")).exists()
+                          or (REPO / sub.replace(".", "/")).is_dir() else target)
+    return found - {name}
+
+
+def test_no_import_cycles():
+    graph = {module_name(p): imports_at_import_time(p) for p in PACKAGE.rglob("*.py")}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "active"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "active":
+                cycles.append(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_the_proxy_imports_nothing_privileged():
+    """What `flyproxy serve` imports (the single process, the supervisor, a worker) has no
+    bcc and none of the BPF control plane's modules (loader, state, syscalls, commands)."""
+    code = ("import sys, appliance.cli, appliance.service.launch; "
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert "bcc" not in out
+    assert [m for m in out if m.startswith("appliance.bpf.")] == []
+    assert "appliance.dataplane.proxy" in out  # (it did import the data plane)
+
+
+def test_the_asyncio_internals_the_engine_relies_on_are_there():
+    """dataplane/loop.py reads four private attributes of asyncio's loop; a Python upgrade
+    that changes them fails here, by name, not somewhere in the relay."""
+    event_loop = asyncio.SelectorEventLoop(loop.EngineSelector())
+    try:
+        assert loop.check(event_loop) == []
+    finally:
+        event_loop.close()
+
+
+def test_every_setting_has_one_command_line_form_that_round_trips():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    changed = Settings(host="127.0.0.9", workers=3, connect_timeout_s=1.5, splice_after=7,
+                       keepalive_probes=9, dns_stale_s=12.0, conn_log_level="info",
+                       loop="asyncio")
+    assert Settings.from_args(parser.parse_args(changed.to_argv())) == changed
+    assert Settings.from_args(parser.parse_args([])) == Settings()
+    flags = [f.metadata["flag"] for f in Settings.options()]
+    assert len(flags) == len(set(flags))
+
+
+def test_a_wheel_built_from_pyproject_is_complete(tmp_path):
+    source = tmp_path / "src"  # a copy: an in-tree build/ could hold files of older builds
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "docs", "tests", ".vagrant"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                             "--no-build-isolation", "-w", str(tmp_path), str(source)],
+                            capture_output=True, text=True, timeout=300)
+    if "No module named" in result.stderr and "wheel" in result.stderr:
+        pytest.fail("python3-wheel missing: make test installs it")
+    assert result.returncode == 0, result.stderr
+    wheel, = tmp_path.glob("flyproxy-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {module_name(p).replace(".", "/") + ("/__init__.py" if p.name == "__init__.py"
+                                                     else ".py") for p in PACKAGE.rglob("*.py")}
+    assert expected <= names, sorted(expected - names)
+    assert {"appliance/config.schema.json", "appliance/bpf/steer.c"} <= names
+    steer = zipfile.ZipFile(wheel).read("appliance/bpf/steer.c").decode()
+    assert steer == (REPO / "bpf" / "steer.c").read_text()  # the file, not a link to it
