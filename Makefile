@@ -11,15 +11,15 @@ TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout pyth
 	python3-uvloop \
 	python3-yaml python3-hypothesis python3-dnspython python3-setuptools python3-wheel netcat-openbsd systemd debootstrap systemd-container openssh-client \
 	ansible-core ansible-lint vagrant
+# DEB_LINT=0: build without running lintian (a VM building its own package)
+DEB_LINT ?= 1
+DEB_BUILD_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-jsonschema help2man dpkg-dev $(if $(filter 0,$(DEB_LINT)),,lintian)
 BENCH_DEBS := haproxy nginx-light libnginx-mod-stream iperf3 wrk python3-matplotlib dnsmasq-base
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
 
-.PHONY: help run test bench appliance-test deps deps-runtime venv bpf headers install clean
+.PHONY: help run test bench appliance-test deps deps-runtime venv bpf headers install clean deb
 
-# `make install` lays the appliance out for Debian's /usr/bin/python3 (no downloads):
-# code in /usr/lib/flyproxy, the entry point in /usr/bin, units in /lib/systemd/system.
-DESTDIR ?=
-LIBDIR := $(DESTDIR)/usr/lib/flyproxy
 
 help:
 	@echo "make run    - offline demo: the challenge's apps on local echo targets"
@@ -27,7 +27,8 @@ help:
 	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
 	@echo "make bench  - measure flyproxy against HAProxy, nginx and systemd-socket-proxyd"
 	@echo "make appliance-test - provision a Debian 12 container with Ansible, check it with testinfra"
-	@echo "make install - install the appliance into DESTDIR (default /)"
+	@echo "make deb    - build the Debian package into build/ and lint it"
+	@echo "make install - build the Debian package and install it (apt-get: its dependencies too)"
 
 # Install only the packages that are missing (apt-get update only when something is).
 define apt_install
@@ -55,7 +56,7 @@ venv: deps $(VENV)/.done
 run: deps-runtime
 	$(PYTHON) -m appliance demo
 
-test: venv
+test: venv deb
 	$(VPY) -m pytest
 
 # flyproxy side by side with HAProxy, nginx stream and systemd-socket-proxyd (about 10 min).
@@ -66,24 +67,29 @@ bench: deps
 
 # Boot a Debian 12 container, provision it with the playbook (twice: the second run must
 # change nothing), check it with testinfra, tear it down. Also part of `make test`.
-appliance-test: venv
+appliance-test: venv deb
 	$(VPY) -m pytest tests/infra
+
+# The Debian package (debian/): built from a copy of the tracked tree with Debian's own
+# python3 (a PATH without pyenv and the like), then checked by lintian: no error, no warning.
+deb:
+	$(call apt_install,$(DEB_BUILD_DEBS))
+	rm -rf build/deb && mkdir -p build/deb/flyproxy
+	if git rev-parse --git-dir >/dev/null 2>&1; then git ls-files -z --cached --others --exclude-standard; \
+	else find . \( -name build -o -name .venv -o -name .git -o -name .vagrant -o -name __pycache__ \) \
+		-prune -o \( -type f -o -type l \) -print0; fi | xargs -0 cp -P --parents -t build/deb/flyproxy
+	rm -f build/flyproxy_*_all.deb
+	cd build/deb/flyproxy && PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+		dpkg-buildpackage -us -uc -b > ../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+	mv build/deb/flyproxy_*_all.deb build/
+	[ "$(DEB_LINT)" = 0 ] || PATH=/usr/sbin:/usr/bin:/sbin:/bin lintian --fail-on error,warning build/flyproxy_*_all.deb
+	@ls build/flyproxy_*_all.deb
 
 bpf: deps
 	$(PYTHON) -m appliance bpf build
 
-install:
-	install -d $(LIBDIR)/bpf $(DESTDIR)/usr/bin \
-		$(DESTDIR)/lib/systemd/system $(DESTDIR)/etc/flyproxy $(DESTDIR)/usr/share/doc/flyproxy
-	install -m 0644 appliance/*.py appliance/*.json -t $(LIBDIR)/appliance -D
-	for pkg in bpf cli dataplane service; do \
-		install -m 0644 -D -t $(LIBDIR)/appliance/$$pkg appliance/$$pkg/*.py; done
-	install -m 0644 bpf/steer.c $(LIBDIR)/appliance/bpf/steer.c
-	install -m 0755 bpf/kernel-headers.sh $(LIBDIR)/bpf/
-	install -m 0755 systemd/flyproxy $(DESTDIR)/usr/bin/flyproxy
-	install -m 0644 systemd/*.socket systemd/*.service systemd/*.timer $(DESTDIR)/lib/systemd/system/
-	install -m 0644 README.md NOTES.md $(DESTDIR)/usr/share/doc/flyproxy/
-	[ -e $(DESTDIR)/etc/flyproxy/config.json ] || install -m 0644 config.json $(DESTDIR)/etc/flyproxy/
+install: deb
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ./build/flyproxy_*_all.deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -23,6 +23,14 @@ PYTHON = os.environ.get("FLYPROXY_TEST_PYTHON", sys.executable)
 WAIT_S = 10.0  # the bound on any single wait for the proxy
 
 
+def built_deb() -> Path:
+    """The Debian package `make deb` built (``make test`` builds it first)."""
+    debs = sorted((REPO / "build").glob("flyproxy_*_all.deb"))
+    if not debs:
+        raise AssertionError("no build/flyproxy_*_all.deb: run `make deb` first")
+    return debs[-1]
+
+
 def wait_until(predicate, what: str, timeout: float = WAIT_S):
     """Poll a state only another process changes (no event to wait on), bounded; returns
     the predicate's first true value."""

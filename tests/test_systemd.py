@@ -20,7 +20,7 @@ import pytest
 
 from appliance.demo import demo_document
 from container import Container
-from helpers import TaggedBackend, connect, greet, read_line, recv_all
+from helpers import TaggedBackend, built_deb, connect, greet, read_line, recv_all
 from load import LoadGenerator
 
 pytestmark = [
@@ -93,10 +93,12 @@ def appliance(tmp_path_factory):
     c = Container(f"flyproxy-sd-{uuid.uuid4().hex[:6]}", logs / "console.log")
     app = Appliance(c)
     try:
-        c.sh("make -s -C /src/flyproxy install >/dev/null && /usr/lib/flyproxy/bpf/kernel-headers.sh")
+        # the package, as an operator installs it (its dependencies are in the rootfs)
+        c.sh("/src/flyproxy/bpf/kernel-headers.sh && DEBIAN_FRONTEND=noninteractive dpkg -i "
+             f"/src/flyproxy/build/{built_deb().name} >/dev/null")
         app.configure(demo_document())
-        c.run(["systemctl", "daemon-reload"])
         c.run(["systemctl", "start", "flyproxy.socket"])  # the card's one command
+        c.run(["systemctl", "restart", "flyproxy.service"])  # (install started it already)
         wait_active(c, "flyproxy.service")
         yield app
     finally:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -53,12 +54,18 @@ class Provisioned:
         self.runs: list[subprocess.CompletedProcess] = []
 
     def playbook(self, *extra: str) -> subprocess.CompletedProcess:
+        started = time.monotonic()
         result = subprocess.run(
             ["ansible-playbook", "-i", str(self.inventory), "site.yml", *extra],
             cwd=ANSIBLE, capture_output=True, text=True, timeout=900,
             env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
                  "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"})
         self.runs.append(result)
+        if os.environ.get("FLYPROXY_PLAYBOOK_TIMES"):  # for NOTES: how long a run takes
+            with open(os.environ["FLYPROXY_PLAYBOOK_TIMES"], "a") as f:
+                tasks = len(re.findall(r"^TASK \[", result.stdout, re.M))
+                f.write(f"{time.monotonic() - started:.1f} s, {tasks} tasks: "
+                        f"{self.recap(result) if result.returncode == 0 else 'failed'}\n")
         return result
 
     @staticmethod

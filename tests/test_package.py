@@ -1,0 +1,103 @@
+"""The Debian package (`make deb`) in a booted Debian 12 container, as an operator meets it:
+dpkg owns every file; install starts the socket (and so the proxy and the BPF steering);
+an upgrade restarts the proxy without refusing a connection; remove and purge leave
+nothing behind."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from appliance import __version__
+from appliance.demo import demo_document
+from container import Container
+from helpers import REPO, built_deb
+from test_systemd import Appliance, wait_active
+
+pytestmark = pytest.mark.systemd
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory):
+    """A container with the package installed (tests run in file order: the last removes it)."""
+    logs = tmp_path_factory.mktemp("package")
+    c = Container(f"flyproxy-pkg-{uuid.uuid4().hex[:6]}", logs / "console.log")
+    app = Appliance(c)
+    try:
+        c.sh("/src/flyproxy/bpf/kernel-headers.sh")
+        c.sh(f"DEBIAN_FRONTEND=noninteractive dpkg -i /src/flyproxy/build/{built_deb().name}")
+        yield app
+    finally:
+        app.stop()
+        c.stop()
+
+
+def changelog_version() -> str:
+    return re.match(r"flyproxy \(([^)]+)\)", (REPO / "debian" / "changelog").read_text())[1]
+
+
+def test_the_versions_agree():
+    pyproject = re.search(r'(?m)^version = "([^"]+)"', (REPO / "pyproject.toml").read_text())[1]
+    assert changelog_version() == __version__ == pyproject
+    assert built_deb().name == f"flyproxy_{__version__}_all.deb"
+
+
+def test_dpkg_owns_every_file(appliance):
+    c = appliance.c
+    files = set(c.run(["dpkg", "-L", "flyproxy"]).stdout.split())
+    for path in ("/usr/bin/flyproxy", "/lib/systemd/system/flyproxy.socket",
+                 "/lib/systemd/system/flyproxy.service", "/etc/flyproxy/config.json",
+                 "/usr/share/man/man8/flyproxy.8.gz", "/usr/share/doc/flyproxy/NOTES.md.gz",
+                 "/usr/lib/flyproxy/bpf/kernel-headers.sh",
+                 "/usr/lib/python3/dist-packages/appliance/dataplane/proxy.py",
+                 "/usr/lib/python3/dist-packages/appliance/bpf/steer.c",
+                 "/usr/lib/python3/dist-packages/appliance/config.schema.json"):
+        assert path in files, path
+    conffiles = c.run(["dpkg-query", "-W", "-f=${Conffiles}", "flyproxy"]).stdout
+    assert "/etc/flyproxy/config.json" in conffiles
+    assert c.run(["flyproxy", "--version"]).stdout.strip() == f"flyproxy {changelog_version()}"
+    manual = c.run(["zcat", "/usr/share/man/man8/flyproxy.8.gz"]).stdout
+    assert "flyproxy \\- L4 TCP proxy appliance" in manual and "reload" in manual
+    assert c.run(["dpkg", "--verify", "flyproxy"]).stdout == ""  # nothing changed since
+
+
+def test_install_enabled_and_started_the_socket_and_a_steered_port_answers(appliance):
+    c = appliance.c
+    assert c.run(["systemctl", "is-enabled", "flyproxy.socket"]).stdout.strip() == "enabled"
+    wait_active(c, "flyproxy.socket")
+    appliance.configure(demo_document())
+    c.run(["systemctl", "reload", "flyproxy.service"])
+    wait_active(c, "flyproxy.service")
+    assert appliance.greet(6300) == "six-thousand"  # steered by BPF to systemd's socket
+    assert "6300" in c.run(["flyproxy", "bpf", "status"]).stdout
+
+
+def test_an_upgrade_restarts_the_proxy_and_refuses_no_connection(appliance):
+    c = appliance.c
+    socket_since = c.run(["systemctl", "show", "-P", "ActiveEnterTimestampMonotonic",
+                          "flyproxy.socket"]).stdout
+    old_pid = appliance.main_pid()
+    load = appliance.load([5001, 6300, 7400])
+    c.sh(f"DEBIAN_FRONTEND=noninteractive dpkg -i /src/flyproxy/build/{built_deb().name}")
+    wait_active(c, "flyproxy.service")
+    ok, failures = load.stop()
+    assert failures == [] and ok > 0
+    assert appliance.main_pid() != old_pid  # the proxy was restarted ...
+    assert c.run(["systemctl", "show", "-P", "ActiveEnterTimestampMonotonic",
+                  "flyproxy.socket"]).stdout == socket_since  # ... the socket never was
+
+
+def test_remove_then_purge_leave_nothing_behind(appliance):
+    c = appliance.c
+    c.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y -qq flyproxy >/dev/null")
+    units = c.run(["systemctl", "list-unit-files", "flyproxy*", "--no-legend"], check=False)
+    assert units.stdout.strip() == "", units.stdout  # (and it exits 1: no such unit file)
+    assert c.run(["test", "-e", "/sys/fs/bpf/flyproxy"], check=False).returncode == 1  # unpinned
+    assert "sk_lookup" not in c.run(["bpftool", "link", "show"]).stdout  # detached
+    assert c.run(["test", "-e", "/etc/flyproxy/config.json"], check=False).returncode == 0  # kept
+    c.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq flyproxy >/dev/null")
+    assert c.run(["test", "-e", "/etc/flyproxy"], check=False).returncode == 1
+    status = c.run(["dpkg-query", "-W", "-f=${Status}", "flyproxy"], check=False)
+    assert status.returncode != 0 or status.stdout.endswith("not-installed"), status.stdout
