@@ -67,9 +67,6 @@ def run(args) -> int:
 
     try:
         return getattr(commands, f"cmd_{args.func}")(args)
-    except SteeringError as e:
-        print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
+    except (SteeringError, OSError) as e:
         print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
         return 1
