@@ -55,6 +55,7 @@ class Metrics(NullMetrics):
         self.dns_lookups_n: dict[str, int] = {}  # result -> lookups (one A + AAAA pair each)
         self.resolver = None  # its names' state is read at scrape time
         self.dns_names: list[dict] = []  # ... or, summed from workers, given here
+        self.fds: tuple[int, int] | None = None  # (open, per-process limit): read at scrape
 
     # -- hooks, on the event loop's thread --------------------------------------------
 
@@ -127,7 +128,15 @@ class Metrics(NullMetrics):
         snap = {name: [[list(k) if isinstance(k, tuple) else k, v]
                        for k, v in list(getattr(self, name).items())] for name in self.COUNTS}
         snap["dns_names"] = self.names()
+        snap["fds"] = list(self.open_fds())
         return snap
+
+    def open_fds(self) -> tuple[int, int]:
+        """(fds open, the per-process limit): this process's, or the workers' summed."""
+        if self.fds is not None:
+            return self.fds
+        from .metrics_http import fds
+        return fds()
 
     @classmethod
     def merged(cls, snapshots: list[dict]) -> Metrics:
@@ -144,6 +153,8 @@ class Metrics(NullMetrics):
                     else:
                         d[key] = d.get(key, 0) + v
         total.dns_names = merged_names([snap.get("dns_names", []) for snap in snapshots])
+        fds = [snap["fds"] for snap in snapshots if snap.get("fds")]
+        total.fds = (sum(f[0] for f in fds), min((f[1] for f in fds), default=0))
         return total
 
     # -- the scrape, on prometheus_client's thread -------------------------------------
@@ -211,6 +222,15 @@ class Metrics(NullMetrics):
         yield state
         yield count
         yield age
+        used, limit = self.open_fds()
+        open_fds = GaugeMetricFamily("flyproxy_open_fds", "File descriptors open (summed over "
+                                     "the workers)")
+        open_fds.add_metric([], used)
+        yield open_fds
+        max_fds = GaugeMetricFamily("flyproxy_max_fds", "File descriptors one process may "
+                                    "open (LimitNOFILE)")
+        max_fds.add_metric([], limit)
+        yield max_fds
 
 
 

@@ -44,13 +44,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def fds_left() -> int:
-    """File descriptors this process may still open."""
+def fds() -> tuple[int, int]:
+    """(file descriptors open in this process, its limit: RLIMIT_NOFILE's soft value)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        return soft - len(os.listdir("/proc/self/fd"))
+        return len(os.listdir("/proc/self/fd")), soft
     except OSError:  # no /proc: assume there is room
-        return soft
+        return 0, soft
+
+
+def fds_left() -> int:
+    """File descriptors this process may still open."""
+    used, limit = fds()
+    return limit - used
 
 
 class MetricsServer:

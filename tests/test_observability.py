@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 
-from helpers import closed_by_peer, connect, dead_port, free_ports, greet, recv_all, run_cli, write_config
+from helpers import (REPO, closed_by_peer, connect, dead_port, free_ports, greet, recv_all,
+                     run_cli, write_config)
 
 
 def scrape(port: int) -> str:
@@ -154,3 +155,30 @@ def test_the_metrics_endpoint_answers_only_what_it_serves(tmp_path, start_proxy,
             answer = b""
     assert answer.split(b" ", 2)[1:2] == ([status] if status else [])
     assert "flyproxy_connections_accepted" in scrape(metrics_port)
+
+
+def test_the_proxy_reports_its_file_descriptors_and_their_limit(tmp_path, start_proxy,
+                                                                make_backend):
+    import resource
+
+    backend = make_backend("b")
+    port, metrics_port = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    control = str(tmp_path / "control.sock")
+    proxy = start_proxy(cfg, "--control", control, "--metrics", f"127.0.0.1:{metrics_port}",
+                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (777, 777)))
+    with connect(port) as held:
+        assert held.recv(2) == b"b\n"
+        status = json.loads(run_cli("status", "--control", control, "--json").stdout)
+        assert status["fds"]["limit"] == 777
+        assert status["fds"]["open"] == len(os.listdir(f"/proc/{proxy.pid}/fd"))
+        text = scrape(metrics_port)
+        assert sample(text, "flyproxy_max_fds") == 777
+        assert sample(text, "flyproxy_open_fds") >= 4  # listener, metrics, control, the two ends
+    assert "of 777 fds" in run_cli("status", "--control", control).stdout
+
+
+def test_the_unit_allows_the_fds_the_docs_say():
+    unit = (REPO / "systemd" / "flyproxy.service").read_text()
+    assert "LimitNOFILE=1048576" in unit.splitlines()
+    assert "1,048,576" in (REPO / "NOTES.md").read_text()

@@ -98,8 +98,10 @@ def status(args: argparse.Namespace) -> int:
           f"{reply['active']} active connections)")
     if "workers" in reply:
         print(f"{len(reply['workers'])} workers ({reply['restarts']} restarts): " + ", ".join(
-            f"pid {w['pid']} ({w['active']} active)" if w["ready"] else f"pid {w['pid']} (starting)"
-            for w in reply["workers"]))
+            f"pid {w['pid']} ({w['active']} active, {_fds(w.get('fds'))})" if w["ready"]
+            else f"pid {w['pid']} (starting)" for w in reply["workers"]))
+    elif reply.get("fds"):
+        print(_fds(reply["fds"]))
     rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH")]
     for a in reply["apps"]:
         limit = f"/{a['max_connections']}" if a.get("max_connections") else ""
@@ -117,6 +119,10 @@ def status(args: argparse.Namespace) -> int:
                          f"{n['ttl_s']:g}s", n["source"], n["error"] or "-"))
         _print_table(rows)
     return 0
+
+
+def _fds(fds: dict | None) -> str:
+    return f"{fds['open']:,} of {fds['limit']:,} fds" if fds else "fds ?"
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:

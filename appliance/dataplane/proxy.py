@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import time
 
@@ -33,6 +34,7 @@ from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("appliance.connections")
+FD_WARNING = 0.9  # of RLIMIT_NOFILE: warn (rate-limited) when connections hold this share
 
 
 class Proxy:
@@ -211,9 +213,16 @@ class Proxy:
         idle_s = o.idle_timeout_s
         step_s = min(idle_s / 4, 5.0) if idle_s > 0 else 5.0
         keepalive = o.keepalive_idle_s > 0
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         while True:
             await asyncio.sleep(step_s)  # a periodic timer, not a synchronisation
             now = time.monotonic()
+            # two fds per connection (more while splicing): near the limit, say so once in
+            # a while, before accept() starts failing
+            if 2 * len(self.tunnels) >= FD_WARNING * soft:
+                self._limited.warning("fds", "%d connections hold about %d of this process's "
+                                      "%d file descriptors (LimitNOFILE)", len(self.tunnels),
+                                      2 * len(self.tunnels), soft)
             for tunnel in list(self.tunnels):
                 backend = tunnel.backend
                 if backend is None:

@@ -22,6 +22,7 @@ from .. import config as configmod
 from ..dataplane import listeners
 from ..dataplane.proxy import Proxy
 from ..logs import RateLimited
+from .. import metrics_http
 from ..metrics import NullMetrics
 from ..settings import Settings
 from . import control
@@ -69,6 +70,7 @@ class Server:
                       "targets": [{"target": str(t), "health": p.health.describe(t)}
                                   for t in a.targets]} for a in p.config.apps],
             "names": p.resolver.status() if p.resolver is not None else [],
+            "fds": dict(zip(("open", "limit"), metrics_http.fds())),
         }
 
     async def serve(self) -> int:

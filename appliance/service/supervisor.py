@@ -313,7 +313,7 @@ class Supervisor:
         shown per worker where the workers (which eject targets on their own) disagree."""
         replies = [(w, r) for w, r in await self._gather("status") if isinstance(r, dict)]
         workers = [{"index": w.index, "pid": w.proc.pid if w.proc else None,
-                    "ready": w.ready, "active": 0} for w in self.workers]
+                    "ready": w.ready, "active": 0, "fds": None} for w in self.workers]
         status = {"config": self.config_path, "digest": self.config.digest,
                   "generation": self.generation, "mode": "per-port", "active": 0,
                   "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
@@ -324,6 +324,7 @@ class Supervisor:
             status["active"] += r["active"]
             status["accepting"] = status["accepting"] and r["accepting"]
             workers[w.index]["active"] = r["active"]
+            workers[w.index]["fds"] = r.get("fds")
             for a in r["apps"]:
                 merged = apps.setdefault(a["name"], {**a, "active": 0, "targets": [
                     {"target": t["target"], "health": {}} for t in a["targets"]]})

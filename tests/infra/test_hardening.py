@@ -18,6 +18,7 @@ import pytest
     ("RestrictNamespaces", "yes"),
     ("MemoryDenyWriteExecute", "yes"),
     ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+    ("LimitNOFILE", "1048576"),  # room for 100,000+ connections per worker (NOTES)
 ])
 def test_sandbox_property(host, prop, value):
     # systemctl show leaves empty properties out: an empty bounding set is "missing"
@@ -44,3 +45,13 @@ def test_workers_as_configured_and_unprivileged(host):
         assert host.check_output(f"grep CapEff /proc/{w['pid']}/status").split()[1] == "0" * 16
     dropin = host.file("/etc/systemd/system/flyproxy.service.d/workers.conf")
     assert dropin.contains("FLYPROXY_WORKERS=auto")
+
+
+def test_the_running_proxy_has_the_units_fd_limit(host):
+    """The unit's LimitNOFILE, as far as the host lets systemd raise it (a test container
+    inherits its host's hard limit; a VM or a real host gives the full 1,048,576)."""
+    import json
+    hard = host.check_output("awk '/Max open files/ {print $5}' /proc/1/limits")
+    want = min(1048576, int(hard)) if hard.isdigit() else 1048576
+    status = json.loads(host.check_output("flyproxy status --json"))
+    assert {w["fds"]["limit"] for w in status["workers"]} == {want}
