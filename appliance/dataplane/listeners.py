@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import socket
 
-from ..settings import parse_hostport  # noqa: F401  (where the CLI's HOST:PORT is parsed)
-
 BACKLOG = 4096  # connections; the kernel caps it at net.core.somaxconn
 
 

@@ -80,7 +80,6 @@ class Supervisor:
         self._exit = 0
         self._tasks: set[asyncio.Task] = set()
         self._reload_lock = asyncio.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics_http = None  # the /metrics endpoint, bound by serve_metrics()
 
     def __repr__(self) -> str:
@@ -103,7 +102,7 @@ class Supervisor:
         log.info("worker group on [%s]:%d (spread by flyproxy bpf register --spread)", host, port)
 
     async def serve(self) -> int:
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
