@@ -6,6 +6,7 @@ suite instead of hanging it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -61,15 +62,30 @@ def pipes_of(pid: int) -> int:
     return sum(link.startswith("pipe:") for link in fds_of(pid))
 
 
+_handed_out: collections.deque[tuple[str, int]] = collections.deque(maxlen=512)
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports free right now on ``host`` (kept bound until all are picked)."""
-    socks = []
+    """``n`` distinct TCP ports free right now on ``host`` (kept bound until all are picked).
+
+    A port handed out recently in this process is never handed out again: the kernel may
+    offer a port again as soon as the probe closes it, and a test's "dead" target must not
+    turn out to be the proxy's own listening port picked a moment before.
+    """
+    socks, ports = [], []
     try:
-        for _ in range(n):
+        for _ in range(64 * n):  # bounded: each try asks the kernel for another port
+            if len(ports) == n:
+                break
             s = socket.socket()
             s.bind((host, 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            port = s.getsockname()[1]
+            if (host, port) not in _handed_out:
+                ports.append(port)
+        assert len(ports) == n, f"no {n} fresh ports on {host}"
+        _handed_out.extend((host, p) for p in ports)
+        return ports
     finally:
         for s in socks:
             s.close()

@@ -92,7 +92,7 @@ def test_status_shows_target_health(tmp_path, start_proxy, make_backend):
     cfg = write_config(tmp_path / "config.json", {"a": ([port], [dead, live.address])})
     control = str(tmp_path / "control.sock")
     start_proxy(cfg, "--control", control)
-    for _ in range(10):  # the odds the dead one is never picked first: (1/2)^10
+    for _ in range(30):  # the odds the dead one is never picked first: (1/2)^30
         assert greet(port) == "live"
     status = json.loads(run_cli("status", "--control", control, "--json").stdout)
     health = {t["target"]: t["health"] for t in status["apps"][0]["targets"]}
