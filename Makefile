@@ -16,9 +16,13 @@ DEB_LINT ?= 1
 DEB_BUILD_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-jsonschema help2man dpkg-dev $(if $(filter 0,$(DEB_LINT)),,lintian)
 BENCH_DEBS := haproxy nginx-light libnginx-mod-stream iperf3 wrk python3-matplotlib dnsmasq-base
-ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS)
+# `vagrant up` for real (tests/vm): libvirt without libvirt-daemon-system, whose default
+# network would start on the host; the box is built with debootstrap, fdisk and grub.
+VM_DEBS := vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+	qemu-system-x86 qemu-utils dnsmasq-base iptables rsync fdisk apt-utils dpkg-dev
+ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS) $(VM_DEBS)
 
-.PHONY: help run test bench appliance-test deps deps-runtime venv bpf headers install clean deb
+.PHONY: help run test bench appliance-test vagrant-test deps deps-runtime venv bpf headers install clean deb
 
 
 help:
@@ -27,6 +31,7 @@ help:
 	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
 	@echo "make bench  - measure flyproxy against HAProxy, nginx and systemd-socket-proxyd"
 	@echo "make appliance-test - provision a Debian 12 container with Ansible, check it with testinfra"
+	@echo "make vagrant-test - vagrant up the project's Vagrantfile in a libvirt VM, check it (about 20 min)"
 	@echo "make deb    - build the Debian package into build/ and lint it"
 	@echo "make install - build the Debian package and install it (apt-get: its dependencies too)"
 
@@ -69,6 +74,12 @@ bench: deps
 # change nothing), check it with testinfra, tear it down. Also part of `make test`.
 appliance-test: venv deb
 	$(VPY) -m pytest tests/infra
+
+# `vagrant up` with the project's Vagrantfile on a Debian 12 box built here (cached in
+# /var/cache/flyproxy), in a network namespace of its own; checks, then destroys it.
+# Also part of `make test`.
+vagrant-test: venv deb
+	$(VPY) -m pytest tests/vm
 
 # The Debian package (debian/): built from a copy of the tracked tree with Debian's own
 # python3 (a PATH without pyenv and the like), then checked by lintian: no error, no warning.

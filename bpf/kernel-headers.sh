@@ -17,7 +17,7 @@ if ! apt_has "linux-headers-$release"; then
     apt-get update -qq || echo "kernel-headers: apt-get update failed; using what is installed" >&2
 fi
 if apt_has "linux-headers-$release"; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "linux-headers-$release" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "linux-headers-$release" >/dev/null
     exit 0
 fi
 if ! ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1; then

@@ -3,6 +3,11 @@
 The container (tests/container.py) has no network of its own; Ansible and testinfra reach
 its sshd over SSH with a ProxyCommand that connects to 127.0.0.1:22 *inside* the
 container's network namespace, so the traffic never leaves loopback.
+
+With FLYPROXY_INFRA_SSH_CONFIG (and FLYPROXY_INFRA_HOST) set, the same checks run against
+a host provisioned by someone else, over that SSH config, with sudo: tests/vm runs them
+against the VM `vagrant up` made (`vagrant ssh-config`). The playbook tests, which drive
+the playbook themselves, are then skipped: the VM test provisions again with vagrant.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from container import REPO, Container
 
 ANSIBLE = REPO / "ansible"
 HOST = "flyproxy-test"
+OTHER_SSH_CONFIG = os.environ.get("FLYPROXY_INFRA_SSH_CONFIG")
+OTHER_HOST = os.environ.get("FLYPROXY_INFRA_HOST", "default")
 
 
 def pytest_collection_modifyitems(items):
@@ -77,6 +84,8 @@ class Provisioned:
 
 @pytest.fixture(scope="session")
 def provisioned(tmp_path_factory):
+    if OTHER_SSH_CONFIG:
+        pytest.skip(f"checking {OTHER_HOST} over {OTHER_SSH_CONFIG}: provisioned by its owner")
     if os.geteuid() != 0 or not shutil.which("systemd-nspawn") or not shutil.which("ansible-playbook"):
         pytest.skip("needs root, systemd-nspawn and ansible-playbook")
     p = Provisioned(tmp_path_factory.mktemp("infra"))
@@ -89,9 +98,20 @@ def provisioned(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def host(provisioned):
+def host(request):
     import testinfra
+    if OTHER_SSH_CONFIG:
+        return testinfra.get_host(f"ssh://{OTHER_HOST}", ssh_config=OTHER_SSH_CONFIG, sudo=True)
+    provisioned = request.getfixturevalue("provisioned")
     return testinfra.get_host(f"ssh://{HOST}", ssh_config=str(provisioned.ssh_config))
+
+
+def echo_through(host, port: int, text: str) -> str:
+    """``text`` sent to the host's own 127.0.0.1:port, and what came back (python3 rather
+    than netcat: a VM has only what the appliance's package brought)."""
+    return host.check_output(
+        "python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', %d), 5); "
+        "s.sendall(b'%s'); s.shutdown(1); print(s.makefile().read(), end='')\"" % (port, text))
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from conftest import configured_ports
+from conftest import configured_ports, echo_through
 
 
 @pytest.mark.parametrize("port", configured_ports())
 def test_port_echoes_through_the_proxy(host, port):
-    assert host.check_output(f"printf 'hello {port}\\n' | nc -N -w 5 127.0.0.1 {port}") == f"hello {port}"
+    assert echo_through(host, port, f"hello {port}\\n") == f"hello {port}"
