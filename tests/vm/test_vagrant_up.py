@@ -182,7 +182,10 @@ def test_restart_keeps_serving(vm):
     for t in threads:
         t.join(90)
     assert sorted(results) == ["r 5001\n", "r 6300\n", "r 7400\n"]
-    vm.ssh("systemctl is-active flyproxy")
+    # The old process drains (up to TimeoutStopSec) before the new one starts: wait,
+    # bounded, in the guest, for the unit to be active again under a new main PID.
+    vm.ssh("timeout 120 sh -c 'until systemctl is-active -q flyproxy && "
+           f"[ \"$(systemctl show -P MainPID flyproxy)\" != {pid} ]; do sleep 1; done'", timeout=180)
     assert vm.ssh("systemctl show -P MainPID flyproxy.service").strip() not in ("", "0", pid)
     for port in DEMO_PORTS:
         assert echo(vm, port, f"after restart {port}\n") == f"after restart {port}\n"
