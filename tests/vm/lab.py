@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
+from helpers import wait_until  # noqa: E402
 from netns import NetNS  # noqa: E402
 
 MIRROR = os.environ.get("FLYPROXY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -55,14 +56,13 @@ def ensure_box(deb: Path) -> Path:
     return out
 
 
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    """helpers.wait_until, failing at once if ``proc`` (what should make it true) exits."""
+    def check():
+        if proc.poll() is not None:
             raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.2)  # polling another namespace's files: no event reaches us
+        return predicate()
+    wait_until(check, what, timeout)
 
 
 class Lab:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import built_deb
+from helpers import built_deb, connect, recv_all
 from lab import BOX_NAME, REPO, Lab, ensure_box
 
 pytestmark = [pytest.mark.timeout(3600), pytest.mark.vm]
@@ -65,19 +65,10 @@ def vm(tmp_path_factory):
 def echo(lab: Lab, port: int, text: str, timeout: float = 20) -> str:
     """Send ``text`` to 127.0.0.1:port in the lab's namespace (a vagrant forwarded port)
     and read until the other side closes."""
-    with lab.ns.entered():
-        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    with s:
+    with connect(port, timeout=timeout, namespace=lab.ns.entered) as s:
         s.sendall(text.encode())
         s.shutdown(socket.SHUT_WR)
-        return _read_all(s)
-
-
-def _read_all(s: socket.socket) -> str:
-    chunks = []
-    while chunk := s.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks).decode()
+        return recv_all(s).decode()
 
 
 def guest_echo(lab: Lab, port: int, text: str) -> str:
@@ -151,9 +142,7 @@ def test_the_testinfra_suite_passes_against_the_vm(vm):
 
 def test_reload_with_an_edited_config_keeps_serving(vm):
     pid = vm.ssh("systemctl show -P MainPID flyproxy.service").strip()
-    with vm.ns.entered():
-        held = socket.create_connection(("127.0.0.1", 6300), timeout=20)
-    with held:
+    with connect(6300, timeout=20, namespace=vm.ns.entered) as held:
         held.sendall(b"before\n")
         assert held.recv(64) == b"before\n"
         vm.ssh("sudo python3 -c \"import json; p = '/etc/flyproxy/config.json'; "
@@ -161,7 +150,7 @@ def test_reload_with_an_edited_config_keeps_serving(vm):
                "json.dump(c, open(p, 'w'))\" && sudo systemctl reload flyproxy")
         held.sendall(b"after\n")
         held.shutdown(socket.SHUT_WR)
-        assert _read_all(held) == "after\n"  # the connection opened before the reload lives
+        assert recv_all(held) == b"after\n"  # the connection opened before the reload lives
     assert guest_echo(vm, 7500, "new port\\n") == "new port\n"
     assert "7500" in vm.ssh("sudo flyproxy bpf status")
     assert vm.ssh("systemctl show -P MainPID flyproxy.service").strip() == pid
