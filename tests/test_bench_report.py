@@ -1,4 +1,4 @@
-"""The benchmark's arithmetic (`make bench` itself takes 15 minutes and is not part of the
+"""The benchmark's arithmetic (`make bench` itself takes 20 minutes and is not part of the
 suite): percentiles, the round-by-round count against systemd-socket-proxyd, the report."""
 
 from __future__ import annotations

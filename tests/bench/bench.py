@@ -10,6 +10,11 @@ median over rounds (latency percentiles: over every round's samples pooled). Wal
 rates swing on shared machines; the CPU each proxy spends per unit of work (its own
 processes' user+sys time) barely does, so both are reported.
 
+Then the scale phase (hold.py): HOLD (100,000) concurrent connections through flyproxy
+(per-port and BPF mode, as shipped) and HAProxy, one proxy after another: how many are held,
+the open rate, memory and CPU per connection, and a reload and a restart with all of them
+open.
+
 Outputs docs/bench/results.md (absolute figures, ratios to HAProxy, and for each row in
 how many rounds each flyproxy column beat systemd-socket-proxyd), results.json
 (every round) and chart.png. Needs root (namespace, BPF). Bounded: each load lasts
@@ -25,6 +30,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import hold
+
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "bench"
 PYTHON = os.environ.get("BENCH_PYTHON", "/usr/bin/python3")
@@ -40,6 +48,8 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 IDLE_CONNECTIONS = int(os.environ.get("BENCH_IDLE", "5000"))
 SCALE_PORTS = 10_000
+HOLD = int(os.environ.get("BENCH_HOLD", "100000"))  # the scale phase's connections (0: skip)
+HOLD_GRACE_S = 5  # flyproxy's --grace-period in the scale phase: a restart drains this long
 NS = "flyproxy-bench"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 
@@ -77,6 +87,16 @@ def wait_port(port: int, timeout: float = 15) -> None:
             return
         time.sleep(0.05)  # polling a port someone else opens: no event to wait on
     raise RuntimeError(f"nothing listens on {port} after {timeout}s; logs in {WORK}")
+
+
+def echoes(port: int) -> bool:
+    """Does a new connection to ``port`` echo a byte (within 2 s)?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"?")
+            return s.recv(1) == b"?"
+    except OSError:
+        return False
 
 
 def children(pid: int) -> list[int]:
@@ -175,6 +195,73 @@ defaults
         self.procs = [spawn(["haproxy", "-db", "-f", str(cfg)], self.name.replace(" ", "-"))]
 
 
+class HAProxyHold(HAProxy):
+    """HAProxy for the scale phase: the idle front balanced over the hold backends, in
+    master-worker mode (-W): a reload (SIGUSR2) starts a new worker and leaves the old one
+    its connections (soft stop), HAProxy's own way to apply a config. One process (each
+    with ``threads`` threads) unless the fd limit per process is too low for all the
+    connections: then ``instances`` of it bind the same port (HAProxy sets SO_REUSEPORT)
+    and the kernel spreads connections over them."""
+
+    def __init__(self, base: int, threads: int, instances: int = 1, maxconn: int = 250_000):
+        super().__init__(base, threads)
+        self.instances, self.maxconn = instances, maxconn
+        if instances > 1:
+            self.name += f" x {instances} processes"
+
+    def start(self) -> None:
+        cfg = WORK / "haproxy-hold.cfg"
+        servers = "".join(f"    server s{i} {host}:{port}\n"
+                          for i, (host, port) in enumerate(hold.backends(), 1))
+        cfg.write_text(f"""global
+    nbthread {self.threads}
+    maxconn {self.maxconn}
+defaults
+    mode tcp
+    maxconn {self.maxconn}
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+listen idle
+    bind 127.0.0.1:{self.front['idle']}
+    balance roundrobin
+{servers}""")
+        self.procs = [spawn(["haproxy", "-W", "-db", "-f", str(cfg)], f"haproxy-hold-{i}")
+                      for i in range(self.instances)]
+
+    def workers(self) -> set[int]:
+        return {c for p in self.procs for c in children(p.pid)}
+
+    def ready(self) -> None:
+        wait_port(self.front["idle"])
+        self.wait_workers(set())
+
+    def wait_workers(self, old: set[int], timeout: float = 30) -> None:
+        """Every master has a worker that is not one of ``old``, and the port answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(set(children(p.pid)) - old for p in self.procs) and echoes(self.front["idle"]):
+                return
+            time.sleep(0.05)  # polling other processes' state, bounded
+        raise RuntimeError(f"{self.name}: no new worker after {timeout}s; logs in {WORK}")
+
+    def reload(self, pin_dir: str = "") -> float:
+        old = self.workers()
+        started = time.monotonic()
+        for p in self.procs:
+            os.kill(p.pid, signal.SIGUSR2)
+        self.wait_workers(old)
+        return time.monotonic() - started
+
+    def restart(self) -> tuple[float, float]:
+        t0 = time.monotonic()
+        self.stop()
+        t1 = time.monotonic()
+        self.start()
+        self.ready()
+        return t1 - t0, time.monotonic() - t1
+
+
 class NginxStream(Proxy):
     name = "nginx stream"
 
@@ -226,12 +313,16 @@ class FlyProxy(Proxy):
             self.name += " (uvloop)"
         self.config = WORK / f"flyproxy-{base}.json"
         self.target_host = target_host  # a host name: answered by the bench's resolver
+        self.hold_targets: list[str] = []  # the scale phase: the idle app goes to these
+        self.grace: float | None = None  # --grace-period (None: the shipped default)
         # run under `ip netns exec`, which gives it the namespace's resolv.conf (see DNS)
         self.wrap = ["ip", "netns", "exec", NS] if netns_exec else []
 
     def write_config(self, extra_http_ports: int = 0) -> None:
         apps = [{"Name": k, "Ports": [self.front[k]],
                  "Targets": [f"{self.target_host}:{BACKEND[k]}"]} for k in BACKEND]
+        if self.hold_targets:
+            apps[2]["Targets"] = self.hold_targets
         if extra_http_ports:  # below the ephemeral range (32768+) and clear of every other port
             apps[0]["Ports"] += list(range(10_000, 10_000 + extra_http_ports))
         tmp = self.config.with_suffix(".tmp")
@@ -243,13 +334,30 @@ class FlyProxy(Proxy):
 
     def start(self) -> None:
         self.write_config()
+        self.serve()
+
+    def serve(self) -> None:
+        grace = ["--grace-period", str(self.grace)] if self.grace is not None else []
         self.procs = [spawn([*self.wrap, PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
                              "-c", str(self.config), "--loop", self.loop,
-                             "--workers", self.workers,
+                             "--workers", self.workers, *grace,
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
                              # as shipped: metrics on (the appliance unit turns them on)
                              "--metrics", f"127.0.0.1:{self.front['http'] + 9}",
                              *self.serve_args()], self.name.replace(" ", "-"), cwd=REPO)]
+
+    def restart(self) -> tuple[float, float]:
+        """Stop (SIGTERM: open connections drain for the grace period, then are ended) and
+        start again on the same config: (seconds to stop, seconds until serving again)."""
+        t0 = time.monotonic()
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait((self.grace or 30) + 30)
+        t1 = time.monotonic()
+        self.serve()
+        self.ready()
+        return t1 - t0, time.monotonic() - t1
 
     def ready(self) -> None:
         super().ready()
@@ -294,7 +402,10 @@ class FlyProxyBPF(FlyProxy):
         self.write_config()
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "load", "-c", str(self.config),
                         "--pin-dir", str(self.pin_dir)], cwd=REPO, check=True, capture_output=True)
-        super().start()
+        self.serve()
+
+    def serve(self) -> None:
+        super().serve()
         self.wait_workers()  # then the workers' group exists too
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "register", "--pid",
                         str(self.procs[0].pid), "--port", str(self.LISTEN), "--spread",
@@ -546,6 +657,11 @@ def main() -> int:
             return 1
     global WORK
     WORK = Path(tempfile.mkdtemp(prefix="flyproxy-bench-"))
+    # As the unit does (LimitNOFILE=1048576), where root may (CAP_SYS_RESOURCE; the scale
+    # phase spreads its connections over more processes where it may not).
+    limit = min(1 << 20, int(Path("/proc/sys/fs/nr_open").read_text()))
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     enter_namespace()
@@ -591,6 +707,7 @@ def main() -> int:
                     log(f"{proxy.name}: round {n + 1} failed ({e}); logs in {WORK}")
                 finally:
                     proxy.stop()
+        scaled = scale_phase(bpffs, failed) if HOLD else {}
     finally:
         subprocess.run(["umount", str(bpffs)], capture_output=True)
         tear_down(backends)
@@ -616,11 +733,32 @@ def main() -> int:
             "cpus": os.cpu_count(), "duration_s": round(time.monotonic() - started),
             "failed": failed}
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "summary": summary,
-                                                  "rounds": rounds}, indent=1))
-    (OUT / "results.md").write_text(report(summary, meta, rounds))
+                                                  "rounds": rounds, "scale": scaled}, indent=1))
+    (OUT / "results.md").write_text(report(summary, meta, rounds, scaled))
     chart(summary)
     print((OUT / "results.md").read_text())
     return 0
+
+
+def scale_phase(bpffs: Path, failed: list[str]) -> dict:
+    """HOLD connections through each of hold_proxies(), one after another: name -> figures."""
+    echo = hold.EchoBackend(hold.backends(), hold.processes_for(HOLD))
+    scaled = {}
+    try:
+        for proxy in hold_proxies(bpffs):
+            log(f"scale phase: {HOLD:,} connections through {proxy.name}")
+            proxy.start()
+            try:
+                proxy.ready()
+                scaled[proxy.name] = hold_phase(proxy)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+                failed.append(f"{proxy.name}, scale phase: {e}")
+                log(f"{proxy.name}: scale phase failed ({e}); logs in {WORK}")
+            finally:
+                proxy.stop()
+    finally:
+        echo.stop()
+    return scaled
 
 
 def bpf_prog_stats(proxy: Proxy) -> tuple[int, int] | None:
@@ -667,6 +805,102 @@ def scale(proxy: FlyProxy, repeats: int = SCALE_REPEATS) -> dict:
     return {key: median(values) for key, values in runs.items()}
 
 
+# -- the scale phase: HOLD connections at once ---------------------------------------------
+
+def hold_phase(proxy: Proxy, n: int = HOLD) -> dict:
+    """Open ``n`` connections through ``proxy`` (each echoing once), then echo once more on
+    every one of them (held); the memory and CPU that cost; a reload with all of them open
+    (all must still echo); a restart (they are ended: a restart stops the process) and all
+    ``n`` opened again through the new one."""
+    clients = hold.Clients(("127.0.0.1", proxy.front["idle"]), hold.processes_for(n))
+    try:
+        pids = proxy.pids()
+        rss0, kernel0, cpu0 = rss_kib(pids), hold.kernel_socket_kib(), cpu_seconds(pids)
+        started = time.monotonic()
+        opened = clients.call("open", n)
+        open_s = time.monotonic() - started
+        cpu_s = cpu_seconds(pids) - cpu0
+        held = clients.call("echo")["echoed"]
+        rss1, kernel1 = rss_kib(proxy.pids()), hold.kernel_socket_kib()
+        log(f"{proxy.name}: {held:,} of {n:,} held ({opened['errors'] or 'no errors'})")
+        reload_s = proxy.reload()
+        after_reload = clients.call("echo")
+        stop_s, start_s = proxy.restart()
+        outlived = clients.call("echo")["echoed"]
+        clients.call("close")
+        started = time.monotonic()
+        reopened = clients.call("open", n)
+        reopen_s = time.monotonic() - started
+        clients.call("close")
+    finally:
+        clients.stop()
+    return {
+        "connections": n, "opened": opened["opened"], "open_errors": opened["errors"],
+        "held": held, "open_per_s": opened["opened"] / open_s,
+        "cpu_us_per_conn": cpu_s / max(1, opened["opened"]) * 1e6,
+        "rss_kib_per_conn": (rss1 - rss0) / max(1, held),
+        "kernel_kib_per_conn": (kernel1 - kernel0) / max(1, held),
+        "reload_s": reload_s, "failed_on_reload": held - after_reload["echoed"],
+        "stop_s": stop_s, "start_s": start_s, "outlived_restart": outlived,
+        "reopened": reopened["opened"], "reopen_errors": reopened["errors"],
+        "reopen_per_s": reopened["opened"] / reopen_s}
+
+
+def hold_proxies(bpffs: Path, n: int = HOLD) -> list[Proxy]:
+    """The scale phase's proxies: flyproxy as shipped (one worker per CPU), per-port and
+    BPF mode, and HAProxy with one thread per CPU; where the fd limit per process is too
+    low for 2 fds per connection in that many processes (a container without
+    CAP_SYS_RESOURCE), more flyproxy workers and more HAProxy processes share them."""
+    targets = [f"{host}:{port}" for host, port in hold.backends()]
+    cpus = os.cpu_count() or 1
+    processes = max(cpus, hold.processes_for(2 * n))
+    workers = "auto" if processes == cpus else str(processes)
+    ours = [FlyProxy(30000, workers=workers), FlyProxyBPF(30100, bpffs, workers=workers)]
+    for proxy in ours:
+        proxy.hold_targets, proxy.grace = targets, HOLD_GRACE_S
+    instances = hold.processes_for(2 * n)
+    maxconn = min(250_000, (hold.fd_limit() - hold.FD_MARGIN) // 2)  # HAProxy needs 2 fds each
+    return [*ours, HAProxyHold(30200, threads=cpus, instances=instances, maxconn=maxconn)]
+
+
+def hold_report(held: dict) -> list[str]:
+    if not held:
+        return []
+    names = list(held)
+    base = next((v for name, v in held.items() if name.startswith("HAProxy")), None)
+
+    def errors(e: dict) -> str:
+        return ", ".join(f"{v:,} {k}" for k, v in sorted(e.items())) or "none"
+
+    rows = [("held at once (of connections opened)", lambda v: f"{v['held']:,} of {v['connections']:,}"),
+            ("connections that failed to open", lambda v: errors(v["open_errors"])),
+            ("open rate (connections/s, each with one echo)", lambda v: f"{v['open_per_s']:,.0f}"),
+            ("proxy CPU us per connection opened", lambda v: f"{v['cpu_us_per_conn']:.0f}"),
+            ("proxy RSS KiB per connection (all processes)", lambda v: f"{v['rss_kib_per_conn']:.2f}"),
+            ("kernel KiB per connection (slab + TCP buffers, all 4 sockets)",
+             lambda v: f"{v['kernel_kib_per_conn']:.2f}"),
+            ("reload with all open (s)", lambda v: f"{v['reload_s']:.2f}"),
+            ("held connections lost on reload", lambda v: f"{v['failed_on_reload']:,}"),
+            ("restart with all open: stop, start (s)", lambda v: f"{v['stop_s']:.1f}, {v['start_s']:.1f}"),
+            ("held connections that outlived the restart", lambda v: f"{v['outlived_restart']:,}"),
+            ("all reopened after the restart (failed)",
+             lambda v: f"{v['reopened']:,} ({errors(v['reopen_errors'])})")]
+    lines = ["", f"Scale phase: {next(iter(held.values()))['connections']:,} concurrent "
+             "connections through each proxy (16 client source addresses, 8 backend "
+             "addresses, in the bench's namespace); flyproxy as shipped (one worker per "
+             f"CPU), drain grace {HOLD_GRACE_S} s; HAProxy master-worker, maxconn raised "
+             "(its reload is a new worker beside the old one). A restart stops the process: "
+             "held connections end with it, for every proxy.", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, cell in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(held[name]) for name in names) + " |")
+    if base and base["rss_kib_per_conn"] > 0:
+        lines += ["", "RSS per connection against HAProxy: " + "; ".join(
+            f"{name} {v['rss_kib_per_conn'] / base['rss_kib_per_conn']:.2f}x"
+            for name, v in held.items() if v is not base) + "."]
+    return lines
+
+
 # -- output ------------------------------------------------------------------------------
 
 ROWS = [  # key, label, format, higher is better
@@ -699,7 +933,7 @@ def rounds_ahead(rounds: dict, name: str, key: str, higher: bool) -> tuple[int, 
     return ahead, n
 
 
-def report(summary: dict, meta: dict, rounds: dict) -> str:
+def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None) -> str:
     names = list(summary)
     base = summary.get("HAProxy", {})
     lines = [f"# flyproxy benchmark ({meta['date']})", "",
@@ -758,6 +992,7 @@ def report(summary: dict, meta: dict, rounds: dict) -> str:
                       f"new conn/s {v['conn_per_s_names']:,.0f} with the target as a host name "
                       f"vs {v['conn_per_s_ip']:,.0f} as an IP literal "
                       f"({v['conn_per_s_names'] / v['conn_per_s_ip']:.2f}x)."]
+    lines += hold_report(scaled or {})
     if meta.get("failed"):
         lines += ["", "Rounds that failed (that proxy's medians are over its other rounds): "
                   + "; ".join(meta["failed"]) + "."]

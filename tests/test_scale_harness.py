@@ -1,0 +1,60 @@
+"""The bench's scale phase machinery (`make bench` runs it with 100,000 connections; here a
+few hundred, through a real flyproxy on loopback): that it counts what is held, and that
+it notices connections that are lost."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "bench"))
+import bench  # noqa: E402
+import hold  # noqa: E402
+
+from helpers import free_ports, write_config  # noqa: E402
+
+N = 300
+
+
+def test_processes_for_keeps_every_process_under_the_fd_limit():
+    assert hold.processes_for(200_000, limit=1_048_576) == 1
+    # a container's 20,000: 200,000 fds (+10 % for an uneven spread) over 19,000 each
+    assert hold.processes_for(200_000, limit=20_000) == 12
+    assert hold.processes_for(10, limit=20_000) == 1
+
+
+def test_held_connections_are_counted_and_lost_ones_noticed(tmp_path, start_proxy):
+    front, backend_port = free_ports(2)
+    backends = hold.backends(n=4, port=backend_port)
+    echo = hold.EchoBackend(backends, processes=2)
+    config = write_config(tmp_path / "config.json",
+                          {"hold": ([front], [f"{h}:{p}" for h, p in backends])})
+    proxy = start_proxy(config)
+    clients = hold.Clients(("127.0.0.1", front), processes=2)
+    try:
+        opened = clients.call("open", N, timeout_s=60)
+        assert opened == {"opened": N, "errors": {}}
+        assert clients.call("echo", timeout_s=90) == {"echoed": N, "dead": 0, "silent": 0}
+        proxy.stop()  # every connection through it ends
+        lost = clients.call("echo", timeout_s=90)
+        assert lost["echoed"] == 0 and lost["dead"] + lost["silent"] == N
+        refused = clients.call("open", 10, timeout_s=60)
+        assert refused["opened"] == 0 and refused["errors"] == {"ECONNREFUSED": 10}
+    finally:
+        clients.stop()
+        echo.stop()
+
+
+def test_the_scale_report_has_a_column_per_proxy():
+    figures = {"connections": 100_000, "opened": 100_000, "open_errors": {}, "held": 100_000,
+               "open_per_s": 7000.0, "cpu_us_per_conn": 140.0, "rss_kib_per_conn": 1.5,
+               "kernel_kib_per_conn": 15.0, "reload_s": 0.3, "failed_on_reload": 0,
+               "stop_s": 6.0, "start_s": 1.0, "outlived_restart": 0, "reopened": 99_990,
+               "reopen_errors": {"timed out": 10}, "reopen_per_s": 7000.0}
+    text = "\n".join(bench.hold_report({"flyproxy": figures,
+                                        "HAProxy (2 threads)": {**figures, "rss_kib_per_conn": 3.0}}))
+    assert "| | flyproxy | HAProxy (2 threads) |" in text
+    assert "| held at once (of connections opened) | 100,000 of 100,000 |" in text
+    assert "| all reopened after the restart (failed) | 99,990 (10 timed out) |" in text
+    assert "flyproxy 0.50x" in text
+    assert bench.hold_report({}) == []
