@@ -29,7 +29,8 @@ from typing import Any, Iterable
 
 import jsonschema
 
-__all__ = ["App", "Config", "ConfigDiff", "ConfigError", "Target", "diff", "load", "loads"]
+__all__ = ["App", "Config", "ConfigDiff", "ConfigError", "HealthCheck", "Target", "diff", "load",
+           "loads"]
 
 # An RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
@@ -122,11 +123,33 @@ class Target:
 
 
 @dataclasses.dataclass(frozen=True)
+class HealthCheck:
+    """An app's optional "HealthCheck": a TCP connect to each target every ``interval_s``,
+    bounded by ``timeout_s``; ``fall`` failures in a row take it down, ``rise`` successes
+    bring it back."""
+
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+    @classmethod
+    def parse(cls, doc: dict) -> HealthCheck:
+        d = cls()
+        return cls(float(doc.get("Interval", d.interval_s)), float(doc.get("Timeout", d.timeout_s)),
+                   int(doc.get("Rise", d.rise)), int(doc.get("Fall", d.fall)))
+
+
+@dataclasses.dataclass(frozen=True)
 class App:
     name: str
     ports: tuple[int, ...]
     targets: tuple[Target, ...]
-    max_connections: int | None = None  # optional "MaxConnections" (our extension)
+    # our extensions, each an optional per-app key:
+    max_connections: int | None = None  # "MaxConnections"
+    proxy_protocol: str | None = None  # "ProxyProtocol": "v1" or "v2"
+    balance: str = "random"  # "Balance": "random" or "least-connections"
+    health_check: HealthCheck | None = None  # "HealthCheck"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +188,11 @@ class ConfigDiff:
     removed_ports: frozenset[int]
     moved_ports: frozenset[int]  # kept, but now belong to another app
     retargeted_apps: tuple[str, ...]  # same name, different targets
+    reoptioned_apps: tuple[str, ...] = ()  # same name, other options (ProxyProtocol, ...)
 
     def __bool__(self) -> bool:
-        return bool(self.added_ports or self.removed_ports or self.moved_ports or self.retargeted_apps)
+        return bool(self.added_ports or self.removed_ports or self.moved_ports or
+                    self.retargeted_apps or self.reoptioned_apps)
 
     def __str__(self) -> str:
         if not self:
@@ -179,6 +204,8 @@ class ConfigDiff:
                 parts.append(f"ports {label}: {_port_list(ports)}")
         if self.retargeted_apps:
             parts.append("targets changed: " + ", ".join(self.retargeted_apps))
+        if self.reoptioned_apps:
+            parts.append("options changed: " + ", ".join(self.reoptioned_apps))
         return "; ".join(parts)
 
 
@@ -198,7 +225,13 @@ def diff(old: Config, new: Config) -> ConfigDiff:
         moved_ports=frozenset(p for p in kept if old_routes[p].name != new_routes[p].name),
         retargeted_apps=tuple(a.name for a in new.apps
                               if a.name in old_apps and old_apps[a.name].targets != a.targets),
+        reoptioned_apps=tuple(a.name for a in new.apps if a.name in old_apps and
+                              _options(old_apps[a.name]) != _options(a)),
     )
+
+
+def _options(app: App) -> tuple:
+    return (app.max_connections, app.proxy_protocol, app.balance, app.health_check)
 
 
 def json_path(parts: Iterable[Any]) -> str:
@@ -287,7 +320,9 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
             lines.append(f"(and {len(problems) - MAX_ERRORS} more problems)")
         raise ConfigError(source, lines)
     apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
-                     tuple(Target.parse(t) for t in a["Targets"]), a.get("MaxConnections"))
+                     tuple(Target.parse(t) for t in a["Targets"]), a.get("MaxConnections"),
+                     a.get("ProxyProtocol"), a.get("Balance", "random"),
+                     HealthCheck.parse(a["HealthCheck"]) if "HealthCheck" in a else None)
                  for a in doc["Apps"])
     return Config(apps, source, hashlib.sha256(raw).hexdigest(), raw)
 
@@ -297,7 +332,8 @@ def _message(error: jsonschema.ValidationError) -> str:
         return "is empty; list at least one"
     if error.validator == "pattern" and error.schema.get("description"):
         return f"{quote(error.instance)}: {error.schema['description']}"
-    if error.validator in ("type", "minimum", "maximum", "maxLength", "minLength", "enum",
+    if error.validator in ("type", "minimum", "maximum", "exclusiveMinimum", "maxLength",
+                           "minLength", "enum",
                            "additionalProperties", "required"):
         return error.message if len(error.message) <= 2 * QUOTE_CHARS else \
             f"{quote(error.instance)}: fails {error.validator} {error.validator_value!r}"

@@ -137,7 +137,8 @@ class Proxy:
             sock.close()
             return
         self.active[app.name] = active + 1
-        tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.settings.splice_after)
+        tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.settings.splice_after,
+                        app.proxy_protocol)
         self.tunnels.add(tunnel)
         self.metrics.accepted(app.name)
         order = self.health.order(app.targets)

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 
+from . import proxy_protocol as pp
 from .engine import EPOLLERR, EPOLLHUP, RESOURCE_ERRNOS, Engine
 from .relay import NEVER, End
 
@@ -35,10 +36,10 @@ class Tunnel:
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
                  "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "racing", "stagger",
                  "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
-                 "done", "keepalive", "survivor", "abort_timer")
+                 "done", "keepalive", "survivor", "abort_timer", "proxy_protocol")
 
     def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
-                 splice_after: int = 0) -> None:
+                 splice_after: int = 0, proxy_protocol: str | None = None) -> None:
         self.engine = engine
         self.owner = owner
         self.client_addr = addr
@@ -65,6 +66,7 @@ class Tunnel:
         self.keepalive = False  # the backend socket has its TCP keepalive (proxy's sweep)
         self.survivor: End | None = None  # after one end failed: the other, being flushed
         self.abort_timer = None
+        self.proxy_protocol = proxy_protocol  # "v1"/"v2": a header goes first to the backend
         self.client = End(self, sock)
         self.client.update()  # read what the client sends while the backend connects
 
@@ -184,6 +186,13 @@ class Tunnel:
         if self.done:
             return
         early = client.early
+        if self.proxy_protocol is not None:  # the header, before any byte of the client's
+            try:
+                local = client.sock.getsockname()  # in BPF mode: the port it was steered from
+            except OSError:
+                return self.abort("client-reset")
+            head = pp.header(self.proxy_protocol, self.client_addr, local)
+            early = head if early is None else head + early
         if early is not None:  # what the client sent meanwhile
             client.early = None
             end.out = early
