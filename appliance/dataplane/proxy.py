@@ -47,6 +47,8 @@ class Proxy:
         self.health = balancer.Health(self.settings.eject_s)
         self.tunnels: set[Tunnel] = set()
         self.active: dict[str, int] = {}  # app name -> open connections
+        self.load: dict[tuple[str, object], int] = {}  # (app, target) -> connections to it
+        self.down: dict[str, frozenset] = {}  # app -> targets its active checks hold down
         self.metrics.track_active(self.active)
         self._routes = config.routes
         self._owned: dict[int, Listener] = {}  # port -> listener, per-port mode
@@ -141,7 +143,12 @@ class Proxy:
                         app.proxy_protocol)
         self.tunnels.add(tunnel)
         self.metrics.accepted(app.name)
-        order = self.health.order(app.targets)
+        if app.balance == "least-connections":
+            load, name = self.load, app.name
+            order = self.health.order(app.targets, self.down.get(name),
+                                      lambda t: load.get((name, t), 0))
+        else:
+            order = self.health.order(app.targets, self.down.get(app.name))
         if self.resolver.unsettled:  # some name has no address now: skip it, or try it last
             order = self.resolver.arrange(order)
         tunnel.connect(order, self.health, self.resolver)
@@ -155,6 +162,8 @@ class Proxy:
     # -- what the tunnels tell us (tunnel.Tunnel's owner) ----------------------------------
 
     def connected(self, tunnel: Tunnel, seconds: float) -> None:
+        key = (tunnel.app, tunnel.target)
+        self.load[key] = self.load.get(key, 0) + 1
         self.metrics.connected(tunnel.app, tunnel.target, seconds, tunnel.failures)
         if tunnel.failures:
             log.info("app %s port %s: connected to %s after %d attempts (%s)", tunnel.app,
@@ -186,6 +195,13 @@ class Proxy:
     def closed(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
         self.active[tunnel.app] -= 1
+        if tunnel.target is not None:
+            key = (tunnel.app, tunnel.target)
+            left = self.load[key] - 1
+            if left:
+                self.load[key] = left
+            else:
+                del self.load[key]
         bytes_in = tunnel.client.nbytes
         bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
         end = tunnel.end or "closed"
