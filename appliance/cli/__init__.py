@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     control_arg(p, None)
     p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
                    help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
+    p.add_argument("--watch", action="store_true",
+                   help="reload when the config file changes (inotify on its directory; "
+                        "default: off, reload on SIGHUP or `flyproxy reload`, as the unit does)")
     add_arguments(p)  # every tunable: appliance/settings.py
     # set by a supervisor for its workers (service/supervisor.py)
     p.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)

@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
         config = _load_or_exit(args.config)
         sockets = launch.sockets_for(args.listen, args.fd)
         return launch.serve(args.config, config, settings, sockets, control_path=args.control,
-                            metrics=args.metrics, log_level=args.log_level)
+                            metrics=args.metrics, log_level=args.log_level, watch=args.watch)
     except launch.LaunchError as e:
         print(f"flyproxy serve: {e}", file=sys.stderr)
         return 1

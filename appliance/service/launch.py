@@ -21,6 +21,7 @@ from . import control
 from .server import Server
 from .supervisor import Supervisor
 from .systemd import systemd_fds
+from .watch import WatchError
 
 
 class LaunchError(Exception):
@@ -43,11 +44,11 @@ def sockets_for(listen: str | None, fds: list[int] | None) -> list[socket.socket
 
 def serve(config_path: str, config: configmod.Config, settings: Settings,
           sockets: list[socket.socket], *, control_path: str | None, metrics: str | None,
-          log_level: str) -> int:
+          log_level: str, watch: bool = False) -> int:
     """Run a single process, or a supervisor and its workers; returns the exit status."""
     if settings.workers > 1:
         supervisor = Supervisor(config_path, config, settings, sockets, control_path=control_path,
-                                metrics_address=metrics, log_level=log_level)
+                                metrics_address=metrics, log_level=log_level, watch=watch)
         try:
             supervisor.serve_metrics()
         except (OSError, ValueError) as e:
@@ -58,14 +59,14 @@ def serve(config_path: str, config: configmod.Config, settings: Settings,
             raise LaunchError(f"cannot make the workers' listening group: {e.strerror}") from None
         try:
             return asyncio.run(supervisor.serve())
-        except (OSError, control.ControlError) as e:  # the control socket or the metrics port
+        except (OSError, control.ControlError, WatchError) as e:  # control socket, metrics, watch
             raise LaunchError(str(e)) from None
     try:
         collector = metricsmod.create(metrics)
     except (OSError, ValueError) as e:
         raise LaunchError(f"--metrics {metrics}: {e}") from None
     return _run_server(Server(config_path, config, settings, sockets=sockets, metrics=collector,
-                              control_path=control_path), settings)
+                              control_path=control_path, watch=watch), settings)
 
 
 def serve_worker(config_path: str, config_fd: int, channel_fd: int, settings: Settings,
@@ -88,5 +89,5 @@ def serve_worker(config_path: str, config_fd: int, channel_fd: int, settings: Se
 def _run_server(server: Server, settings: Settings) -> int:
     try:
         return run(server.serve(), settings.loop)
-    except (listeners.ListenerError, control.ControlError) as e:
+    except (listeners.ListenerError, control.ControlError, WatchError) as e:
         raise LaunchError(str(e)) from None

@@ -35,8 +35,11 @@ class Server:
     def __init__(self, config_path: str, config: configmod.Config,
                  settings: Settings | None = None, *,
                  sockets: list[socket.socket] | None = None, metrics: NullMetrics | None = None,
-                 control_path: str | None = None, channel: socket.socket | None = None) -> None:
+                 control_path: str | None = None, channel: socket.socket | None = None,
+                 watch: bool = False) -> None:
         self.config_path = config_path
+        self.watch = watch  # serve --watch: reload when the file changes (watch.py)
+        self.watcher = None
         self.control_path = control_path
         self.channel = channel  # set in a worker: its supervisor's requests come here
         self._control = None
@@ -81,6 +84,11 @@ class Server:
             self._control = await control.start(self, self.control_path)
         if self.metrics.http is not None:
             await self.metrics.http.start()
+        if self.watch:
+            from .watch import ConfigWatcher
+            self.watcher = ConfigWatcher(self.config_path, self.reload,
+                                         lambda: self.proxy.config.digest)
+            self.watcher.start()
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
         if self.channel is None:
@@ -95,6 +103,8 @@ class Server:
 
         await self._stop.wait()
         notify("STOPPING=1", "STATUS=draining connections")
+        if self.watcher is not None:
+            self.watcher.close()
         self.proxy.stop_accepting()
         if self._control is not None:
             self._control.close()

@@ -57,8 +57,11 @@ _BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
 class Supervisor:
     def __init__(self, config_path: str, config: configmod.Config, settings: Settings,
                  sockets: list[socket.socket], *, control_path: str | None = None,
-                 metrics_address: str | None = None, log_level: str = "info") -> None:
+                 metrics_address: str | None = None, log_level: str = "info",
+                 watch: bool = False) -> None:
         self.config_path = config_path
+        self.watch = watch  # serve --watch (watch.py): the supervisor watches, for all
+        self.watcher = None
         self.config = config
         self.generation = 1
         self.settings = settings
@@ -120,12 +123,18 @@ class Supervisor:
             control_server = await control.start(self, self.control_path)
         if self.metrics_http is not None:
             await self.metrics_http.start()
+        if self.watch:
+            from .watch import ConfigWatcher
+            self.watcher = ConfigWatcher(self.config_path, self.reload, lambda: self.config.digest)
+            self.watcher.start()
         pids = ", ".join(str(w.proc.pid) for w in self.workers)
         log.info("serving %s with %d workers (pids %s)", self.config.summary(),
                  len(self.workers), pids)
         notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
         await self._stop.wait()
         notify("STOPPING=1", "STATUS=draining connections")
+        if self.watcher is not None:
+            self.watcher.close()
         for member in self.group:  # once the workers close theirs, the group is gone and
             member.close()  # the BPF program sends new connections to the listener
         if control_server is not None:
