@@ -21,6 +21,7 @@ class NullMetrics:
     """Metrics off: every hook is a no-op."""
 
     http = None  # the endpoint (metrics_http.MetricsServer), when served
+    checks = None  # () -> the health checks' state (a single process's own checker)
 
     def track_active(self, active: dict[str, int]) -> None: ...
     def accepted(self, app: str) -> None: ...
@@ -222,6 +223,9 @@ class Metrics(NullMetrics):
         yield state
         yield count
         yield age
+        if self.checks is not None:
+            from .dataplane.checks import check_families
+            yield from check_families(self.checks())
         used, limit = self.open_fds()
         open_fds = GaugeMetricFamily("flyproxy_open_fds", "File descriptors open (summed over "
                                      "the workers)")

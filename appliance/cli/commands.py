@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 from .. import config as configmod
 from ..settings import Settings, parse_hostport
@@ -102,13 +103,14 @@ def status(args: argparse.Namespace) -> int:
             else f"pid {w['pid']} (starting)" for w in reply["workers"]))
     elif reply.get("fds"):
         print(_fds(reply["fds"]))
-    rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH")]
+    rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH", "CHECK")]
     for a in reply["apps"]:
         limit = f"/{a['max_connections']}" if a.get("max_connections") else ""
         for i, t in enumerate(a["targets"]):
             first = i == 0
             rows.append((a["name"] if first else "", " ".join(map(str, a["ports"])) if first else "",
-                         f"{a['active']}{limit}" if first else "", t["target"], t["health"]))
+                         f"{a['active']}{limit}" if first else "", t["target"], t["health"],
+                         _check(t.get("check"))))
     _print_table(rows)
     if reply.get("names"):
         print()
@@ -119,6 +121,16 @@ def status(args: argparse.Namespace) -> int:
                          f"{n['ttl_s']:g}s", n["source"], n["error"] or "-"))
         _print_table(rows)
     return 0
+
+
+def _check(check: dict | None) -> str:
+    """An active check's state: "up 5m", "down 12s (refused)", or "-" (not checked)."""
+    if not check:
+        return "-"
+    ago = max(0, int(time.time() - check["since"]))
+    age = f"{ago // 3600}h" if ago >= 3600 else f"{ago // 60}m" if ago >= 60 else f"{ago}s"
+    why = f" ({check['error']})" if check["state"] == "down" and check["error"] else ""
+    return f"{check['state']} {age}{why}"
 
 
 def _fds(fds: dict | None) -> str:

@@ -13,13 +13,16 @@ bounded grace period, then aborts what is left. A second signal aborts at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import socket
 
 from .. import config as configmod
+from ..config import Target
 from ..dataplane import listeners
+from ..dataplane.checks import Checker
 from ..dataplane.proxy import Proxy
 from ..logs import RateLimited
 from .. import metrics_http
@@ -40,6 +43,7 @@ class Server:
         self.config_path = config_path
         self.watch = watch  # serve --watch: reload when the file changes (watch.py)
         self.watcher = None
+        self.checker = None  # active health checks (a single process runs its own)
         self.control_path = control_path
         self.channel = channel  # set in a worker: its supervisor's requests come here
         self._control = None
@@ -64,13 +68,17 @@ class Server:
 
     def status(self) -> dict:
         p = self.proxy
+        checks = {(r["app"], r["target"]): r for r in self.checker.state()} if self.checker else {}
         return {
             "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
             "mode": "handed-in" if self.sockets else "per-port", "pid": os.getpid(),
             "active": len(p.tunnels), "accepting": p.accepting,
             "apps": [{"name": a.name, "ports": list(a.ports), "active": p.active.get(a.name, 0),
-                      "max_connections": a.max_connections,
-                      "targets": [{"target": str(t), "health": p.health.describe(t)}
+                      "max_connections": a.max_connections, "balance": a.balance,
+                      "proxy_protocol": a.proxy_protocol,
+                      "targets": [{"target": str(t), "health": p.health.describe(t),
+                                   **({"check": checks[(a.name, str(t))]}
+                                      if (a.name, str(t)) in checks else {})}
                                   for t in a.targets]} for a in p.config.apps],
             "names": p.resolver.status() if p.resolver is not None else [],
             "fds": dict(zip(("open", "limit"), metrics_http.fds())),
@@ -80,6 +88,11 @@ class Server:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_error)
         await self.proxy.start(self.sockets)
+        if self.channel is None:  # a worker is told its supervisor's checks instead
+            self.checker = Checker(self._check_addresses, self._checks_changed)
+            self.checker.apply(self.proxy.config)
+            if hasattr(self.metrics, "checks"):
+                self.metrics.checks = self.checker.state
         if self.control_path:
             self._control = await control.start(self, self.control_path)
         if self.metrics.http is not None:
@@ -105,6 +118,8 @@ class Server:
         notify("STOPPING=1", "STATUS=draining connections")
         if self.watcher is not None:
             self.watcher.close()
+        if self.checker is not None:
+            self.checker.close()
         self.proxy.stop_accepting()
         if self._control is not None:
             self._control.close()
@@ -138,6 +153,13 @@ class Server:
         self._tasks.add(task)  # the loop keeps only a weak reference to tasks
         task.add_done_callback(self._tasks.discard)
 
+    def _check_addresses(self, target) -> list:
+        name = self.proxy.resolver.names.get(target.host) if self.proxy.resolver else None
+        return name.sockaddrs(target.port) if name is not None and name.addrs else []
+
+    def _checks_changed(self) -> None:
+        self.proxy.down = self.checker.down()
+
     def _on_hup(self) -> None:
         self._spawn(self.reload())
 
@@ -157,6 +179,10 @@ class Server:
             return {"ok": True}
         if command == "status":
             return {"ok": True, **self.status()}
+        if command.startswith("health "):  # the supervisor's checks: what is down now
+            self.proxy.down = {app: frozenset(Target.parse(t) for t in targets)
+                               for app, targets in json.loads(command[7:]).items()}
+            return {"ok": True}
         if command == "metrics" and hasattr(self.metrics, "snapshot"):
             return {"ok": True, "metrics": self.metrics.snapshot()}
         return {"ok": False, "error": f"unknown command {command!r}"}
@@ -184,6 +210,8 @@ class Server:
             log.exception("reload of %s failed", self.config_path)
             return self._reload_failed(f"reload of {self.config_path} failed (internal error: "
                                        f"{e!r}), still serving generation {self.proxy.generation}")
+        if self.checker is not None:
+            self.checker.apply(new)
         message = f"reloaded to generation {self.proxy.generation} ({new.summary()}): {change}"
         self.metrics.reloaded(True, self.proxy.generation)
         log.info("%s", message)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import os
 import signal
@@ -62,6 +63,8 @@ class Supervisor:
         self.config_path = config_path
         self.watch = watch  # serve --watch (watch.py): the supervisor watches, for all
         self.watcher = None
+        self.checker = None  # active health checks: one set for the host, told to every worker
+        self.resolver = None  # ... with the addresses of host-name targets
         self.config = config
         self.generation = 1
         self.settings = settings
@@ -115,6 +118,7 @@ class Supervisor:
             log.error("%s", e)
             await self._shutdown()
             return 1
+        self.start_checks()
         for w in self.workers:
             self._spawn(self._watch(w))
             self._spawn(self._heartbeat(w))
@@ -135,6 +139,8 @@ class Supervisor:
         notify("STOPPING=1", "STATUS=draining connections")
         if self.watcher is not None:
             self.watcher.close()
+        self.checker.close()
+        self.resolver.close()
         for member in self.group:  # once the workers close theirs, the group is gone and
             member.close()  # the BPF program sends new connections to the listener
         if control_server is not None:
@@ -144,6 +150,41 @@ class Supervisor:
         await self._shutdown()
         log.info("stopped")
         return self._exit
+
+    # -- active health checks ------------------------------------------------------------
+
+    def start_checks(self) -> None:
+        from ..dataplane.checks import Checker
+        from ..dataplane.resolver import Resolver
+
+        self.resolver = Resolver(asyncio.get_running_loop(), self.settings)
+        self.checker = Checker(self._check_addresses, self._checks_changed)
+        self.apply_checks(self.config)
+
+    def apply_checks(self, config: configmod.Config) -> None:
+        self.resolver.track(t.host for a in config.apps if a.health_check for t in a.targets
+                            if t.addrs is None)
+        self.checker.apply(config)
+
+    def _check_addresses(self, target) -> list:
+        name = self.resolver.names.get(target.host)
+        return name.sockaddrs(target.port) if name is not None and name.addrs else []
+
+    def health_command(self) -> str:
+        down = {app: sorted(map(str, targets)) for app, targets in self.checker.down().items()}
+        return "health " + json.dumps(down)
+
+    def _checks_changed(self) -> None:
+        command = self.health_command()
+        for w in self.workers:
+            if w.ready:
+                self._spawn(self._tell(w, command))
+
+    async def _tell(self, w: Worker, command: str) -> None:
+        try:
+            await w.request(command)
+        except WorkerGone as e:  # replaced, and told again when it is back
+            log.error("%s", e)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -172,6 +213,8 @@ class Supervisor:
             w.close_channel()
             raise WorkerGone(f"{w} exited with status {code} before it was ready "
                              "(its error is logged above)") from None
+        if self.checker is not None and self.checker.down():  # (a replacement: what is down)
+            await w.request(self.health_command(), STARTUP_TIMEOUT_S)
         w.ready = True
 
     async def _watch(self, w: Worker) -> None:
@@ -299,6 +342,7 @@ class Supervisor:
             change = configmod.diff(self.config, new)
             self.config = new
             self.generation += 1
+            self.apply_checks(new)
             self.reloads["ok"] += 1
             message = (f"reloaded to generation {self.generation} ({new.summary()}) "
                        f"in {len(replies)} workers: {change}")
@@ -345,6 +389,11 @@ class Supervisor:
                 seen = set(t["health"].values())
                 t["health"] = (seen.pop() if len(seen) == 1 else
                                "; ".join(f"worker {i}: {h}" for i, h in sorted(t["health"].items())))
+        checks = {(r["app"], r["target"]): r for r in self.checker.state()}
+        for a in apps.values():
+            for t in a["targets"]:
+                if (a["name"], t["target"]) in checks:
+                    t["check"] = checks[(a["name"], t["target"])]
         status["apps"] = list(apps.values())
         from ..metrics import merged_names
         status["names"] = merged_names([r.get("names", []) for _, r in replies])
@@ -396,3 +445,5 @@ class _GatheredMetrics:
                                        "Workers started again after they exited")
         restarts.add_metric([], sup.restarts)
         yield restarts
+        from ..dataplane.checks import check_families
+        yield from check_families(sup.checker.state())
