@@ -151,6 +151,21 @@ class App:
     balance: str = "random"  # "Balance": "random" or "least-connections"
     health_check: HealthCheck | None = None  # "HealthCheck"
 
+    def options(self) -> str:
+        """The extensions this app uses, as `flyproxy check` prints them ("" for none)."""
+        parts = []
+        if self.max_connections is not None:
+            parts.append(f"MaxConnections {self.max_connections}")
+        if self.proxy_protocol:
+            parts.append(f"ProxyProtocol {self.proxy_protocol}")
+        if self.balance != "random":
+            parts.append(f"Balance {self.balance}")
+        if self.health_check:
+            h = self.health_check
+            parts.append(f"HealthCheck every {h.interval_s:g}s (timeout {h.timeout_s:g}s, "
+                         f"rise {h.rise}, fall {h.fall})")
+        return ", ".join(parts)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

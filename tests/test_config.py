@@ -223,3 +223,47 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
         config.load(big)
     assert str(info.value) == (f"{big}: is {200 * 1024 * 1024:,} bytes; a config may have at "
                                f"most {config.MAX_BYTES:,}")
+
+
+# -- the optional per-app keys: ProxyProtocol, Balance, HealthCheck -----------------------
+
+def test_optional_keys_parse_and_the_challenge_format_needs_none():
+    plain = config.loads(doc(app()))
+    assert (plain.apps[0].proxy_protocol, plain.apps[0].balance, plain.apps[0].health_check) == \
+        (None, "random", None)
+    rich = config.loads(doc({**app(), "ProxyProtocol": "v1", "Balance": "least-connections",
+                             "HealthCheck": {"Interval": 5, "Timeout": 0.5, "Rise": 1,
+                                             "Fall": 4}}))
+    a = rich.apps[0]
+    assert (a.proxy_protocol, a.balance) == ("v1", "least-connections")
+    assert a.health_check == config.HealthCheck(5.0, 0.5, 1, 4)
+    assert a.options() == ("ProxyProtocol v1, Balance least-connections, HealthCheck every 5s "
+                           "(timeout 0.5s, rise 1, fall 4)")
+
+
+def test_optional_keys_bad_values_name_the_place():
+    errors = errors_of(doc({**app(), "ProxyProtocol": "v3", "Balance": "round-robin",
+                            "HealthCheck": {"Interval": 0, "Fall": 0, "Every": 3}}))
+    assert errors == [
+        "Apps[0].Balance: 'round-robin' is not one of ['random', 'least-connections']",
+        "Apps[0].HealthCheck: Additional properties are not allowed ('Every' was unexpected)",
+        "Apps[0].HealthCheck.Fall: 0 is less than the minimum of 1",
+        "Apps[0].HealthCheck.Interval: 0 is less than or equal to the minimum of 0",
+        "Apps[0].ProxyProtocol: 'v3' is not one of ['v1', 'v2']",
+    ]
+
+
+def test_a_changed_option_is_a_change_for_reload():
+    old = config.loads(doc(app()))
+    new = config.loads(doc({**app(), "ProxyProtocol": "v2"}))
+    change = config.diff(old, new)
+    assert change and change.reoptioned_apps == ("a",)
+    assert str(change) == "options changed: a"
+
+
+def test_cli_check_lists_the_options_an_app_uses(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(doc({**app("pp"), "ProxyProtocol": "v2"}, app("plain", ports=[2000])))
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["  pp: ProxyProtocol v2"]

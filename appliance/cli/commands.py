@@ -25,6 +25,9 @@ def _load_or_exit(path: str) -> configmod.Config:
 def check(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.config)
     print(f"{args.config}: OK: {config.summary()}")
+    for app in config.apps:
+        if app.options():
+            print(f"  {app.name}: {app.options()}")
     return 0
 
 
