@@ -79,30 +79,32 @@ def metric(port: int, name: str, **labels) -> float:
     return total
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers,host", [("1", "127.0.0.1"), ("2", "127.0.0.1"),
+                                          ("2", "localhost")])  # a name: the resolver's addresses
 def test_a_dead_target_is_checked_down_shared_by_all_workers_and_comes_back(
-        tmp_path, start_proxy, make_backend, workers):
+        tmp_path, start_proxy, make_backend, workers, host):
     live = make_backend("live")
+    live_target = f"{host}:{live.port}"
     dead = dead_port()
-    dead_target = f"127.0.0.1:{dead}"
+    dead_target = f"{host}:{dead}"
     port, metrics_port = free_ports(2)
     control = tmp_path / "control.sock"
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"Apps": [{"Name": "app", "Ports": [port], "Targets": [
-        live.address, dead_target], "HealthCheck": FAST}]}))
+        live_target, dead_target], "HealthCheck": FAST}]}))
     proxy = start_proxy(config, "--workers", workers, "--control", str(control),
                         "--metrics", f"127.0.0.1:{metrics_port}")
     wait_until(lambda: (check_of(control, dead_target) or {}).get("state") == "down",
                "the dead target to be checked down")
     down = check_of(control, dead_target)
     assert down["error"] == "refused" and down["checks"] >= 2
-    assert check_of(control, live.address)["state"] == "up"
+    assert check_of(control, live_target)["state"] == "up"
 
     # one set of checks for the host: the live backend sees the checker's connects only
-    wait_until(lambda: check_of(control, live.address)["checks"] >= 3, "three checks")
-    before = check_of(control, live.address)["checks"]
+    wait_until(lambda: check_of(control, live_target)["checks"] >= 3, "three checks")
+    before = check_of(control, live_target)["checks"]
     seen = live.connections
-    after = check_of(control, live.address)["checks"]
+    after = check_of(control, live_target)["checks"]
     assert before - 1 <= seen <= after + 1, (before, seen, after)
 
     # down: not tried while the live one is up (no connect attempt, in any worker)
@@ -111,7 +113,7 @@ def test_a_dead_target_is_checked_down_shared_by_all_workers_and_comes_back(
         assert greet(port) == "live"
     assert metric(metrics_port, "flyproxy_connect_attempts_total", target=dead_target) == attempts
     assert metric(metrics_port, "flyproxy_target_up", target=dead_target) == 0
-    assert metric(metrics_port, "flyproxy_target_up", target=live.address) == 1
+    assert metric(metrics_port, "flyproxy_target_up", target=live_target) == 1
 
     # it comes back: Rise checks later it is up, and connections reach it again
     back = TaggedBackend("back", dead)
