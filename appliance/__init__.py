@@ -1,3 +1,3 @@
 """flyproxy: a small L4 (raw TCP) proxy appliance with sk_lookup BPF steering."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
