@@ -45,6 +45,7 @@ def test_workers_as_configured_and_unprivileged(host):
         assert host.check_output(f"grep CapEff /proc/{w['pid']}/status").split()[1] == "0" * 16
     dropin = host.file("/etc/systemd/system/flyproxy.service.d/workers.conf")
     assert dropin.contains("FLYPROXY_WORKERS=auto")
+    assert dropin.contains("LimitNOFILE=1048576")  # flyproxy_limit_nofile's default
 
 
 def test_the_running_proxy_has_the_units_fd_limit(host):
