@@ -344,7 +344,11 @@ class FlyProxy(Proxy):
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
                              # as shipped: metrics on (the appliance unit turns them on)
                              "--metrics", f"127.0.0.1:{self.front['http'] + 9}",
-                             *self.serve_args()], self.name.replace(" ", "-"), cwd=REPO)]
+                             *self.serve_args()], self.name.replace(" ", "-"), cwd=REPO,
+                            pass_fds=self.pass_fds())]
+
+    def pass_fds(self) -> tuple[int, ...]:
+        return ()
 
     def restart(self) -> tuple[float, float]:
         """Stop (SIGTERM: open connections drain for the grace period, then are ended) and
@@ -394,11 +398,21 @@ class FlyProxyBPF(FlyProxy):
         super().__init__(base, workers=workers)
         self.name = "flyproxy BPF" + describe_workers(workers)
         self.pin_dir = bpffs / "flyproxy"
+        self.listener: socket.socket | None = None
 
     def serve_args(self) -> list[str]:
-        return ["--listen", f"127.0.0.1:{self.LISTEN}"]
+        return ["--fd", str(self.listener.fileno())]
+
+    def pass_fds(self) -> tuple[int, ...]:
+        return (self.listener.fileno(),)
 
     def start(self) -> None:
+        # The listening socket is the bench's, as the appliance's is systemd's (its socket
+        # unit): it outlives a restart of the proxy, and connections queue in it meanwhile.
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.LISTEN))
+        self.listener.listen(4096)
         self.write_config()
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "load", "-c", str(self.config),
                         "--pin-dir", str(self.pin_dir)], cwd=REPO, check=True, capture_output=True)
@@ -423,6 +437,9 @@ class FlyProxyBPF(FlyProxy):
         super().stop()
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "unload", "--pin-dir",
                         str(self.pin_dir)], cwd=REPO, capture_output=True)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -657,6 +674,9 @@ def main() -> int:
             return 1
     global WORK
     WORK = Path(tempfile.mkdtemp(prefix="flyproxy-bench-"))
+    # SIGTERM (a timeout, Ctrl-C's cousin) unwinds like an exception: the finally blocks
+    # stop the proxies and backends and delete the namespace
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # As the unit does (LimitNOFILE=1048576), where root may (CAP_SYS_RESOURCE; the scale
     # phase spreads its connections over more processes where it may not).
     limit = min(1 << 20, int(Path("/proc/sys/fs/nr_open").read_text()))
@@ -825,7 +845,11 @@ def hold_phase(proxy: Proxy, n: int = HOLD) -> dict:
         log(f"{proxy.name}: {held:,} of {n:,} held ({opened['errors'] or 'no errors'})")
         reload_s = proxy.reload()
         after_reload = clients.call("echo")
-        stop_s, start_s = proxy.restart()
+        prober = hold.Prober(("127.0.0.1", proxy.front["idle"]))  # new clients meanwhile
+        try:
+            stop_s, start_s = proxy.restart()
+        finally:
+            during = prober.stop()
         outlived = clients.call("echo")["echoed"]
         clients.call("close")
         started = time.monotonic()
@@ -842,6 +866,7 @@ def hold_phase(proxy: Proxy, n: int = HOLD) -> dict:
         "kernel_kib_per_conn": (kernel1 - kernel0) / max(1, held),
         "reload_s": reload_s, "failed_on_reload": held - after_reload["echoed"],
         "stop_s": stop_s, "start_s": start_s, "outlived_restart": outlived,
+        "during_restart": during,
         "reopened": reopened["opened"], "reopen_errors": reopened["errors"],
         "reopen_per_s": reopened["opened"] / reopen_s}
 
@@ -883,6 +908,8 @@ def hold_report(held: dict) -> list[str]:
             ("held connections lost on reload", lambda v: f"{v['failed_on_reload']:,}"),
             ("restart with all open: stop, start (s)", lambda v: f"{v['stop_s']:.1f}, {v['start_s']:.1f}"),
             ("held connections that outlived the restart", lambda v: f"{v['outlived_restart']:,}"),
+            ("new connections during the restart (failed)",
+             lambda v: f"{v['during_restart']['tried']:,} ({errors(v['during_restart']['errors'])})"),
             ("all reopened after the restart (failed)",
              lambda v: f"{v['reopened']:,} ({errors(v['reopen_errors'])})")]
     lines = ["", f"Scale phase: {next(iter(held.values()))['connections']:,} concurrent "
@@ -890,7 +917,10 @@ def hold_report(held: dict) -> list[str]:
              "addresses, in the bench's namespace); flyproxy as shipped (one worker per "
              f"CPU), drain grace {HOLD_GRACE_S} s; HAProxy master-worker, maxconn raised "
              "(its reload is a new worker beside the old one). A restart stops the process: "
-             "held connections end with it, for every proxy.", "",
+             "held connections end with it, for every proxy; new connections meanwhile (one "
+             f"every {hold.PROBE_EVERY_S * 1000:.0f} ms) wait in the listener's backlog where "
+             "the listening socket outlives the process (flyproxy BPF: held by the bench, as "
+             "systemd's socket unit holds it) and are refused where it does not.", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(held[name]) for name in names) + " |")

@@ -166,7 +166,11 @@ def open_all(held: dict, n: int, dest: tuple[str, int], srcs: list[str],
                 if err:
                     fail(fd, errno.errorcode.get(err, str(err)))
                     continue
-                s.send(b"o")
+                try:
+                    s.send(b"o")
+                except OSError as e:
+                    fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
+                    continue
                 entry[1] = True
                 ep.modify(fd, select.EPOLLIN)
                 continue
@@ -303,3 +307,99 @@ def kernel_socket_kib() -> int:
             fields = line.split()
             pages = int(fields[fields.index("mem") + 1])
     return slab + pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# -- connections opened while a proxy restarts ---------------------------------------------
+
+PROBE_EVERY_S = 0.02  # a new connection this often while the restart goes on
+PROBE_TIMEOUT_S = 30.0  # each: connect and echo (queued in a held listener's backlog)
+
+
+def _probe_main(chan, dest: tuple[str, int], src: str) -> None:
+    """Open a connection every PROBE_EVERY_S (each echoing once) until told to stop, then
+    wait for the ones under way (bounded); send back the counts."""
+    ep = select.epoll()
+    pending: dict[int, list] = {}  # fd -> [socket, sent?, started]
+    errors: collections.Counter = collections.Counter()
+    tried = ok = 0
+    stopping = False
+    next_at = time.monotonic()
+
+    def fail(fd: int, why: str) -> None:
+        ep.unregister(fd)
+        pending.pop(fd)[0].close()
+        errors[why] += 1
+
+    while not stopping or pending:
+        now = time.monotonic()
+        if not stopping and chan.poll():
+            chan.recv()
+            stopping, deadline = True, now + PROBE_TIMEOUT_S
+        if stopping and now > deadline:
+            for fd in list(pending):
+                fail(fd, "timed out")
+            break
+        if not stopping and now >= next_at:
+            next_at = now + PROBE_EVERY_S
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            s.bind((src, 0))
+            s.setblocking(False)
+            tried += 1
+            err = s.connect_ex(dest)
+            if err not in (0, errno.EINPROGRESS):
+                s.close()
+                errors[errno.errorcode.get(err, str(err))] += 1
+            else:
+                pending[s.fileno()] = [s, False, now]
+                ep.register(s.fileno(), select.EPOLLOUT)
+        for fd, _ in ep.poll(PROBE_EVERY_S / 2):
+            entry = pending[fd]
+            s = entry[0]
+            if not entry[1]:
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    fail(fd, errno.errorcode.get(err, str(err)))
+                    continue
+                try:
+                    s.send(b"p")
+                except OSError as e:  # reset by a listener closing with it in its queue
+                    fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
+                    continue
+                entry[1] = True
+                ep.modify(fd, select.EPOLLIN)
+                continue
+            try:
+                data = s.recv(16)
+            except OSError as e:
+                fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
+                continue
+            if data != b"p":
+                fail(fd, "closed" if not data else "garbled")
+                continue
+            ep.unregister(fd)
+            pending.pop(fd)[0].close()
+            ok += 1
+        for fd in [fd for fd, e in pending.items() if time.monotonic() - e[2] > PROBE_TIMEOUT_S]:
+            fail(fd, "timed out")
+    chan.send({"tried": tried, "ok": ok, "errors": dict(errors)})
+
+
+class Prober:
+    """New connections to ``dest`` at a steady pace, from a forked process, while
+    something happens to the proxy (a restart); :meth:`stop` returns the counts."""
+
+    def __init__(self, dest: tuple[str, int], src: str = "127.0.4.1"):
+        self.chan, child = multiprocessing.Pipe()
+        self.proc = multiprocessing.get_context("fork").Process(
+            target=_probe_main, args=(child, dest, src), daemon=True)
+        self.proc.start()
+
+    def stop(self) -> dict:
+        self.chan.send("stop")
+        if not self.chan.poll(PROBE_TIMEOUT_S + 10):
+            self.proc.kill()
+            raise RuntimeError("the restart prober did not answer")
+        result = self.chan.recv()
+        self.proc.join(10)
+        return result
