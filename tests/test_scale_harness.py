@@ -49,12 +49,15 @@ def test_the_scale_report_has_a_column_per_proxy():
     figures = {"connections": 100_000, "opened": 100_000, "open_errors": {}, "held": 100_000,
                "open_per_s": 7000.0, "cpu_us_per_conn": 140.0, "rss_kib_per_conn": 1.5,
                "kernel_kib_per_conn": 15.0, "reload_s": 0.3, "failed_on_reload": 0,
-               "stop_s": 6.0, "start_s": 1.0, "outlived_restart": 0, "reopened": 99_990,
+               "stop_s": 6.0, "start_s": 1.0, "outlived_restart": 0,
+               "during_restart": {"tried": 500, "ok": 480, "errors": {"ECONNREFUSED": 20}},
+               "reopened": 99_990,
                "reopen_errors": {"timed out": 10}, "reopen_per_s": 7000.0}
     text = "\n".join(bench.hold_report({"flyproxy": figures,
                                         "HAProxy (2 threads)": {**figures, "rss_kib_per_conn": 3.0}}))
     assert "| | flyproxy | HAProxy (2 threads) |" in text
     assert "| held at once (of connections opened) | 100,000 of 100,000 |" in text
     assert "| all reopened after the restart (failed) | 99,990 (10 timed out) |" in text
+    assert "| new connections during the restart (failed) | 500 (20 ECONNREFUSED) |" in text
     assert "flyproxy 0.50x" in text
     assert bench.hold_report({}) == []

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from appliance.service.watch import DEBOUNCE_S
-from helpers import free_ports, greet, wait_until, write_config
+from helpers import free_ports, greet, write_config
 
 
 def greets(port: int) -> str:
@@ -19,6 +19,13 @@ def greets(port: int) -> str:
         return greet(port)
     except OSError:
         return ""
+
+
+def reloaded(proxy) -> str:
+    """Wait for the reload a change set off to end (every worker's, with workers): the
+    STATUS systemd was told with its READY=1."""
+    proxy.notify.wait_for("RELOADING", "1")
+    return proxy.notify.wait_for("READY", "1").get("STATUS", "")
 
 
 def doc(apps: dict) -> str:
@@ -31,18 +38,20 @@ def test_a_rename_and_a_copy_then_move_are_applied(tmp_path, start_proxy, make_b
     a, b, c = make_backend("a"), make_backend("b"), make_backend("c")
     pa, pb, pc = free_ports(3)
     config = write_config(tmp_path / "config.json", {"a": ([pa], [a.address])})
-    start_proxy(config, "--watch", "--workers", workers)
+    proxy = start_proxy(config, "--watch", "--workers", workers)
     assert greets(pa) == "a"
     # an editor: write a temporary file, rename it over the config
     write_config(config, {"a": ([pa], [a.address]), "b": ([pb], [b.address])})
-    wait_until(lambda: greets(pb) == "b", "the renamed-in config to be applied")
+    assert "failed" not in reloaded(proxy)
+    assert greets(pb) == "b"
     # cp + mv, from another directory's file
     staged = tmp_path / "staged"
     staged.mkdir()
     (staged / "new.json").write_text(doc({"a": ([pa], [a.address]), "c": ([pc], [c.address])}))
     shutil.copy(staged / "new.json", tmp_path / "config.json.new")
     os.rename(tmp_path / "config.json.new", config)
-    wait_until(lambda: greets(pc) == "c", "the moved-in config to be applied")
+    assert "failed" not in reloaded(proxy)
+    assert greets(pc) == "c"
     assert greets(pb) == ""  # b's port was removed by it
     assert greets(pa) == "a"
 
@@ -54,13 +63,13 @@ def test_a_broken_file_is_logged_and_the_old_config_keeps_serving(tmp_path, star
     config = write_config(tmp_path / "config.json", {"a": ([pa], [a.address])})
     proxy = start_proxy(config, "--watch")
     config.write_text('{"Apps": [{"Name": "a", "Ports": [%d], "Targets": ["nowhere"]}]}' % pa)
-    wait_until(lambda: "reload of" in proxy.output() and "failed" in proxy.output(),
-               "the broken file's reload to fail")
+    assert "reload failed" in reloaded(proxy)
     assert "Apps[0].Targets[0]" in proxy.output()  # where, and what (config.py's message)
     assert greets(pa) == "a"
     # the next change is tried afresh
     write_config(config, {"a": ([pa], [a.address]), "b": ([pb], [b.address])})
-    wait_until(lambda: greets(pb) == "b", "the fixed file to be applied")
+    assert "failed" not in reloaded(proxy)
+    assert greets(pb) == "b"
 
 
 def test_a_file_written_in_place_slowly_is_read_once_it_is_closed(tmp_path, start_proxy,
@@ -75,5 +84,6 @@ def test_a_file_written_in_place_slowly_is_read_once_it_is_closed(tmp_path, star
         f.flush()
         time.sleep(3 * DEBOUNCE_S)  # a slow writer (the condition under test, not a wait)
         f.write(text[len(text) // 2:])
-    wait_until(lambda: greets(pb) == "b", "the completed file to be applied")
+    assert "failed" not in reloaded(proxy)  # the first reload is of the completed file
+    assert greets(pb) == "b"
     assert "failed" not in proxy.output()  # the half-written file was never loaded

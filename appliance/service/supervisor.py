@@ -363,6 +363,10 @@ class Supervisor:
     async def status(self) -> dict:
         """Every worker's status, summed: connection counts add up; a target's health is
         shown per worker where the workers (which eject targets on their own) disagree."""
+        # the checks' state as it is before the workers are asked: a change told to them
+        # already went down their channels ahead of this request, so a target shown down
+        # here is one every ready worker already treats as down
+        checks = {(r["app"], r["target"]): r for r in self.checker.state()}
         replies = [(w, r) for w, r in await self._gather("status") if isinstance(r, dict)]
         workers = [{"index": w.index, "pid": w.proc.pid if w.proc else None,
                     "ready": w.ready, "active": 0, "fds": None} for w in self.workers]
@@ -389,7 +393,6 @@ class Supervisor:
                 seen = set(t["health"].values())
                 t["health"] = (seen.pop() if len(seen) == 1 else
                                "; ".join(f"worker {i}: {h}" for i, h in sorted(t["health"].items())))
-        checks = {(r["app"], r["target"]): r for r in self.checker.state()}
         for a in apps.values():
             for t in a["targets"]:
                 if (a["name"], t["target"]) in checks:
