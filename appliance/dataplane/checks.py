@@ -22,7 +22,7 @@ import socket
 import time
 from typing import Callable
 
-from ..config import App, Config, HealthCheck, Target
+from ..config import Config, HealthCheck, Target
 from .tunnel import failure_reason
 
 log = logging.getLogger(__name__)
@@ -153,19 +153,6 @@ class Checker:
                         "when no other target is up", check.app, check.target, check.fails,
                         check.error)
         self.on_change()
-
-
-def wants_checks(apps: tuple[App, ...]) -> bool:
-    return any(app.health_check for app in apps)
-
-
-def down_from_state(rows: list[dict]) -> dict[str, frozenset]:
-    """Checker.down() from Checker.state() (what a worker is sent)."""
-    down: dict[str, set] = {}
-    for row in rows:
-        if row["state"] == "down":
-            down.setdefault(row["app"], set()).add(Target.parse(row["target"]))
-    return {app: frozenset(targets) for app, targets in down.items()}
 
 
 def check_families(rows: list[dict]):

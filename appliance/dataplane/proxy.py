@@ -47,7 +47,8 @@ class Proxy:
         self.health = balancer.Health(self.settings.eject_s)
         self.tunnels: set[Tunnel] = set()
         self.active: dict[str, int] = {}  # app name -> open connections
-        self.load: dict[tuple[str, object], int] = {}  # (app, target) -> connections to it
+        # least-connections apps: (app, target) -> open connections to it (this worker's)
+        self.load: dict[tuple[str, object], int] = {}
         self.down: dict[str, frozenset] = {}  # app -> targets its active checks hold down
         self.metrics.track_active(self.active)
         self._routes = config.routes
@@ -144,6 +145,7 @@ class Proxy:
         self.tunnels.add(tunnel)
         self.metrics.accepted(app.name)
         if app.balance == "least-connections":
+            tunnel.load_key = ()  # counted once connected (only these apps pay for it)
             load, name = self.load, app.name
             order = self.health.order(app.targets, self.down.get(name),
                                       lambda t: load.get((name, t), 0))
@@ -162,8 +164,9 @@ class Proxy:
     # -- what the tunnels tell us (tunnel.Tunnel's owner) ----------------------------------
 
     def connected(self, tunnel: Tunnel, seconds: float) -> None:
-        key = (tunnel.app, tunnel.target)
-        self.load[key] = self.load.get(key, 0) + 1
+        if tunnel.load_key is not None:  # a least-connections app's
+            key = tunnel.load_key = (tunnel.app, tunnel.target)
+            self.load[key] = self.load.get(key, 0) + 1
         self.metrics.connected(tunnel.app, tunnel.target, seconds, tunnel.failures)
         if tunnel.failures:
             log.info("app %s port %s: connected to %s after %d attempts (%s)", tunnel.app,
@@ -195,8 +198,8 @@ class Proxy:
     def closed(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
         self.active[tunnel.app] -= 1
-        if tunnel.target is not None:
-            key = (tunnel.app, tunnel.target)
+        key = tunnel.load_key
+        if key:  # counted when it connected
             left = self.load[key] - 1
             if left:
                 self.load[key] = left

@@ -36,7 +36,8 @@ class Tunnel:
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
                  "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "racing", "stagger",
                  "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
-                 "done", "keepalive", "survivor", "abort_timer", "proxy_protocol")
+                 "done", "keepalive", "survivor", "abort_timer", "proxy_protocol",
+                 "load_key")
 
     def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
                  splice_after: int = 0, proxy_protocol: str | None = None) -> None:
@@ -67,6 +68,7 @@ class Tunnel:
         self.survivor: End | None = None  # after one end failed: the other, being flushed
         self.abort_timer = None
         self.proxy_protocol = proxy_protocol  # "v1"/"v2": a header goes first to the backend
+        self.load_key = None  # (app, target) while counted for least-connections (proxy.py)
         self.client = End(self, sock)
         self.client.update()  # read what the client sends while the backend connects
 

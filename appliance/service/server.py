@@ -91,8 +91,7 @@ class Server:
         if self.channel is None:  # a worker is told its supervisor's checks instead
             self.checker = Checker(self._check_addresses, self._checks_changed)
             self.checker.apply(self.proxy.config)
-            if hasattr(self.metrics, "checks"):
-                self.metrics.checks = self.checker.state
+            self.metrics.checks = self.checker.state
         if self.control_path:
             self._control = await control.start(self, self.control_path)
         if self.metrics.http is not None:
