@@ -128,67 +128,85 @@ class EchoBackend:
 
 # -- the clients -------------------------------------------------------------------------
 
+class Opening:
+    """Connections under way, each to be opened and then to echo ``byte`` once: started
+    with :meth:`start`, moved on by :meth:`poll` (which hands back the ones that echoed,
+    open), failed (counted in ``errors`` by name) when they error, close or time out."""
+
+    def __init__(self, dest: tuple[str, int], byte: bytes, timeout_s: float):
+        self.dest, self.byte, self.timeout_s = dest, byte, timeout_s
+        self.ep = select.epoll()
+        self.pending: dict[int, list] = {}  # fd -> [socket, sent?, started]
+        self.errors: collections.Counter = collections.Counter()
+
+    def start(self, src: str) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        s.bind((src, 0))
+        s.setblocking(False)
+        err = s.connect_ex(self.dest)
+        if err not in (0, errno.EINPROGRESS):
+            s.close()
+            self.errors[errno.errorcode.get(err, str(err))] += 1
+            return
+        self.pending[s.fileno()] = [s, False, time.monotonic()]
+        self.ep.register(s.fileno(), select.EPOLLOUT)
+
+    def fail(self, fd: int, why: str) -> None:
+        self.ep.unregister(fd)
+        self.pending.pop(fd)[0].close()
+        self.errors[why] += 1
+
+    def poll(self, timeout_s: float) -> list[socket.socket]:
+        done = []
+        for fd, _ in self.ep.poll(timeout_s):
+            entry = self.pending[fd]
+            s = entry[0]
+            try:
+                if not entry[1]:  # writable: connected, or failed
+                    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self.fail(fd, errno.errorcode.get(err, str(err)))
+                        continue
+                    s.send(self.byte)
+                    entry[1] = True
+                    self.ep.modify(fd, select.EPOLLIN)
+                    continue
+                data = s.recv(16)
+            except OSError as e:  # e.g. reset by a listener closing with it in its queue
+                self.fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
+                continue
+            if data != self.byte:
+                self.fail(fd, "closed" if not data else "garbled")
+                continue
+            self.ep.unregister(fd)
+            done.append(self.pending.pop(fd)[0])
+        now = time.monotonic()
+        for fd in [fd for fd, e in self.pending.items() if now - e[2] > self.timeout_s]:
+            self.fail(fd, "timed out")
+        return done
+
+    def abandon(self) -> None:
+        """Count what is still under way as timed out, and close it."""
+        for fd in list(self.pending):
+            self.fail(fd, "timed out")
+        self.ep.close()
+
+
 def open_all(held: dict, n: int, dest: tuple[str, int], srcs: list[str],
              timeout_s: float = OPEN_TIMEOUT_S) -> dict:
     """Open ``n`` connections to ``dest`` (at most WINDOW at once), each with one echo;
     the open ones go in ``held`` (fd -> socket). Returns counts and errors by name."""
-    ep = select.epoll()
-    pending: dict[int, list] = {}  # fd -> [socket, sent?, started]
-    errors: collections.Counter = collections.Counter()
+    opening = Opening(dest, b"o", timeout_s)
     started = 0
-
-    def fail(fd: int, why: str) -> None:
-        s = pending.pop(fd)[0]
-        ep.unregister(fd)
-        s.close()
-        errors[why] += 1
-
-    while started < n or pending:
-        now = time.monotonic()
-        while started < n and len(pending) < WINDOW:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            s.bind((srcs[started % len(srcs)], 0))
-            s.setblocking(False)
+    while started < n or opening.pending:
+        while started < n and len(opening.pending) < WINDOW:
+            opening.start(srcs[started % len(srcs)])
             started += 1
-            err = s.connect_ex(dest)
-            if err not in (0, errno.EINPROGRESS):
-                s.close()
-                errors[errno.errorcode.get(err, str(err))] += 1
-                continue
-            pending[s.fileno()] = [s, False, now]
-            ep.register(s.fileno(), select.EPOLLOUT)
-        for fd, _ in ep.poll(0.2):
-            entry = pending[fd]
-            s = entry[0]
-            if not entry[1]:
-                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    fail(fd, errno.errorcode.get(err, str(err)))
-                    continue
-                try:
-                    s.send(b"o")
-                except OSError as e:
-                    fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
-                    continue
-                entry[1] = True
-                ep.modify(fd, select.EPOLLIN)
-                continue
-            try:
-                data = s.recv(16)
-            except OSError as e:
-                fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
-                continue
-            if data != b"o":
-                fail(fd, "closed" if not data else "garbled")
-                continue
-            ep.unregister(fd)
-            held[fd] = pending.pop(fd)[0]
-        now = time.monotonic()
-        for fd in [fd for fd, e in pending.items() if now - e[2] > timeout_s]:
-            fail(fd, "timed out")
-    ep.close()
-    return {"opened": n - sum(errors.values()), "errors": dict(errors)}
+        for s in opening.poll(0.2):
+            held[s.fileno()] = s
+    opening.abandon()
+    return {"opened": n - sum(opening.errors.values()), "errors": dict(opening.errors)}
 
 
 def echo_all(held: dict, timeout_s: float = ECHO_TIMEOUT_S) -> dict:
@@ -318,71 +336,23 @@ PROBE_TIMEOUT_S = 30.0  # each: connect and echo (queued in a held listener's ba
 def _probe_main(chan, dest: tuple[str, int], src: str) -> None:
     """Open a connection every PROBE_EVERY_S (each echoing once) until told to stop, then
     wait for the ones under way (bounded); send back the counts."""
-    ep = select.epoll()
-    pending: dict[int, list] = {}  # fd -> [socket, sent?, started]
-    errors: collections.Counter = collections.Counter()
+    opening = Opening(dest, b"p", PROBE_TIMEOUT_S)
     tried = ok = 0
-    stopping = False
-    next_at = time.monotonic()
-
-    def fail(fd: int, why: str) -> None:
-        ep.unregister(fd)
-        pending.pop(fd)[0].close()
-        errors[why] += 1
-
-    while not stopping or pending:
+    next_at, deadline = time.monotonic(), None
+    while deadline is None or (opening.pending and time.monotonic() < deadline):
         now = time.monotonic()
-        if not stopping and chan.poll():
+        if deadline is None and chan.poll():
             chan.recv()
-            stopping, deadline = True, now + PROBE_TIMEOUT_S
-        if stopping and now > deadline:
-            for fd in list(pending):
-                fail(fd, "timed out")
-            break
-        if not stopping and now >= next_at:
+            deadline = now + PROBE_TIMEOUT_S
+        if deadline is None and now >= next_at:
             next_at = now + PROBE_EVERY_S
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            s.bind((src, 0))
-            s.setblocking(False)
+            opening.start(src)
             tried += 1
-            err = s.connect_ex(dest)
-            if err not in (0, errno.EINPROGRESS):
-                s.close()
-                errors[errno.errorcode.get(err, str(err))] += 1
-            else:
-                pending[s.fileno()] = [s, False, now]
-                ep.register(s.fileno(), select.EPOLLOUT)
-        for fd, _ in ep.poll(PROBE_EVERY_S / 2):
-            entry = pending[fd]
-            s = entry[0]
-            if not entry[1]:
-                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    fail(fd, errno.errorcode.get(err, str(err)))
-                    continue
-                try:
-                    s.send(b"p")
-                except OSError as e:  # reset by a listener closing with it in its queue
-                    fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
-                    continue
-                entry[1] = True
-                ep.modify(fd, select.EPOLLIN)
-                continue
-            try:
-                data = s.recv(16)
-            except OSError as e:
-                fail(fd, errno.errorcode.get(e.errno, str(e.errno)))
-                continue
-            if data != b"p":
-                fail(fd, "closed" if not data else "garbled")
-                continue
-            ep.unregister(fd)
-            pending.pop(fd)[0].close()
+        for s in opening.poll(PROBE_EVERY_S / 2):
+            s.close()
             ok += 1
-        for fd in [fd for fd, e in pending.items() if time.monotonic() - e[2] > PROBE_TIMEOUT_S]:
-            fail(fd, "timed out")
-    chan.send({"tried": tried, "ok": ok, "errors": dict(errors)})
+    opening.abandon()
+    chan.send({"tried": tried, "ok": ok, "errors": dict(opening.errors)})
 
 
 class Prober:
