@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+import signal
 import socket
 import urllib.request
 from pathlib import Path
@@ -219,6 +220,36 @@ def test_a_reload_resolves_added_names_before_it_returns(lab):
     out = run_cli("reload", "--control", lab.control, "-c", str(proxy.config), "--pin-dir", "")
     assert out.returncode == 0, out.stderr
     assert {n["name"] for n in lab.status()["names"]} == {"added.test"}  # the others forgotten
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_in_flight_when_sigterm_arrives_opens_no_port(lab, workers):
+    """SIGTERM while a reload waits on DNS: the reload is refused, its new port never
+    listens on the draining proxy (a restarted one could not bind it), the old
+    connections drain as usual."""
+    live = lab.backend("live")
+    lab.dns.set("first.test", ("A", "127.0.0.1", 300))
+    lab.dns.delay_s["slow.test"] = 30.0
+    proxy = lab.proxy({"a": ([7000], [f"first.test:{live.port}"])}, "--connect-timeout", "3",
+                      "--grace-period", "30", "--workers", workers)
+    held = connect(7000, namespace=lab.ns.entered)
+    assert read_line(held) == b"live"
+    write_config(proxy.config, {"a": ([7000], [f"first.test:{live.port}"]),
+                                "c": ([7002], [f"slow.test:{live.port}"])})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reload = pool.submit(run_cli, "reload", "--control", lab.control, "--pin-dir", "",
+                             "-c", str(proxy.config),
+                             timeout=30)
+        wait_until(lambda: lab.dns.queries[("slow.test", "A")], "the reload resolving slow.test")
+        proxy.signal(signal.SIGTERM)
+        out = reload.result(timeout=40)
+    assert out.returncode != 0 and "stopping" in out.stdout + out.stderr, (out.stdout, out.stderr)
+    with pytest.raises(ConnectionRefusedError):
+        connect(7002, namespace=lab.ns.entered, timeout=5).close()
+    held.sendall(b"draining\n")  # the old connection is still served while it drains
+    assert read_line(held) == b"draining"
+    held.close()
+    assert proxy.wait(timeout=30) == 0
 
 
 def test_no_thread_is_started_to_resolve_names(lab):

@@ -20,7 +20,7 @@ FAST = {"Interval": 0.3, "Timeout": 0.5, "Rise": 2, "Fall": 2}
 def test_fall_and_rise_count_consecutive_checks():
     async def main():
         changes = []
-        checker = Checker(lambda t: [], lambda: changes.append(dict(checker.down())))
+        checker = Checker(lambda t: [], changes.append)
         port = dead_port()
         config = loads(json.dumps({"Apps": [{"Name": "a", "Ports": [1], "Targets": [
             f"127.0.0.1:{port}"], "HealthCheck": {"Interval": 60, "Rise": 2, "Fall": 3}}]}))
@@ -39,8 +39,8 @@ def test_fall_and_rise_count_consecutive_checks():
         assert not check.up  # one success is not Rise 2
         checker.record(check, True, "")
         assert check.up and checker.down() == {}
-        # on_change: at apply, at the fall, at the rise
-        assert changes == [{}, {"a": frozenset({target})}, {}]
+        # on_change: at the fall, at the rise (each the one change)
+        assert changes == [[("a", target, False)], [("a", target, True)]]
         with socket.create_server(("127.0.0.1", 0)) as srv:
             assert await checker.probe(Target("127.0.0.1", srv.getsockname()[1]), 1.0) == (True, "")
         assert await checker.probe(Target("db.invalid", 5432), 1.0) == (False, "dns")

@@ -233,6 +233,7 @@ def test_a_port_in_use_stops_startup_with_the_workers_error(tmp_path, make_backe
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "exited with status 1 before it was ready" in result.stderr
+    assert "no worker started; giving up" in result.stderr  # (none could: one would serve)
 
 
 def test_a_replaced_worker_serves_the_config_in_force_not_a_broken_file(workers):

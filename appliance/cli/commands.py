@@ -102,8 +102,7 @@ def status(args: argparse.Namespace) -> int:
           f"{reply['active']} active connections)")
     if "workers" in reply:
         print(f"{len(reply['workers'])} workers ({reply['restarts']} restarts): " + ", ".join(
-            f"pid {w['pid']} ({w['active']} active, {_fds(w.get('fds'))})" if w["ready"]
-            else f"pid {w['pid']} (starting)" for w in reply["workers"]))
+            map(_worker, reply["workers"])))
     elif reply.get("fds"):
         print(_fds(reply["fds"]))
     rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH", "CHECK")]
@@ -124,6 +123,15 @@ def status(args: argparse.Namespace) -> int:
                          f"{n['ttl_s']:g}s", n["source"], n["error"] or "-"))
         _print_table(rows)
     return 0
+
+
+def _worker(w: dict) -> str:
+    if w["ready"]:
+        return f"pid {w['pid']} ({w['active']} active, {_fds(w.get('fds'))})"
+    if w.get("failing"):
+        retry = f", next try in {w['retry_in_s']:g}s" if w.get("retry_in_s") is not None else ""
+        return f"worker {w['index']} FAILING ({w['failing']}{retry})"
+    return f"pid {w['pid']} (starting)"
 
 
 def _check(check: dict | None) -> str:

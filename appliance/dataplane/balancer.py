@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Sequence
+from typing import AbstractSet as Set, Callable, Sequence
 
 from ..config import Target
 
@@ -59,7 +59,7 @@ class Health:
     def __repr__(self) -> str:
         return f"<Health eject_s={self.eject_s} failed={len(self.failed)}>"
 
-    def order(self, targets: Sequence[Target], down: frozenset | None = None,
+    def order(self, targets: Sequence[Target], down: Set[Target] | None = None,
               load: Callable[[Target], int] | None = None) -> Sequence[Target]:
         """``targets`` in the order to try them: the ones up first (picked by ``load``'s
         least-connections when given, else at random), then those that failed a connect

@@ -49,7 +49,7 @@ class Proxy:
         self.active: dict[str, int] = {}  # app name -> open connections
         # least-connections apps: (app, target) -> open connections to it (this worker's)
         self.load: dict[tuple[str, object], int] = {}
-        self.down: dict[str, frozenset] = {}  # app -> targets its active checks hold down
+        self.down: dict[str, set] = {}  # app -> targets its active checks hold down
         self.metrics.track_active(self.active)
         self._routes = config.routes
         self._owned: dict[int, Listener] = {}  # port -> listener, per-port mode
@@ -282,11 +282,13 @@ class Proxy:
         error is raised. Existing connections are never touched.
         """
         async with self._reload_lock:
+            self._check_accepting()
             change = diff(self.config, new)
             if not self._handed:
                 self._open_ports(change.added_ports)
             try:  # names new to this config are answered before it takes over (bounded)
                 await self.resolve(self.config.names | new.names)
+                self._check_accepting()  # stopped meanwhile?
             except BaseException:
                 if not self._handed:
                     self._close_ports(change.added_ports)
@@ -297,6 +299,11 @@ class Proxy:
             if not self._handed:
                 self._close_ports(change.removed_ports)
             return change
+
+    def _check_accepting(self) -> None:
+        """A proxy that is stopping (SIGTERM) opens no new port: a reload then fails."""
+        if not self.accepting:
+            raise listeners.ListenerError("the proxy is stopping: reload refused")
 
     def stop_accepting(self) -> None:
         self.accepting = False

@@ -33,6 +33,9 @@ REQUEST_TIMEOUT_S = 30.0  # a reload binds ports, re-reads a file, resolves new 
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 5
 CONNECT_TIMEOUT_S = 5.0  # the CLI waits this long for room in a full accept queue
 LINE_LIMIT = 64 * 1024  # a request is one short JSON line; longer is answered with an error
+# a worker's channel is trusted (its own supervisor) and carries configs (up to
+# config.MAX_BYTES, escaped) and health check changes for thousands of targets
+CHANNEL_LINE_LIMIT = 64 * 1024 * 1024
 
 
 class ControlError(Exception):
@@ -83,7 +86,8 @@ async def _handle(server: Commands, reader: asyncio.StreamReader, writer: asynci
 
 
 async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
-    """One request line, or None if it is longer than LINE_LIMIT (answered with an error)."""
+    """One request line, or None if it is longer than the reader's limit (answered with an
+    error)."""
     try:
         return await reader.readline()
     except ValueError:  # asyncio.LimitOverrunError, re-raised by readline() as ValueError
@@ -113,7 +117,7 @@ async def serve_channel(server: Commands, sock: socket.socket) -> None:
     """Answer requests on a worker's channel to its supervisor (a socketpair, one JSON
     line each way, matched by id) until the supervisor closes it. Each request runs on its
     own, so a heartbeat is answered while a reload is still resolving names."""
-    reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=CHANNEL_LINE_LIMIT)
     running: set[asyncio.Task] = set()
 
     async def answer(line: bytes | None) -> None:

@@ -13,16 +13,14 @@ bounded grace period, then aborts what is left. A second signal aborts at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import socket
 
 from .. import config as configmod
-from ..config import Target
 from ..dataplane import listeners
-from ..dataplane.checks import Checker
+from ..dataplane.checks import Checker, apply_changes, decode_changes
 from ..dataplane.proxy import Proxy
 from ..logs import RateLimited
 from .. import metrics_http
@@ -74,6 +72,7 @@ class Server:
             "mode": "handed-in" if self.sockets else "per-port", "pid": os.getpid(),
             "active": len(p.tunnels), "accepting": p.accepting,
             "apps": [{"name": a.name, "ports": list(a.ports), "active": p.active.get(a.name, 0),
+                      "held_down": len(p.down.get(a.name, ())),  # by the checks, as told
                       "max_connections": a.max_connections, "balance": a.balance,
                       "proxy_protocol": a.proxy_protocol,
                       "targets": [{"target": str(t), "health": p.health.describe(t),
@@ -156,8 +155,8 @@ class Server:
         name = self.proxy.resolver.names.get(target.host) if self.proxy.resolver else None
         return name.sockaddrs(target.port) if name is not None and name.addrs else []
 
-    def _checks_changed(self) -> None:
-        self.proxy.down = self.checker.down()
+    def _checks_changed(self, changes) -> None:
+        apply_changes(self.proxy.down, changes)
 
     def _on_hup(self) -> None:
         self._spawn(self.reload())
@@ -178,13 +177,18 @@ class Server:
             return {"ok": True}
         if command == "status":
             return {"ok": True, **self.status()}
-        if command.startswith("health "):  # the supervisor's checks: what is down now
-            self.proxy.down = {app: frozenset(Target.parse(t) for t in targets)
-                               for app, targets in json.loads(command[7:]).items()}
+        if command.startswith("health "):  # the supervisor's checks: what changed
+            if self.channel is None:  # not for the control socket: only a supervisor knows
+                return {"ok": False, "error": "'health' is a supervisor's command to its "
+                                              "workers, not a control command"}
+            reset, changes = decode_changes(command)
+            if reset:
+                self.proxy.down.clear()
+            apply_changes(self.proxy.down, changes)
             return {"ok": True}
         if command == "metrics" and hasattr(self.metrics, "snapshot"):
             return {"ok": True, "metrics": self.metrics.snapshot()}
-        return {"ok": False, "error": f"unknown command {command!r}"}
+        return {"ok": False, "error": f"unknown command {command[:60]!r}"}
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -197,6 +201,8 @@ class Server:
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the config file and apply it; returns (ok, message). Never raises for bad input."""
+        if self._stop.is_set():  # draining: no new ports, and the reply says so
+            return False, "stopping: reload refused"
         notify("RELOADING=1", "STATUS=reloading")
         try:
             # read and validated off the loop (bounded: config.MAX_BYTES), applied on it

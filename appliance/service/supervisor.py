@@ -19,10 +19,11 @@ worker (``workers.py``) with those sockets:
 - the control socket, SIGHUP and the metrics endpoint fan out over the workers' channels:
   a reload is validated once, then applied by every worker; status and metrics are
   gathered and summed;
-- READY=1 goes to systemd once every worker has answered; a worker that dies is logged
-  and started again on the config in force, after a pause that doubles from 0.1 s; more
-  than ``RESTARTS`` deaths in ``RESTART_WINDOW_S`` and the supervisor gives up and exits 1
-  for systemd to restart it;
+- READY=1 goes to systemd once the workers have answered; a worker that dies is logged
+  and started again on the config in force, after a pause that doubles from 0.1 s; one
+  that dies more than ``RESTARTS`` times in ``RESTART_WINDOW_S`` is *failing* (status,
+  metrics, log) and tried again every ``MAX_BACKOFF_S`` while the others serve; only when
+  no worker can run does the supervisor exit 1, for systemd to restart it;
 - SIGTERM/SIGINT are passed on to the workers (once per signal received: the second
   aborts what is left), and the supervisor exits when they have.
 """
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 60.0  # a worker binds every port (thousands, per-port mode) and imports
 HEARTBEAT_S = 1.0  # each worker is pinged this often; one that misses PING_TIMEOUT_S is replaced
-RESTARTS, RESTART_WINDOW_S = 5, 60.0
+RESTARTS, RESTART_WINDOW_S = 5, 60.0  # more exits than this in the window: failing
+MAX_BACKOFF_S = 10.0  # the longest pause before a worker is started again
 _BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
          "from appliance.cli import main; sys.exit(main())")
 
@@ -112,15 +114,20 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        try:
-            await asyncio.gather(*(self._start(w) for w in self.workers))
-        except WorkerGone as e:
-            log.error("%s", e)
+        started = await asyncio.gather(*(self._start(w) for w in self.workers),
+                                       return_exceptions=True)
+        for error in started:
+            if isinstance(error, BaseException):
+                if not isinstance(error, WorkerGone):
+                    raise error
+                log.error("%s", error)
+        if not any(w.ready for w in self.workers):
+            log.error("no worker started; giving up")
             await self._shutdown()
             return 1
         self.start_checks()
         for w in self.workers:
-            self._spawn(self._watch(w))
+            self._spawn(self._keep(w))
             self._spawn(self._heartbeat(w))
         control_server = None
         if self.control_path:
@@ -170,21 +177,27 @@ class Supervisor:
         name = self.resolver.names.get(target.host)
         return name.sockaddrs(target.port) if name is not None and name.addrs else []
 
-    def health_command(self) -> str:
-        down = {app: sorted(map(str, targets)) for app, targets in self.checker.down().items()}
-        return "health " + json.dumps(down)
-
-    def _checks_changed(self) -> None:
-        command = self.health_command()
+    def _checks_changed(self, changes) -> None:
+        """Targets changed state: every worker is told, each in one message at a time, the
+        changes since its last (coalesced: a target that flapped is sent once, as it is)."""
         for w in self.workers:
-            if w.ready:
-                self._spawn(self._tell(w, command))
+            w.health_pending.update(((app, target), up) for app, target, up in changes)
+            if w.ready and not w.health_sending:
+                self._spawn(self._send_health(w))
 
-    async def _tell(self, w: Worker, command: str) -> None:
+    async def _send_health(self, w: Worker) -> None:
+        from ..dataplane.checks import encode_changes
+
+        w.health_sending = True
         try:
-            await w.request(command)
-        except WorkerGone as e:  # replaced, and told again when it is back
+            while w.health_pending and w.ready:
+                batch, w.health_pending = w.health_pending, {}
+                command = encode_changes((app, t, up) for (app, t), up in batch.items())
+                await w.request(command)
+        except WorkerGone as e:  # replaced: a new worker is told the whole set at its start
             log.error("%s", e)
+        finally:
+            w.health_sending = False
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -208,51 +221,74 @@ class Supervisor:
         await w.start(self._worker_args(w), self._fds(w), self.config.raw)
         try:
             await w.request("status", STARTUP_TIMEOUT_S)
+            if self.checker is not None:  # a replacement: what is down now, all of it
+                from ..dataplane.checks import encode_changes
+                w.health_pending = {}  # (changes from here on are sent once it is ready)
+                await w.request(encode_changes(self.checker.down_changes(), reset=True),
+                                STARTUP_TIMEOUT_S)
         except WorkerGone:
             code = await w.proc.wait()
             w.close_channel()
             raise WorkerGone(f"{w} exited with status {code} before it was ready "
                              "(its error is logged above)") from None
-        if self.checker is not None and self.checker.down():  # (a replacement: what is down)
-            await w.request(self.health_command(), STARTUP_TIMEOUT_S)
         w.ready = True
+        if w.health_pending:
+            self._spawn(self._send_health(w))
 
-    async def _watch(self, w: Worker) -> None:
-        """Wait for the worker to exit; unless we are stopping, start another."""
-        while True:
-            code = await w.proc.wait()
-            w.close_channel()
-            if self._stop.is_set():
-                return
-            log.error("%s exited with status %s; starting another", w, code)
+    async def _keep(self, w: Worker) -> None:
+        """Keep worker ``w`` running: when it exits (or could not start), start another
+        after a pause that doubles from 0.1 s up to MAX_BACKOFF_S. A worker that exits more
+        than RESTARTS times in RESTART_WINDOW_S is *failing*: logged, shown in status and
+        metrics, and still tried every MAX_BACKOFF_S while the others serve. The supervisor
+        gives up (exit 1, for systemd to restart it) only when every worker is failing and
+        none serves."""
+        while not self._stop.is_set():
+            if w.proc is not None and w.proc.returncode is None:
+                code = await w.proc.wait()
+                w.close_channel()
+                if self._stop.is_set():
+                    return
+                log.error("%s exited with status %s", w, code)
             now = time.monotonic()
-            self._restart_times.append(now)
-            while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
-                self._restart_times.popleft()
-            if len(self._restart_times) > RESTARTS:
-                log.error("workers failed %d times in %gs; giving up", len(self._restart_times),
-                          RESTART_WINDOW_S)
-                self._exit = 1
-                self._stop.set()
-                return
-            backoff_s = min(5.0, 0.1 * 2 ** (len(self._restart_times) - 1))
+            w.exits.append(now)
+            while w.exits and now - w.exits[0] > RESTART_WINDOW_S:
+                w.exits.popleft()
+            if len(w.exits) > RESTARTS:
+                if w.failing is None:
+                    log.error("worker %d failed %d times in %gs; still trying every %gs, "
+                              "while %d of %d workers serve", w.index, len(w.exits),
+                              RESTART_WINDOW_S, MAX_BACKOFF_S,
+                              sum(x.ready for x in self.workers), len(self.workers))
+                w.failing = f"exited {len(w.exits)} times in {RESTART_WINDOW_S:g}s"
+                if not any(x.ready for x in self.workers) and all(x.failing for x in self.workers):
+                    log.error("no worker can run; giving up")
+                    self._exit = 1
+                    self._stop.set()
+                    return
+            backoff_s = min(MAX_BACKOFF_S, 0.1 * 2 ** (len(w.exits) - 1))
+            w.retry_at = now + backoff_s
             try:  # a short pause, longer each time, so a crash loop is not a busy loop
                 async with asyncio.timeout(backoff_s):
                     await self._stop.wait()
                 return  # stopping meanwhile
             except TimeoutError:
                 pass
+            w.retry_at = None
             self.restarts += 1
             try:
                 await self._start(w)
             except WorkerGone as e:
                 log.error("%s", e)
-                continue  # counted against the restart budget on the next pass
-            log.info("%s started", w)
+                continue  # counted as an exit on the next pass
+            if w.failing is not None:
+                log.info("%s started again after failing (%s)", w, w.failing)
+            else:
+                log.info("%s started", w)
+            w.failing = None
 
     async def _heartbeat(self, w: Worker) -> None:
         """Ping ``w`` every HEARTBEAT_S: a worker that is hung (stopped, stuck in a loop)
-        misses the deadline and is killed; _watch starts another. So a hung worker is
+        misses the deadline and is killed; _keep starts another. So a hung worker is
         found in seconds, not at the next status or reload, and its listeners' share of
         new connections goes to a live worker (per-port mode: its SO_REUSEPORT sockets
         close with it; BPF mode: its group member waits in the supervisor's hands for the
@@ -317,11 +353,15 @@ class Supervisor:
             return control.reload_reply(ok, message, self.generation, self.config.digest)
         if command == "status":
             return {"ok": True, **await self.status()}
-        return {"ok": False, "error": f"unknown command {command!r}"}
+        return {"ok": False, "error": f"unknown command {command[:60]!r}"}
 
     async def reload(self) -> tuple[bool, str]:
         """Validate once, then have every worker apply the file; (ok, message)."""
+        if self._stop.is_set():
+            return False, "stopping: reload refused"
         async with self._reload_lock:
+            if self._stop.is_set():
+                return False, "stopping: reload refused"
             notify("RELOADING=1", "STATUS=reloading")
             try:
                 new = await asyncio.to_thread(configmod.load, self.config_path)
@@ -368,8 +408,12 @@ class Supervisor:
         # here is one every ready worker already treats as down
         checks = {(r["app"], r["target"]): r for r in self.checker.state()}
         replies = [(w, r) for w, r in await self._gather("status") if isinstance(r, dict)]
+        now = time.monotonic()
         workers = [{"index": w.index, "pid": w.proc.pid if w.proc else None,
-                    "ready": w.ready, "active": 0, "fds": None} for w in self.workers]
+                    "ready": w.ready, "active": 0, "fds": None, "failing": w.failing,
+                    "retry_in_s": (round(max(0.0, w.retry_at - now), 1)
+                                   if w.retry_at is not None else None)}
+                   for w in self.workers]
         status = {"config": self.config_path, "digest": self.config.digest,
                   "generation": self.generation, "mode": "per-port", "active": 0,
                   "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
@@ -382,9 +426,12 @@ class Supervisor:
             workers[w.index]["active"] = r["active"]
             workers[w.index]["fds"] = r.get("fds")
             for a in r["apps"]:
-                merged = apps.setdefault(a["name"], {**a, "active": 0, "targets": [
-                    {"target": t["target"], "health": {}} for t in a["targets"]]})
+                merged = apps.setdefault(a["name"], {**a, "active": 0, "held_down": {},
+                                                     "targets": [{"target": t["target"],
+                                                                  "health": {}}
+                                                                 for t in a["targets"]]})
                 merged["active"] += a["active"]
+                merged["held_down"][w.index] = a["held_down"]  # each worker's, to compare
                 health = {t["target"]: t["health"] for t in a["targets"]}
                 for t in merged["targets"]:
                     t["health"][w.index] = health.get(t["target"], "?")
@@ -448,5 +495,11 @@ class _GatheredMetrics:
                                        "Workers started again after they exited")
         restarts.add_metric([], sup.restarts)
         yield restarts
+        failing = GaugeMetricFamily("flyproxy_workers_failing",
+                                    f"Workers that exited more than {RESTARTS} times in "
+                                    f"{RESTART_WINDOW_S:g} s (started again every "
+                                    f"{MAX_BACKOFF_S:g} s while the others serve)")
+        failing.add_metric([], sum(w.failing is not None for w in sup.workers))
+        yield failing
         from ..dataplane.checks import check_families
         yield from check_families(sup.checker.state())

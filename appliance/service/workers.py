@@ -17,6 +17,7 @@ for the answer to a later request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -34,6 +35,19 @@ CHANNEL_LIMIT = 64 * 1024 * 1024  # a status line lists every port: 10,000 ports
 
 class WorkerGone(Exception):
     pass
+
+
+def brief(command: str) -> str:
+    """A command as log lines and errors name it: its first word (a ``health`` command
+    carries thousands of targets, which no log line should)."""
+    return repr(command.split(" ", 1)[0][:40])
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """A request's outcome may be set when nobody awaits it any more (the channel broke
+    while it was being sent): mark its exception seen, so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _anonymous_file(data: bytes) -> int:
@@ -58,6 +72,12 @@ class Worker:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
+        # health check changes not yet sent (coalesced: the latest state of each target)
+        self.health_pending: dict[tuple, bool] = {}
+        self.health_sending = False
+        self.exits: collections.deque[float] = collections.deque()  # recent exits (monotonic)
+        self.failing: str | None = None  # why it cannot start, while it cannot
+        self.retry_at: float | None = None  # when it is started again (monotonic)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = 0  # the last request id sent
@@ -115,6 +135,7 @@ class Worker:
         self._ids += 1
         ident = self._ids
         future = self._pending[ident] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(timeout_s):
                 self._writer.write(json.dumps({"command": command, "id": ident}).encode()
@@ -123,10 +144,10 @@ class Worker:
                 return await future
         except TimeoutError:  # (before OSError: in Python 3.11 TimeoutError is one)
             self.kill()
-            raise WorkerGone(f"{self} did not answer {command!r} in {timeout_s:g}s; "
+            raise WorkerGone(f"{self} did not answer {brief(command)} in {timeout_s:g}s; "
                              "killed (another is started)") from None
         except (ConnectionError, OSError) as e:
-            raise WorkerGone(f"{self}: {command!r} failed: {e!r}") from None
+            raise WorkerGone(f"{self}: {brief(command)} failed: {e!r}") from None
         finally:
             self._pending.pop(ident, None)
 
