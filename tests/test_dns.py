@@ -329,6 +329,23 @@ def test_a_family_failing_past_dns_stale_is_dropped_and_the_other_kept(lab):
     assert lab.greet(7000) == "v6"
 
 
+def test_every_one_of_a_thousand_a_records_is_kept(lab):
+    """many.test has 1,000 A records (an answer only TCP carries): 999 addresses in
+    127.0.0.0/8 where nothing listens, then the backend's. All are kept (pycares kept the
+    first 256, and the backend's address was not among them: 0 of 10 connected); a
+    refused address costs one failed connect, so each client gets through the 999 to the
+    live one within the connect timeout."""
+    live = lab.backend("live")
+    dead = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(999)]
+    lab.dns.set("many.test", *[("A", ip, 300) for ip in dead], ("A", "127.0.0.1", 300))
+    proxy = lab.proxy({"a": ([7000], [f"many.test:{live.port}"])})
+    assert [lab.greet(7000) for _ in range(10)] == ["live"] * 10
+    name = lab.name("many.test")
+    assert name["addresses"] == dead + ["127.0.0.1"]
+    assert lab.dns.tcp_queries >= 1  # truncated over UDP, asked again over TCP
+    assert " and 992 more (dns, ttl 300s)" in proxy.output()  # 8 named in the log line
+
+
 def test_a_name_whose_refresh_is_in_flight_is_refreshing_not_stale(lab):
     """A refresh that has not answered yet is no failure: past its TTL the name shows
     "refreshing" (it showed "stale", as if the resolver had failed), then "fresh"."""
