@@ -311,3 +311,83 @@ def test_a_black_holed_address_does_not_fail_a_name_that_has_a_working_one(lab):
         for f in fillers:
             f.close()
         silent.close()
+
+
+@pytest.mark.parametrize("failure", ["servfail", "silent"])
+def test_a_family_whose_query_fails_keeps_its_last_good_addresses(lab, failure):
+    """dual.test has ::1 (nothing listens there: refused) and 127.0.0.1 (the backend).
+    Its A query starts failing (SERVFAIL, or no answer at all) while AAAA still answers:
+    127.0.0.1 stays, stale once its TTL is over (before, the name became [::1] alone, shown
+    fresh, and every connection failed). Only an answer with no A record removes it."""
+    live = lab.backend("v4")
+    lab.dns.set("dual.test", ("AAAA", "::1", 1), ("A", "127.0.0.1", 1))
+    proxy = lab.proxy({"a": ([7000], [f"dual.test:{live.port}"])}, "--dns-timeout", "0.3",
+                      "--dns-stale", "120")
+    assert lab.greet(7000) == "v4"
+    lab.dns.broken[("dual.test", "A")] = failure
+    reason = "servfail or unreachable" if failure == "servfail" else "timeout"
+    name = wait_until(lambda: (lambda n: n if n["error"] or len(n["addresses"]) != 2 else None)(
+        lab.name("dual.test")), "a refresh whose A query failed")
+    assert (name["addresses"], name["error"]) == (["::1", "127.0.0.1"], f"A: {reason}")
+    wait_until(lambda: lab.name("dual.test")["state"] == "stale", "stale once its TTL is over")
+    assert [lab.greet(7000) for _ in range(20)] == ["v4"] * 20
+    assert lab.name("dual.test")["addresses"] == ["::1", "127.0.0.1"]
+    assert f"dual.test: lookup failed (A: {reason}); still using 127.0.0.1 for up to" \
+        in proxy.output()
+    del lab.dns.broken[("dual.test", "A")]
+    wait_until(lambda: (lab.name("dual.test")["state"], lab.name("dual.test")["error"]) ==
+               ("fresh", ""), "fresh again once A answers")
+    lab.dns.set("dual.test", ("AAAA", "::1", 1))  # NODATA for A: IPv4 is gone
+    wait_until(lambda: lab.name("dual.test")["addresses"] == ["::1"],
+               "an authoritative empty A answer removes the IPv4 address")
+    assert lab.name("dual.test")["state"] == "fresh"
+
+
+def test_a_family_failing_past_dns_stale_is_dropped_and_the_other_kept(lab):
+    """--dns-stale holds per family: the A answer goes after 1 s of failures past its TTL,
+    logged as such, while the AAAA answer, still answered, keeps the name serving."""
+    live = lab.backend("v6", "::1")
+    lab.dns.set("dual.test", ("AAAA", "::1", 1), ("A", "127.0.0.1", 1))
+    proxy = lab.proxy({"a": ([7000], [f"dual.test:{live.port}"])}, "--dns-stale", "1")
+    assert lab.name("dual.test")["addresses"] == ["::1", "127.0.0.1"]
+    lab.dns.broken[("dual.test", "A")] = "servfail"
+    wait_until(lambda: "dual.test: A addresses down (A: servfail or unreachable); stopped "
+               "using 127.0.0.1" in proxy.output(), "the A answer given up after --dns-stale",
+               timeout=15)
+    name = lab.name("dual.test")
+    assert (name["state"], name["addresses"], name["error"]) == \
+        ("fresh", ["::1"], "A: servfail or unreachable")
+    assert lab.greet(7000) == "v6"
+
+
+def test_every_one_of_a_thousand_a_records_is_kept(lab):
+    """many.test has 1,000 A records (an answer only TCP carries): 999 addresses in
+    127.0.0.0/8 where nothing listens, then the backend's. All are kept (pycares kept the
+    first 256, and the backend's address was not among them: 0 of 10 connected); a
+    refused address costs one failed connect, so each client gets through the 999 to the
+    live one within the connect timeout."""
+    live = lab.backend("live")
+    dead = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(999)]
+    lab.dns.set("many.test", *[("A", ip, 300) for ip in dead], ("A", "127.0.0.1", 300))
+    proxy = lab.proxy({"a": ([7000], [f"many.test:{live.port}"])})
+    assert [lab.greet(7000) for _ in range(10)] == ["live"] * 10
+    name = lab.name("many.test")
+    assert name["addresses"] == dead + ["127.0.0.1"]
+    assert lab.dns.tcp_queries >= 1  # truncated over UDP, asked again over TCP
+    assert " and 992 more (dns, ttl 300s)" in proxy.output()  # 8 named in the log line
+
+
+def test_a_name_whose_refresh_is_in_flight_is_refreshing_not_stale(lab):
+    """A refresh that has not answered yet is no failure: past its TTL the name shows
+    "refreshing" (it showed "stale", as if the resolver had failed), then "fresh"."""
+    live = lab.backend("live")
+    lab.dns.set("slow.test", ("A", "127.0.0.1", 1))
+    lab.proxy({"a": ([7000], [f"slow.test:{live.port}"])}, "--dns-timeout", "5")
+    assert lab.name("slow.test")["state"] == "fresh"
+    lab.dns.delay_s["slow.test"] = 3.0  # the next answers come 3 s late, within the timeout
+    name = wait_until(lambda: (lambda n: n if n["state"] != "fresh" else None)(
+        lab.name("slow.test")), "the answer's TTL runs out while its refresh is out")
+    assert (name["state"], name["error"]) == ("refreshing", "")
+    wait_until(lambda: lab.dns.asked("slow.test") >= 4 and
+               lab.name("slow.test")["state"] == "fresh", "the late answer makes it fresh")
+    assert lab.greet(7000) == "live"

@@ -19,6 +19,17 @@ except ImportError:  # pragma: no cover - python3-pycares is a dependency of the
     pycares = errno = None
 
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
+NXDOMAIN = errno.ARES_ENOTFOUND if errno is not None else None
+
+# pycares 4 parses an A or AAAA answer into an array of PYCARES_ADDRTTL_SIZE (256) records
+# and drops the rest without a word: a name with 1,000 addresses kept 256 of them. It reads
+# that module global on every answer, so it is raised here to what any answer can hold: a
+# DNS message is at most 65,535 bytes (over TCP) and an address record at least 15 (a
+# 1-byte name, 10 bytes of type/class/TTL/length, 4 of address), so 4,369 records. The
+# arrays cost about 120 KB per lookup, for an instant.
+MAX_RECORDS = 65535 // 15
+if pycares is not None and getattr(pycares, "PYCARES_ADDRTTL_SIZE", MAX_RECORDS) < MAX_RECORDS:
+    pycares.PYCARES_ADDRTTL_SIZE = MAX_RECORDS
 
 
 def reason(error: int) -> tuple[str, str]:

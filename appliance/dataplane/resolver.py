@@ -7,7 +7,8 @@ in the background before its TTL runs out. A connection never waits on a lookup 
 answer is known; it takes ``Name.addrs`` as they are.
 
 A name is in one of four states (``Name.state``; shown by ``flyproxy status`` and the
-metrics):
+metrics, which also say ``refreshing`` for a fresh name past its TTL whose refresh has not
+answered yet):
 
 - ``pending``: never answered yet. A connection to it waits for the first answer, bounded
   by its connect attempt's timeout; :meth:`Resolver.arrange` puts such targets after the
@@ -19,6 +20,11 @@ metrics):
 - ``down``: no address (NXDOMAIN, no A/AAAA record, or stale for too long). It costs no
   connect attempt and no lookup per connection: arrange() leaves it out; it is looked up
   again after ``negative_ttl_s`` (NXDOMAIN, no data) or the backoff (resolver failures).
+
+The two families are kept apart (``Name.ips``, ``Name.until``): when the A query fails and
+the AAAA query answers, the IPv4 addresses stay, with their own TTL and their own stale
+time; only an answer saying there is no A record (NODATA, NXDOMAIN) removes them. Every
+record of an answer is kept (see ``cares.MAX_RECORDS``).
 
 Names in ``/etc/hosts`` are answered as getaddrinfo answers them (``localhost``, names an
 operator pins there; read again at each refresh, ``max_ttl_s`` apart): a call that reads a
@@ -43,27 +49,37 @@ from . import cares
 log = logging.getLogger(__name__)
 
 PENDING, FRESH, STALE, DOWN = "pending", "fresh", "stale", "down"
+REFRESHING = "refreshing"  # shown for a fresh name past its TTL, its refresh still out
 REFRESH_AT = 0.9  # refresh an answer when this share of its TTL has passed
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # retries after a failed lookup
 HOSTS_PATH = "/etc/hosts"
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+FAMILIES = (_AF_INET6, _AF_INET)
+LABELS = {_AF_INET6: "AAAA", _AF_INET: "A"}  # a family by its query, in logs and status
+LOG_IPS = 8  # addresses named in one log line (a name may have thousands)
 
 
 class Name:
     """One host name: its state, its addresses and who waits for its first answer."""
 
     __slots__ = ("host", "state", "addrs", "source", "error", "answered_at", "expires_at",
-                 "ttl_s", "failures", "waiters", "timer", "by_port", "querying")
+                 "ttl_s", "failures", "waiters", "timer", "by_port", "querying", "ips", "renew",
+                 "until")
 
     def __init__(self, host: str) -> None:
         self.host = host
         self.state = PENDING
         self.addrs: tuple[tuple[int, str], ...] = ()  # (family, ip), in the order to try
+        # ... made from each family's own: its last good answer, when to refresh it and
+        # when it runs out (monotonic times)
+        self.ips: dict[int, tuple[str, ...]] = {family: () for family in FAMILIES}
+        self.renew: dict[int, float] = {family: 0.0 for family in FAMILIES}
+        self.until: dict[int, float] = {family: 0.0 for family in FAMILIES}
         self.source = "dns"  # or "hosts" (/etc/hosts, as getaddrinfo reads it)
         self.error = ""  # why the last lookup failed ("" after a good one)
-        self.answered_at = 0.0  # monotonic time of the last good answer
-        self.expires_at = 0.0  # ... and when it runs out
-        self.ttl_s = 0.0
+        self.answered_at = 0.0  # monotonic time of the last complete answer
+        self.expires_at = 0.0  # when the first of the addresses held runs out
+        self.ttl_s = 0.0  # ... as seen from answered_at
         self.failures = 0  # lookups failed in a row (for the backoff)
         self.waiters: list[Callable[[Name], None]] = []  # connections waiting (pending only)
         self.timer = None  # the next refresh or retry
@@ -226,77 +242,137 @@ class Resolver:
                 addrs.append((family, sockaddr[0]))
         self._succeeded(name, tuple(addrs), self.settings.dns_max_ttl_s)
 
+    def _succeeded(self, name: Name, addrs: tuple, ttl: float) -> None:
+        """A complete answer as addresses in the order to try (getaddrinfo's, for
+        /etc/hosts): each family's own are taken from it."""
+        now, ttl_s = time.monotonic(), self._ttl(ttl)
+        for family in FAMILIES:
+            name.ips[family] = tuple(ip for f, ip in addrs if f == family)
+            name.renew[family], name.until[family] = now + ttl_s * REFRESH_AT, now + ttl_s
+        self._answered(name, now, addrs)
+
     def _decided(self, name: Name, results: dict) -> None:
-        """Both queries of a refresh answered: a good answer, no address, or a failure."""
+        """Both queries of a lookup answered. Each family is taken on its own: records
+        replace that family's addresses, an authoritative "none" (NODATA, NXDOMAIN) removes
+        them, and a failed query (timeout, SERVFAIL) leaves the last good ones in place,
+        for as long as the stale rules allow (:meth:`_failed`)."""
         name.querying = False
         if self._closed or self.names.get(name.host) is not name:
             return  # forgotten meanwhile
         name.source = "dns"
-        ips: dict[int, list[str]] = {_AF_INET: [], _AF_INET6: []}
-        ttls, errors = [], []
-        for family, (records, error) in results.items():
-            if error is None:
-                for record in records or ():
-                    if record.host not in ips[family]:
-                        ips[family].append(record.host)
-                    ttls.append(record.ttl)
-            else:
-                errors.append(error)
-        addrs = interleave(ips[_AF_INET6], ips[_AF_INET])
-        if addrs:
-            return self._succeeded(name, addrs, min(ttls))
-        if not errors:  # answered, but with no record of either family
-            self._lookups("nxdomain")
-            return self._failed(name, "no address", negative=True)
-        failure = next((e for e in errors if not cares.is_negative(e)), errors[0])
-        result, reason = cares.reason(failure)
-        self._lookups(result)
-        self._failed(name, reason, negative=cares.is_negative(failure))
-
-    def _succeeded(self, name: Name, addrs: tuple, ttl: float) -> None:
-        opts = self.settings
-        ttl_s = min(max(float(ttl), opts.dns_min_ttl_s), opts.dns_max_ttl_s)
         now = time.monotonic()
-        if name.source == "dns":
+        failed: dict[int, int] = {}  # family -> c-ares error: no answer to go by
+        negative = None  # the error of an answer saying there is no such address
+        for family, (records, error) in results.items():
+            if error is not None and not cares.is_negative(error):
+                failed[family] = error
+                continue
+            if error is not None and negative != cares.NXDOMAIN:
+                negative = error
+            ips = tuple(dict.fromkeys(record.host for record in records or ()))
+            ttl_s = self._ttl(min(r.ttl for r in records)) if ips else 0.0
+            name.ips[family] = ips
+            name.renew[family], name.until[family] = now + ttl_s * REFRESH_AT, now + ttl_s
+        if failed:
+            errors = list(failed.values())
+            result, reason = cares.reason(errors[0])
+            if len(failed) < len(results) or len(set(errors)) > 1:  # say which family
+                reason = "; ".join(f"{LABELS[f]}: {cares.reason(e)[1]}" for f, e in failed.items())
+            self._lookups(result)
+            return self._failed(name, reason, negative=False, families=tuple(failed))
+        if any(name.ips.values()):
             self._lookups("ok")
-        if name.addrs and addrs != name.addrs:
-            log.info("%s: addresses changed: %s -> %s (new connections use the new ones)",
-                     name.host, _ips(name.addrs), _ips(addrs))
-        elif not name.addrs:
-            log.info("%s: %s (%s, ttl %gs)", name.host, _ips(addrs), name.source, ttl_s)
-        if addrs != name.addrs:
-            name.addrs, name.by_port = addrs, {}
+            return self._answered(name, now)
+        self._lookups("nxdomain")
+        self._failed(name, cares.reason(negative)[1] if negative is not None else "no address",
+                     negative=True)
+
+    def _ttl(self, ttl: float) -> float:
+        opts = self.settings
+        return min(max(float(ttl), opts.dns_min_ttl_s), opts.dns_max_ttl_s)
+
+    def _answered(self, name: Name, now: float, addrs: tuple | None = None) -> None:
+        """Every family answered (records or an authoritative none): fresh, refreshed when
+        the shortest TTL of what it holds is nearly over."""
+        had = name.addrs
+        self._use(name, interleave(name.ips[_AF_INET6], name.ips[_AF_INET])
+                  if addrs is None else addrs)
+        if not had:
+            log.info("%s: %s (%s, ttl %gs)", name.host, _ips(name.addrs), name.source,
+                     round(name.expires_at - now, 3))
         name.state, name.error, name.failures = FRESH, "", 0
-        name.answered_at, name.expires_at, name.ttl_s = now, now + ttl_s, ttl_s
-        self._schedule(name, ttl_s * REFRESH_AT)
+        name.answered_at, name.ttl_s = now, round(name.expires_at - now, 3)
+        self._schedule(name, name.ttl_s * REFRESH_AT)
         self._settle(name)
 
-    def _failed(self, name: Name, reason: str, *, negative: bool) -> None:
-        """No address this time. ``negative``: the answer says so (NXDOMAIN, no record):
-        down now, asked again after negative_ttl_s. Otherwise the resolver failed: the last
-        good addresses serve until stale_s past their expiry, retried with a backoff."""
+    def _use(self, name: Name, addrs: tuple) -> None:
+        """``addrs`` are the name's addresses from now on (for new connections)."""
+        if name.addrs and addrs and addrs != name.addrs:
+            log.info("%s: addresses changed: %s -> %s (new connections use the new ones)",
+                     name.host, _ips(name.addrs), _ips(addrs))
+        if addrs != name.addrs:
+            name.addrs, name.by_port = addrs, {}
+        held = [name.until[f] for f in FAMILIES if name.ips[f]]
+        name.expires_at = min(held) if held else 0.0
+
+    def _failed(self, name: Name, reason: str, *, negative: bool,
+                families: tuple[int, ...] = FAMILIES) -> None:
+        """No (complete) answer this time. ``negative``: the answer says there is no
+        address (NXDOMAIN, no record of either family): down now, asked again after
+        negative_ttl_s. Otherwise the resolver failed for ``families``: a family's last
+        good addresses serve until stale_s past their expiry, retried with a backoff; the
+        name is down once no family has any."""
         now = time.monotonic()
         first = name.error != reason
         name.error = reason
         name.failures += 1
-        if negative or not name.addrs or now >= name.expires_at + self.settings.dns_stale_s:
+        if negative:
+            for family in FAMILIES:
+                name.ips[family] = ()
+        else:
+            self._drop_expired(name, now, reason)
+        if not any(name.ips.values()):
             if name.addrs or name.state != DOWN:
                 log.warning("%s: down (%s)%s", name.host, reason,
                             f"; stopped using {_ips(name.addrs)}" if name.addrs else "")
-            name.state, name.addrs, name.by_port = DOWN, (), {}
+            name.state = DOWN
+            self._use(name, ())
             delay = self.settings.dns_negative_ttl_s if negative else self._backoff(name)
         else:
-            if now >= name.expires_at:
-                name.state = STALE
-            if first:
+            had = name.addrs
+            self._use(name, interleave(name.ips[_AF_INET6], name.ips[_AF_INET]))
+            if not had:  # a first answer, from one family (the other failed)
+                name.answered_at = now
+                name.ttl_s = round(name.expires_at - now, 3)
+                log.info("%s: %s (dns, ttl %gs)", name.host, _ips(name.addrs), name.ttl_s)
+            name.state = STALE if now >= name.expires_at else FRESH
+            stale_s = self.settings.dns_stale_s
+            kept = [f for f in families if name.ips[f]]
+            if first and kept:
                 log.warning("%s: lookup failed (%s); still using %s for up to %gs", name.host,
-                            reason, _ips(name.addrs), name.expires_at + self.settings.dns_stale_s - now)
-            # retry soon, and look again when the answer runs out or goes stale
-            deadline = name.expires_at if now < name.expires_at else \
-                name.expires_at + self.settings.dns_stale_s
+                            reason, _ips([ip for f in kept for ip in name.ips[f]]),
+                            round(max(name.until[f] for f in kept) + stale_s - now, 1))
+            elif first:
+                log.warning("%s: lookup failed (%s)", name.host, reason)
+            # retry soon, and look again when an answer is due for its refresh, runs out,
+            # or its stale time is over
+            deadline = min(name.renew[f] if now < name.renew[f] else u if now < u else
+                           u + stale_s for f, u in name.until.items() if name.ips[f])
             delay = max(0.0, min(self._backoff(name), deadline - now))
         self._schedule(name, delay)
         self._settle(name)
+
+    def _drop_expired(self, name: Name, now: float, reason: str) -> None:
+        """Forget each family whose answer ran out more than stale_s ago (while another
+        family still has addresses: else the name goes down, logged as such)."""
+        stale_s = self.settings.dns_stale_s
+        gone = [f for f in FAMILIES if name.ips[f] and now >= name.until[f] + stale_s]
+        if gone and len(gone) < sum(bool(ips) for ips in name.ips.values()):
+            for family in gone:
+                log.warning("%s: %s addresses down (%s); stopped using %s", name.host,
+                            LABELS[family], reason, _ips(name.ips[family]))
+        for family in gone:
+            name.ips[family] = ()
 
     def _backoff(self, name: Name) -> float:
         return BACKOFF_S[min(name.failures, len(BACKOFF_S)) - 1]
@@ -352,10 +428,14 @@ class Resolver:
         for name in self.names.values():
             row = name.describe(now)
             if name.state == FRESH and name.addrs and now >= name.expires_at:
-                row["state"] = STALE  # expired, its refresh still out
+                # past its TTL: stale once a refresh failed, refreshing while one is out
+                row["state"] = STALE if name.error else REFRESHING
             rows.append(row)
         return rows
 
 
-def _ips(addrs) -> str:
-    return ", ".join(ip for _, ip in addrs) or "none"
+def _ips(addrs: Sequence) -> str:
+    """Addresses ((family, ip) or ip) for a log line: the first LOG_IPS, then a count."""
+    ips = [a if isinstance(a, str) else a[1] for a in addrs[:LOG_IPS]]
+    more = f" and {len(addrs) - LOG_IPS} more" if len(addrs) > LOG_IPS else ""
+    return ", ".join(ips) + more if ips else "none"
