@@ -16,6 +16,7 @@ failed goes after the healthy ones in that worker, whatever its checks say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -23,6 +24,7 @@ import time
 from typing import Callable
 
 from ..config import Config, HealthCheck, Target
+from . import proxy_protocol as pp
 from .tunnel import failure_reason
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Checker:
         self.on_change = on_change
         self.checks: dict[tuple[str, Target], TargetCheck] = {}
         self.tasks: dict[tuple[str, Target], asyncio.Task] = {}
+        self.headers: dict[str, bytes] = {}  # app -> what its checks send (ProxyProtocol)
 
     def __repr__(self) -> str:
         down = sum(not c.up for c in self.checks.values())
@@ -64,6 +67,8 @@ class Checker:
         wanted: dict[tuple[str, Target], HealthCheck] = {
             (app.name, t): app.health_check for app in config.apps if app.health_check
             for t in app.targets}
+        self.headers = {app.name: pp.local(app.proxy_protocol) for app in config.apps
+                        if app.proxy_protocol}
         for key in list(self.checks):
             if wanted.get(key) != self.checks[key].params:
                 self.tasks.pop(key).cancel()
@@ -103,13 +108,16 @@ class Checker:
         # spread the first checks over an interval (at most a second): not all at once
         await asyncio.sleep(random.uniform(0, min(params.interval_s, 1.0)))
         while True:
-            ok, why = await self.probe(check.target, params.timeout_s)
+            ok, why = await self.probe(check.target, params.timeout_s,
+                                       self.headers.get(check.app, b""))
             self.record(check, ok, why)
             await asyncio.sleep(params.interval_s)  # the check's period (a timer, not a wait)
 
-    async def probe(self, target: Target, timeout_s: float) -> tuple[bool, str]:
+    async def probe(self, target: Target, timeout_s: float,
+                    header: bytes = b"") -> tuple[bool, str]:
         """(connected?, why not) for one check of ``target``: its addresses in turn, all
-        within ``timeout_s``."""
+        within ``timeout_s``. ``header`` (a PROXY protocol LOCAL/UNKNOWN header, for a
+        target that expects one) is sent before the close; the check is still the connect."""
         addrs = target.addrs if target.addrs is not None else self.addresses(target)
         if not addrs:
             return False, "dns"
@@ -122,6 +130,9 @@ class Checker:
                                          | socket.SOCK_CLOEXEC)
                     try:
                         await loop.sock_connect(sock, sockaddr)
+                        if header:
+                            with contextlib.suppress(OSError):
+                                await loop.sock_sendall(sock, header)
                         return True, ""
                     except OSError as e:
                         why = failure_reason(e)
