@@ -4,18 +4,20 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-# Debian packages: what the product needs at run time, and what the tests drive.
+# Debian packages: what the product needs at run time, and what the tests drive (every
+# package a test needs: under CI=true a skip fails the run, tests/conftest.py).
 RUNTIME_DEBS := python3-jsonschema python3-systemd python3-prometheus-client python3-pycares
 BPF_DEBS := python3-bpfcc bpftool iproute2
 TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout python3-testinfra \
 	python3-uvloop \
 	python3-yaml python3-hypothesis python3-dnspython python3-setuptools python3-wheel netcat-openbsd systemd debootstrap systemd-container openssh-client \
-	ansible-core ansible-lint vagrant
+	ansible-core ansible-lint vagrant \
+	haproxy nginx-light libnginx-mod-stream
 # DEB_LINT=0: build without running lintian (a VM building its own package)
 DEB_LINT ?= 1
 DEB_BUILD_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-jsonschema help2man dpkg-dev $(if $(filter 0,$(DEB_LINT)),,lintian)
-BENCH_DEBS := haproxy nginx-light libnginx-mod-stream iperf3 wrk python3-matplotlib dnsmasq-base
+BENCH_DEBS := iperf3 wrk python3-matplotlib dnsmasq-base
 # `vagrant up` for real (tests/vm): libvirt without libvirt-daemon-system, whose default
 # network would start on the host; the box is built with debootstrap, fdisk and grub.
 VM_DEBS := vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from appliance.dataplane import proxy_protocol as pp
-from helpers import WAIT_S, ProxyProcess, connect, free_ports, recv_all
+from helpers import WAIT_S, ProxyProcess, connect, free_ports, recv_all, run_cli, wait_until
 from netns import NetNS
 from test_bpf import LISTEN_PORT, Steered, bpffs  # noqa: F401 (bpffs: a fixture)
 
@@ -45,6 +45,7 @@ def test_v1_lines():
     assert pp.header("v1", ("::ffff:127.0.0.5", 1, 0, 0), ("::ffff:127.0.0.1", 2, 0, 0)) == \
         b"PROXY TCP4 127.0.0.5 127.0.0.1 1 2\r\n"
     assert pp.header("v1", ("192.0.2.1", 1), ("::1", 2, 0, 0)) == b"PROXY UNKNOWN\r\n"
+    assert pp.local("v1") == b"PROXY UNKNOWN\r\n"  # a health check's: no addresses
 
 
 def test_v2_binary_layout():
@@ -59,6 +60,8 @@ def test_v2_binary_layout():
     assert six[13] == 0x21 and struct.unpack("!H", six[14:16]) == (36,) and len(six) == 52
     mapped = pp.header("v2", ("::ffff:127.0.0.5", 1, 0, 0), ("::ffff:127.0.0.1", 2, 0, 0))
     assert mapped[13] == 0x11 and len(mapped) == 28
+    # a health check's: version 2, command LOCAL, AF_UNSPEC, no addresses
+    assert pp.local("v2") == pp.SIGNATURE + b"\x20\x00\x00\x00"
 
 
 # -- real receivers ----------------------------------------------------------------------------
@@ -68,7 +71,8 @@ class Receivers:
     both detect the version) and answering with the addresses the header carried."""
 
     def __init__(self, ns: NetNS, work: Path):
-        self.procs = []
+        self.ns = ns
+        self.procs, self.work = [], work
         (work / "nginx.conf").write_text(f"""load_module {NGINX_STREAM};
 daemon off;
 master_process off;
@@ -84,8 +88,10 @@ stream {{
 """)
         (work / "haproxy.cfg").write_text(f"""global
     maxconn 64
+    log stderr format raw local0 info
 defaults
     mode http
+    log global
     timeout connect 5s
     timeout client 10s
     timeout server 10s
@@ -103,12 +109,19 @@ frontend receiver
             for port in (NGINX, HAPROXY):
                 while True:
                     try:
-                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                            s.sendall(b"PROXY UNKNOWN\r\n")  # not logged as a broken header
                         break
                     except OSError:
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"receiver on {port} did not start: see {work}")
                         time.sleep(0.05)  # waiting for another process to listen, bounded
+
+    def errors(self) -> list[str]:
+        """What the receivers logged about a PROXY header that did not come or did not parse."""
+        text = (self.work / "nginx-error.log").read_text() + (self.work / "haproxy.log").read_text()
+        return [line for line in text.splitlines()
+                if "waiting for PROXY protocol header" in line or "broken header" in line]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -150,16 +163,21 @@ def assert_seen(seen: list[str], client: tuple, dialled: tuple) -> None:
 
 
 @pytest.fixture
-def lab(tmp_path):
+def receivers(tmp_path):
     ns = NetNS()
     receivers = None
     try:
         receivers = Receivers(ns, tmp_path)
-        yield ns
+        yield receivers
     finally:
         if receivers is not None:
             receivers.stop()
         ns.delete()
+
+
+@pytest.fixture
+def lab(receivers):
+    return receivers.ns
 
 
 def write(path: Path, doc: dict) -> Path:
@@ -240,3 +258,33 @@ def test_bpf_mode_sends_the_steered_port_not_the_listeners(tmp_path, bpffs):  # 
         if receivers is not None:
             receivers.stop()
         s.close()
+
+
+def checks(control: Path) -> list[dict]:
+    result = run_cli("status", "--json", "--control", str(control))
+    assert result.returncode == 0, result.stderr
+    return [t["check"] for app in json.loads(result.stdout)["apps"] for t in app["targets"]]
+
+
+def test_health_checks_send_a_header_the_receivers_accept(receivers, tmp_path):
+    """A check connects and closes. To a target that expects the PROXY protocol it sends a
+    LOCAL command (v2) or an UNKNOWN line (v1) first, as the spec asks of health checks: the
+    receivers log no missing or broken header, and the target stays up."""
+    doc = apps()
+    for app in doc["Apps"]:
+        app["HealthCheck"] = {"Interval": 0.1, "Timeout": 1, "Rise": 1, "Fall": 1}
+    control = tmp_path / "control.sock"
+    proxy = ProxyProcess(write(tmp_path / "config.json", doc), "--control", str(control),
+                         wrap=receivers.ns.command([]))
+    try:
+        wait_until(lambda: min(c["checks"] for c in checks(control)) >= 5,
+                   "five checks of every target")
+        assert [(c["state"], c["error"]) for c in checks(control)] == [("up", "")] * 4
+    finally:
+        proxy.stop()
+    assert receivers.errors() == []
+    # ... and they would have: a bare connect and close is logged by both
+    with receivers.ns.entered():
+        for port in (NGINX, HAPROXY):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT_S).close()
+    wait_until(lambda: len(receivers.errors()) >= 2, "the receivers to log a missing header")

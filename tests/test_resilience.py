@@ -119,9 +119,10 @@ def greet_or_none(port: int):
 
 def test_five_thousand_concurrent_connections_all_echo(tmp_path, start_proxy):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < 12000:
-        pytest.skip(f"needs an open-file limit of 12000 (hard limit {hard})")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by what we start
+    try:  # inherited by what we start; root may raise the hard limit too
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 12000),) * 2)
+    except (ValueError, OSError):  # an allowed skip in CI (conftest.py ALLOWED_SKIPS)
+        pytest.skip(f"needs an open-file limit of 12000 (hard limit {hard}, not raisable here)")
     port, echo_port = free_ports(2)
     echo = subprocess.Popen([PYTHON, "-m", "appliance", "echo", "--listen", f"127.0.0.1:{echo_port}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -27,6 +27,7 @@ failed goes after the healthy ones in that worker, whatever its checks say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -35,6 +36,7 @@ import time
 from typing import Callable, Iterable
 
 from ..config import Config, HealthCheck, Target
+from . import proxy_protocol as pp
 from .tunnel import failure_reason
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class Checker:
         self._unlogged = {True: 0, False: 0}  # changes past LOG_BURST this second
         self._logged = 0
         self._log_timer: asyncio.TimerHandle | None = None
+        self.headers: dict[str, bytes] = {}  # app -> what its checks send (ProxyProtocol)
 
     def __repr__(self) -> str:
         down = sum(not c.up for c in self.checks.values())
@@ -120,6 +123,8 @@ class Checker:
             for t in app.targets}
         self.intervals = self._budget(config, len(wanted))
         released: list[Change] = []  # held down, and no longer checked
+        self.headers = {app.name: pp.local(app.proxy_protocol) for app in config.apps
+                        if app.proxy_protocol}
         for key in list(self.checks):
             if wanted.get(key) != self.checks[key].params:
                 self.tasks.pop(key).cancel()
@@ -187,16 +192,19 @@ class Checker:
         # spread the first checks over an interval: not all at once
         await asyncio.sleep(random.uniform(0, self.interval(check)))
         while True:
-            ok, why = await self.probe(check.target, params.timeout_s)
+            ok, why = await self.probe(check.target, params.timeout_s,
+                                       self.headers.get(check.app, b""))
             self.record(check, ok, why)
             await asyncio.sleep(self.interval(check))  # the period (a timer, not a wait)
 
     def interval(self, check: TargetCheck) -> float:
         return self.intervals.get(check.app, check.params.interval_s)
 
-    async def probe(self, target: Target, timeout_s: float) -> tuple[bool, str]:
+    async def probe(self, target: Target, timeout_s: float,
+                    header: bytes = b"") -> tuple[bool, str]:
         """(connected?, why not) for one check of ``target``: its addresses in turn, all
-        within ``timeout_s``."""
+        within ``timeout_s``. ``header`` (a PROXY protocol LOCAL/UNKNOWN header, for a
+        target that expects one) is sent before the close; the check is still the connect."""
         addrs = target.addrs if target.addrs is not None else self.addresses(target)
         if not addrs:
             return False, "dns"
@@ -209,6 +217,9 @@ class Checker:
                                          | socket.SOCK_CLOEXEC)
                     try:
                         await loop.sock_connect(sock, sockaddr)
+                        if header:
+                            with contextlib.suppress(OSError):
+                                await loop.sock_sendall(sock, header)
                         return True, ""
                     except OSError as e:
                         why = failure_reason(e)

@@ -7,6 +7,10 @@ the length of the addresses, then the addresses and ports in network byte order.
 client on a dual-stack listener (``::ffff:a.b.c.d``) is written as IPv4. Addresses of
 different families (not seen from one TCP connection) are sent as v1 ``UNKNOWN`` / v2
 ``AF_UNSPEC``, which a receiver takes as "use the connection's own addresses".
+
+A connection the proxy makes on its own behalf (a health check) carries :func:`local`: the
+v2 LOCAL command or the v1 ``UNKNOWN`` line, which the spec asks for on health checks, so
+the receiver accepts the connection as it is instead of logging a missing header.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import ipaddress
 import struct
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-V2_PROXY = 0x21  # version 2, command PROXY
+V2_PROXY, V2_LOCAL = 0x21, 0x20  # version 2, command PROXY / LOCAL
 V2_TCP4, V2_TCP6, V2_UNSPEC = 0x11, 0x21, 0x00
 
 
@@ -40,3 +44,11 @@ def header(version: str, client: tuple, local: tuple) -> bytes:
     family = V2_TCP4 if src.version == 4 else V2_TCP6
     addresses = src.packed + dst.packed + struct.pack("!HH", sport, dport)
     return SIGNATURE + struct.pack("!BBH", V2_PROXY, family, len(addresses)) + addresses
+
+
+def local(version: str) -> bytes:
+    """The header of a connection that relays no client (a health check): no addresses,
+    the receiver uses the connection's own."""
+    if version == "v1":
+        return b"PROXY UNKNOWN\r\n"
+    return SIGNATURE + struct.pack("!BBH", V2_LOCAL, V2_UNSPEC, 0)
