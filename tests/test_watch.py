@@ -11,7 +11,7 @@ import time
 import pytest
 
 from appliance.service.watch import DEBOUNCE_S
-from helpers import free_ports, greet, write_config
+from helpers import WAIT_S, connect, free_ports, greet, read_line, run_cli, write_config
 
 
 def greets(port: int) -> str:
@@ -87,3 +87,30 @@ def test_a_file_written_in_place_slowly_is_read_once_it_is_closed(tmp_path, star
     assert "failed" not in reloaded(proxy)  # the first reload is of the completed file
     assert greets(pb) == "b"
     assert "failed" not in proxy.output()  # the half-written file was never loaded
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_fifo_renamed_over_the_config_is_refused_and_nothing_freezes(tmp_path, start_proxy,
+                                                                        make_backend, workers):
+    a, b = make_backend("a"), make_backend("b")
+    pa, pb = free_ports(2)
+    config = write_config(tmp_path / "config.json", {"a": ([pa], [a.address])})
+    control = str(tmp_path / "control.sock")
+    proxy = start_proxy(config, "--watch", "--workers", workers, "--control", control)
+    with connect(pa) as held:
+        assert read_line(held) == b"a"
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        os.rename(fifo, config)  # nobody ever writes it: a read would wait forever
+        assert "reload failed" in reloaded(proxy)
+        assert f"{config}: not a regular file" in proxy.output()  # why it was refused
+        assert [greets(pa) for _ in range(3)] == ["a"] * 3  # new connections
+        held.sendall(b"still there\n")
+        assert read_line(held) == b"still there"  # the established one
+        status = run_cli("status", "--control", control, "--json", timeout=WAIT_S)
+        assert status.returncode == 0 and json.loads(status.stdout)["generation"] == 1
+    # and the watcher still watches: a regular file again is applied
+    write_config(config, {"a": ([pa], [a.address]), "b": ([pb], [b.address])})
+    assert "failed" not in reloaded(proxy)
+    assert greets(pb) == "b"
+

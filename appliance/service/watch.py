@@ -21,6 +21,8 @@ import os
 import struct
 from typing import Awaitable, Callable
 
+from .. import config as configmod
+
 log = logging.getLogger(__name__)
 
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_Q_OVERFLOW = 0x00000008, 0x00000080, 0x00004000
@@ -102,11 +104,11 @@ class ConfigWatcher:
     async def _reload(self) -> None:
         while True:
             self._again = False
-            try:
-                with open(self.path, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-            except OSError:
-                digest = None  # gone or unreadable: the reload says why
+            try:  # the reload's own reader: off the loop, a regular file only, bounded
+                digest = hashlib.sha256(await asyncio.to_thread(configmod.read, self.path)
+                                        ).hexdigest()
+            except configmod.ConfigError:
+                digest = None  # unreadable, not a regular file, too large: the reload says why
             if digest != self.current():
                 log.info("%s changed: reloading", self.path)
                 await self.reload()
