@@ -139,7 +139,7 @@ def test_idle_connections_to_the_metrics_port_cannot_starve_the_data_plane(tmp_p
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
     (b"GET /other HTTP/1.1\r\n\r\n", b"404"),
-    (b"GET /metrics HTTP/1.1\r\n" + b"X: " + b"y" * 20000 + b"\r\n\r\n", b""),
+    (b"GET /metrics HTTP/1.1\r\n" + b"X: " + b"y" * 20000 + b"\r\n\r\n", b"431"),
 ], ids=["post", "not-found", "huge-header"])
 def test_the_metrics_endpoint_answers_only_what_it_serves(tmp_path, start_proxy, make_backend,
                                                           request_bytes, status):
