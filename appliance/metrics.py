@@ -136,8 +136,8 @@ class Metrics(NullMetrics):
         """(fds open, the per-process limit): this process's, or the workers' summed."""
         if self.fds is not None:
             return self.fds
-        from .metrics_http import fds
-        return fds()
+        from .metrics_http import sampled_fds  # (at most a second old: a listing is costly)
+        return sampled_fds()
 
     @classmethod
     def merged(cls, snapshots: list[dict]) -> Metrics:
