@@ -57,6 +57,13 @@ class Settings:
     workers: int = option(1, "--workers", "worker processes sharing the listeners: a number, "
                           "or auto for one per CPU (default 1: a single process; the unit "
                           "uses auto)", metavar="N", env="FLYPROXY_WORKERS", type=worker_count)
+    supervisor: str = option("auto", "--supervisor", "run a supervisor even with one worker "
+                             "(yes: upgrades by reload keep connections; the unit's "
+                             "choice), or only with more than one (auto, the default)",
+                             env="FLYPROXY_SUPERVISOR", choices=("auto", "yes"))
+    drain_time_s: float = option(3600.0, "--drain-time", "after an upgrade, the old "
+                                 "workers' connections may finish for this long, then the "
+                                 "rest are closed (default 3600)", metavar="SECONDS")
     loop: str = option("auto", "--loop", "event loop: asyncio's waiting on the relay's epoll "
                        "set (auto, asyncio: the default), or uvloop (python3-uvloop) around it",
                        env="FLYPROXY_LOOP", choices=("auto", "uvloop", "asyncio"))

@@ -330,3 +330,20 @@ def run_cli(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProces
     return subprocess.run([PYTHON, "-m", "appliance", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(REPO), **kw.pop("env", {})}, **kw)
+
+
+def copy_of_the_code(tmp_path: Path) -> Path:
+    """A copy of the package to run a proxy from, so a test can change the code "on disk"
+    (an upgrade, a broken install) under a running proxy."""
+    import shutil
+
+    root = tmp_path / "code"
+    shutil.copytree(REPO / "appliance", root / "appliance",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def run_from(root: Path) -> list[str]:
+    """A wrap for ProxyProcess: ``python -m appliance`` finds the package in the working
+    directory first, so the proxy runs the code under ``root``."""
+    return ["sh", "-c", f'cd "{root}" && exec "$@"', "sh"]

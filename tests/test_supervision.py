@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (REPO, ProxyProcess, TaggedBackend, connect, free_ports, greet, read_line,
-                     run_cli, wait_until, write_config)
+from helpers import (ProxyProcess, TaggedBackend, connect, copy_of_the_code, free_ports, greet,
+                     read_line, run_cli, run_from, wait_until, write_config)
 from netns import NetNS
 
 N_TARGETS = 2000
@@ -122,27 +121,13 @@ def test_2000_targets_going_down_and_up_together_cost_no_worker_and_no_connectio
         ns.delete()
 
 
-def _copy_of_the_code(tmp_path: Path) -> Path:
-    """A copy of the package to run from, so a test can break the code "on disk"."""
-    root = tmp_path / "code"
-    shutil.copytree(REPO / "appliance", root / "appliance",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
-
-
-def _run_from(root: Path) -> list[str]:
-    """A wrap for ProxyProcess: ``python -m appliance`` finds the package in the working
-    directory first."""
-    return ["sh", "-c", f'cd "{root}" && exec "$@"', "sh"]
-
-
 def test_a_worker_that_cannot_start_leaves_the_others_serving(tmp_path, make_backend):
     backend = make_backend("b")
     port, = free_ports(1)
     cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
-    root = _copy_of_the_code(tmp_path)
+    root = copy_of_the_code(tmp_path)
     control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, wrap=_run_from(root))
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, wrap=run_from(root))
     try:
         first = status(control)
         assert first["workers"][0]["pid"] != first["workers"][1]["pid"]

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-dir", default=bpf.DEFAULT_PIN_DIR,
                    help=f"BPF state to sync after the proxy reloaded, if loaded "
                         f"(default {bpf.DEFAULT_PIN_DIR}; '' to skip)")
+    p.add_argument("--new-workers", action="store_true",
+                   help="start a new generation of workers even if the code on disk is the "
+                        "code running (after a Python or library upgrade); the old ones "
+                        "drain. A reload does that by itself when the code changed")
     p.set_defaults(func=commands.reload)
 
     p = sub.add_parser("status", help="show the running proxy (read-only)")

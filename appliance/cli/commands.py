@@ -61,7 +61,8 @@ def reload(args: argparse.Namespace) -> int:
 
     config = _load_or_exit(args.config)
     try:
-        reply = control.request(args.control, "reload")
+        reply = control.request(args.control,
+                                "reload new-workers" if args.new_workers else "reload")
     except control.ControlError as e:
         print(f"flyproxy reload: {e}", file=sys.stderr)
         return 1

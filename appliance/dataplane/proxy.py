@@ -327,7 +327,13 @@ class Proxy:
             return 0
         except TimeoutError:
             left = list(self.tunnels)
-            for tunnel in left:
+            for tunnel in left:  # one line each: the operator sees who was cut
+                client = tunnel.client_addr
+                log.warning("closing at the drain deadline: app=%s port=%s client=%s target=%s "
+                            "in=%d out=%d secs=%.0f", tunnel.app, tunnel.port,
+                            client and client[0], tunnel.target, tunnel.client.nbytes,
+                            tunnel.backend.nbytes if tunnel.backend else 0,
+                            time.monotonic() - tunnel.started)
                 tunnel.abort("shutdown")
             return len(left)
         finally:

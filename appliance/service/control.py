@@ -29,7 +29,9 @@ DEFAULT_PATH = "/run/flyproxy/control.sock"
 # Timeouts nest, outermost longest, so the innermost one that fails is the one reported:
 # a supervisor waits up to RELOAD_TIMEOUT_S for a worker (workers.py), the control socket gives
 # a request REQUEST_TIMEOUT_S, the CLI waits CLIENT_TIMEOUT_S for the reply.
-REQUEST_TIMEOUT_S = 30.0  # a reload binds ports, re-reads a file, resolves new names
+# a reload binds ports, re-reads a file, resolves new names; an upgrade also tries the new
+# code in a child and starts a generation of workers (seconds each on a slow VM)
+REQUEST_TIMEOUT_S = 80.0
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 5
 CONNECT_TIMEOUT_S = 5.0  # the CLI waits this long for room in a full accept queue
 LINE_LIMIT = 64 * 1024  # a request is one short JSON line; longer is answered with an error
@@ -113,12 +115,13 @@ async def _answer(server: Commands, line: bytes | None) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
-async def serve_channel(server: Commands, sock: socket.socket) -> None:
+async def serve_channel(server: Commands, sock: socket.socket,
+                        running: set[asyncio.Task] | None = None) -> None:
     """Answer requests on a worker's channel to its supervisor (a socketpair, one JSON
     line each way, matched by id) until the supervisor closes it. Each request runs on its
     own, so a heartbeat is answered while a reload is still resolving names."""
     reader, writer = await asyncio.open_connection(sock=sock, limit=CHANNEL_LINE_LIMIT)
-    running: set[asyncio.Task] = set()
+    running = set() if running is None else running  # (the caller may wait for them)
 
     async def answer(line: bytes | None) -> None:
         try:

@@ -46,7 +46,7 @@ def serve(config_path: str, config: configmod.Config, settings: Settings,
           sockets: list[socket.socket], *, control_path: str | None, metrics: str | None,
           log_level: str, watch: bool = False) -> int:
     """Run a single process, or a supervisor and its workers; returns the exit status."""
-    if settings.workers > 1:
+    if settings.workers > 1 or settings.supervisor == "yes":
         supervisor = Supervisor(config_path, config, settings, sockets, control_path=control_path,
                                 metrics_address=metrics, log_level=log_level, watch=watch)
         try:

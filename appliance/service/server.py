@@ -55,6 +55,8 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
         self._signals = 0
         self._drain: asyncio.Task | None = None
+        self._drained: asyncio.Event | None = None  # set once drained (made on the loop)
+        self._channel_tasks: set[asyncio.Task] = set()  # answers under way to a supervisor
 
     def __repr__(self) -> str:
         return f"<Server {self.config_path} {self.proxy!r}>"
@@ -86,6 +88,7 @@ class Server:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_error)
+        self._drained = asyncio.Event()
         await self.proxy.start(self.sockets)
         if self.channel is None:  # a worker is told its supervisor's checks instead
             self.checker = Checker(self._check_addresses, self._checks_changed)
@@ -135,6 +138,9 @@ class Server:
                 tunnel.abort("shutdown")
         if aborted:
             log.warning("aborted %d connections still open at shutdown", aborted)
+        self._drained.set()
+        if self._channel_tasks:  # the answer to a supervisor's drain goes out before we exit
+            await asyncio.wait(list(self._channel_tasks), timeout=5)
         log.info("stopped")
         return 0
 
@@ -162,7 +168,7 @@ class Server:
         self._spawn(self.reload())
 
     async def _serve_channel(self) -> None:
-        await control.serve_channel(self, self.channel)
+        await control.serve_channel(self, self.channel, self._channel_tasks)
         if not self._stop.is_set():
             log.warning("the supervisor went away: shutting down gracefully")
             self._stop.set()
@@ -186,9 +192,31 @@ class Server:
                 self.proxy.down.clear()
             apply_changes(self.proxy.down, changes)
             return {"ok": True}
+        if command.startswith("drain "):  # a supervisor's: a newer generation serves now
+            if self.channel is None:
+                return {"ok": False, "error": "'drain' is a supervisor's command to its "
+                                              "workers, not a control command"}
+            return await self._drain_for_supervisor(float(command.split()[1]))
+        if command == "reload new-workers":
+            return {"ok": False, "error": "--new-workers needs a supervisor (serve "
+                                          "--supervisor yes, or more than one worker)"}
         if command == "metrics" and hasattr(self.metrics, "snapshot"):
             return {"ok": True, "metrics": self.metrics.snapshot()}
         return {"ok": False, "error": f"unknown command {command[:60]!r}"}
+
+    async def _drain_for_supervisor(self, drain_s: float) -> dict:
+        """Stop accepting and let open connections finish for up to ``drain_s`` (a newer
+        generation of workers serves); answered once drained, with the last counts."""
+        if not self._stop.is_set():
+            log.info("a newer generation serves: draining %d connections for up to %gs",
+                     len(self.proxy.tunnels), drain_s)
+            self.grace_s = drain_s
+            self._stop.set()
+        elif drain_s == 0 and self._drain is not None:  # too many generations: now
+            self._drain.cancel()
+        await self._drained.wait()
+        snapshot = self.metrics.snapshot() if hasattr(self.metrics, "snapshot") else None
+        return {"ok": True, "metrics": snapshot}
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

@@ -42,7 +42,7 @@ import time
 
 from .. import config as configmod
 from ..settings import Settings
-from . import control
+from . import code, control
 from .systemd import notify
 from .workers import (METRICS_TIMEOUT_S, PING_TIMEOUT_S, RELOAD_TIMEOUT_S, REQUEST_TIMEOUT_S,
                       Worker, WorkerGone)
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 60.0  # a worker binds every port (thousands, per-port mode) and imports
 HEARTBEAT_S = 1.0  # each worker is pinged this often; one that misses PING_TIMEOUT_S is replaced
+MAX_GENERATIONS = 4  # worker generations at once (serving + draining); the oldest is closed
 RESTARTS, RESTART_WINDOW_S = 5, 60.0  # more exits than this in the window: failing
 MAX_BACKOFF_S = 10.0  # the longest pause before a worker is started again
 _BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -70,7 +71,12 @@ class Supervisor:
         self.config = config
         self.generation = 1
         self.settings = settings
-        self.workers = [Worker(i) for i in range(settings.workers)]
+        self.workers = [Worker(i) for i in range(settings.workers)]  # the serving generation
+        self.worker_generation = 1
+        self.code = code.identify()  # what this process and its workers loaded
+        self.started = time.time()
+        self.old: list[Generation] = []  # older generations, draining
+        self.retired = None  # the counts of workers that finished draining (Metrics)
         # a worker is `flyproxy serve` with exactly our settings (settings.py)
         self.worker_argv = ["--log-level", log_level, "serve", "-c", config_path,
                             *settings.to_argv(), *(["--collect-metrics"] if metrics_address
@@ -244,11 +250,11 @@ class Supervisor:
         none serves."""
         while not self._stop.is_set():
             if w.proc is not None and w.proc.returncode is None:
-                code = await w.proc.wait()
+                status = await w.proc.wait()
+                if self._stop.is_set() or w.draining:
+                    return  # (a draining worker's end is _drain's)
                 w.close_channel()
-                if self._stop.is_set():
-                    return
-                log.error("%s exited with status %s", w, code)
+                log.error("%s exited with status %s", w, status)
             now = time.monotonic()
             w.exits.append(now)
             while w.exits and now - w.exits[0] > RESTART_WINDOW_S:
@@ -300,6 +306,8 @@ class Supervisor:
                 return
             except TimeoutError:
                 pass
+            if w.draining and w.proc.returncode is not None:
+                return
             if not w.ready:
                 continue  # starting, or being replaced
             try:
@@ -318,28 +326,35 @@ class Supervisor:
             for w in self.workers:
                 w.signal(signal.SIGTERM)
 
+    def all_workers(self) -> list[Worker]:
+        """The serving generation's workers and every draining one's."""
+        return [w for g in self.old for w in g.workers] + self.workers
+
     async def _shutdown(self) -> None:
-        """SIGTERM every worker and wait for them (bounded: then they are killed)."""
-        for w in self.workers:
+        """SIGTERM every worker of every generation and wait for them (bounded: then they
+        are killed): the supervisor never exits while a worker holds connections."""
+        workers = self.all_workers()
+        for w in workers:
             w.signal(signal.SIGTERM)
-        running = [w.proc.wait() for w in self.workers
+        running = [w.proc.wait() for w in workers
                    if w.proc is not None and w.proc.returncode is None]
         try:
             async with asyncio.timeout(self.grace_s + 15):
                 await asyncio.gather(*running)
         except TimeoutError:
             log.error("workers still running %gs after SIGTERM; killing them", self.grace_s + 15)
-            for w in self.workers:
+            for w in workers:
                 w.kill()
-            await asyncio.gather(*(w.proc.wait() for w in self.workers if w.proc is not None))
-        for w in self.workers:
+            await asyncio.gather(*(w.proc.wait() for w in workers if w.proc is not None))
+        for w in workers:
             w.close_channel()
 
     # -- the control surface (same commands as a single process's) ----------------------
 
-    async def _gather(self, command: str, timeout_s: float = REQUEST_TIMEOUT_S
+    async def _gather(self, command: str, timeout_s: float = REQUEST_TIMEOUT_S,
+                      workers: list[Worker] | None = None
                       ) -> list[tuple[Worker, dict | WorkerGone]]:
-        ready = [w for w in self.workers if w.ready]
+        ready = [w for w in (self.workers if workers is None else workers) if w.ready]
         replies = await asyncio.gather(*(w.request(command, timeout_s) for w in ready),
                                        return_exceptions=True)
         for r in replies:
@@ -348,15 +363,17 @@ class Supervisor:
         return list(zip(ready, replies))
 
     async def handle_command(self, command: str) -> dict:
-        if command == "reload":
-            ok, message = await self.reload()
+        if command in ("reload", "reload new-workers"):
+            ok, message = await self.reload(new_workers=command.endswith("new-workers"))
             return control.reload_reply(ok, message, self.generation, self.config.digest)
         if command == "status":
             return {"ok": True, **await self.status()}
         return {"ok": False, "error": f"unknown command {command[:60]!r}"}
 
-    async def reload(self) -> tuple[bool, str]:
-        """Validate once, then have every worker apply the file; (ok, message)."""
+    async def reload(self, new_workers: bool = False) -> tuple[bool, str]:
+        """Validate once, then have every worker apply the file; (ok, message). When the
+        code on disk is not the code running (or ``new_workers``), start a new generation
+        of workers on it instead (:meth:`_upgrade`)."""
         if self._stop.is_set():
             return False, "stopping: reload refused"
         async with self._reload_lock:
@@ -368,6 +385,9 @@ class Supervisor:
             except configmod.ConfigError as e:
                 return self._reload_failed(f"reload of {self.config_path} failed, "
                                            f"still serving generation {self.generation}:\n{e}")
+            on_disk = await asyncio.to_thread(code.identify)
+            if new_workers or on_disk["digest"] != self.code["digest"]:
+                return await self._upgrade(new)
             replies = await self._gather("reload", RELOAD_TIMEOUT_S)
             failed = [f"{w}: {r}" if isinstance(r, WorkerGone) else f"{w}: {r.get('error')}"
                       for w, r in replies if isinstance(r, WorkerGone) or not r.get("ok")]
@@ -390,6 +410,91 @@ class Supervisor:
             notify("READY=1", f"STATUS={self.status_line()}")
             return True, message
 
+    # -- worker generations: an upgrade without dropping a connection --------------------
+
+    async def _upgrade(self, new: configmod.Config) -> tuple[bool, str]:
+        """Start a new generation of workers on the code on disk and ``new``; once every
+        one is ready, the old generation stops accepting and drains (``--drain-time``).
+        The code is tried in a child first; any failure leaves the old generation serving,
+        untouched."""
+        try:
+            ran = await asyncio.to_thread(code.preflight, new.raw, self.config_path)
+        except code.PreflightError as e:
+            return self._reload_failed(f"upgrade refused, still serving generation "
+                                       f"{self.generation} (code {self.code['version']}):\n{e}")
+        number = self.worker_generation + 1
+        fresh = [Worker(i, number) for i in range(len(self.workers))]
+        old_config = self.config
+        self.config, self.generation = new, self.generation + 1  # what the new ones start on
+        started = await asyncio.gather(*(self._start(w) for w in fresh), return_exceptions=True)
+        errors = [e for e in started if isinstance(e, BaseException)]
+        if errors or self._stop.is_set():
+            for w in fresh:
+                w.kill()
+            await asyncio.gather(*(w.proc.wait() for w in fresh if w.proc is not None))
+            for w in fresh:
+                w.close_channel()
+            self.config, self.generation = old_config, self.generation - 1
+            why = "stopping" if not errors else str(errors[0])
+            return self._reload_failed(f"upgrade to {ran['version']} failed, still serving "
+                                       f"generation {self.generation}: {why}")
+        old = Generation(self.worker_generation, self.code, self.workers)
+        self.workers, self.worker_generation, self.code = fresh, number, ran
+        self.apply_checks(new)
+        for w in fresh:
+            self._spawn(self._keep(w))
+            self._spawn(self._heartbeat(w))
+        self._retire(old)
+        self.reloads["ok"] += 1
+        message = (f"upgraded to {ran['version']} (code {ran['digest']}): worker generation "
+                   f"{number} serves {new.summary()} with {len(fresh)} workers; generation "
+                   f"{old.number} drains for up to {self.settings.drain_time_s:g}s")
+        log.info("%s", message)
+        notify("READY=1", f"STATUS={self.status_line()}")
+        return True, message
+
+    def _retire(self, generation: Generation) -> None:
+        """``generation`` stops accepting and drains; past MAX_GENERATIONS the oldest
+        draining one is closed now."""
+        generation.since = time.time()
+        self.old.append(generation)
+        for w in generation.workers:
+            w.draining = True
+            self._spawn(self._drain(w, self.settings.drain_time_s))
+        while len(self.old) + 1 > MAX_GENERATIONS:
+            oldest = self.old.pop(0)
+            log.warning("more than %d worker generations: closing generation %d's %d workers "
+                        "now", MAX_GENERATIONS, oldest.number, len(oldest.workers))
+            for w in oldest.workers:
+                self._spawn(self._drain(w, 0))
+
+    async def _drain(self, w: Worker, drain_s: float) -> None:
+        """Tell ``w`` to drain; its last counts are kept (counters never go back); then
+        it exits and is forgotten."""
+        try:
+            reply = await w.request(f"drain {drain_s:g}", drain_s + PING_TIMEOUT_S + 15)
+            if reply.get("metrics"):
+                self._keep_counts(reply["metrics"])
+        except WorkerGone as e:
+            log.error("%s", e)
+        if w.proc is not None:
+            await w.proc.wait()
+        w.close_channel()
+        for g in list(self.old):
+            if w in g.workers:
+                g.workers.remove(w)
+                if not g.workers:
+                    self.old.remove(g)
+                    log.info("worker generation %d finished draining", g.number)
+
+    def _keep_counts(self, snapshot: dict) -> None:
+        from ..metrics import Metrics
+
+        self.retired = Metrics.merged(self._retired_counts() + [_counts_only(snapshot)])
+
+    def _retired_counts(self) -> list[dict]:
+        return [_counts_only(self.retired.snapshot())] if self.retired is not None else []
+
     def _reload_failed(self, message: str) -> tuple[bool, str]:
         self.reloads["failed"] += 1
         log.error("%s", message)
@@ -407,7 +512,9 @@ class Supervisor:
         # already went down their channels ahead of this request, so a target shown down
         # here is one every ready worker already treats as down
         checks = {(r["app"], r["target"]): r for r in self.checker.state()}
-        replies = [(w, r) for w, r in await self._gather("status") if isinstance(r, dict)]
+        everyone = [(w, r) for w, r in await self._gather("status", workers=self.all_workers())
+                    if isinstance(r, dict)]
+        replies = [(w, r) for w, r in everyone if not w.draining]
         now = time.monotonic()
         workers = [{"index": w.index, "pid": w.proc.pid if w.proc else None,
                     "ready": w.ready, "active": 0, "fds": None, "failing": w.failing,
@@ -417,7 +524,9 @@ class Supervisor:
         status = {"config": self.config_path, "digest": self.config.digest,
                   "generation": self.generation, "mode": "per-port", "active": 0,
                   "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
-                  "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None}
+                  "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None,
+                  "version": self.code["version"], "code": self.code["digest"],
+                  "generations": self._generations(everyone)}
         apps: dict[str, dict] = {}
         for w, r in replies:
             status["mode"] = r["mode"]
@@ -449,6 +558,17 @@ class Supervisor:
         status["names"] = merged_names([r.get("names", []) for _, r in replies])
         return status
 
+    def _generations(self, replies: list) -> list[dict]:
+        """Each worker generation, the serving one last: its code, pids, open connections
+        and since when it drains."""
+        active = {w: r.get("active", 0) for w, r in replies}
+        current = Generation(self.worker_generation, self.code, self.workers)
+        current.since = None
+        return [{"generation": g.number, "version": g.code["version"], "code": g.code["digest"],
+                 "pids": [w.proc.pid for w in g.workers if w.proc is not None],
+                 "active": sum(active.get(w, 0) for w in g.workers),
+                 "draining_since": g.since} for g in [*self.old, current]]
+
     # -- metrics: gathered from the workers at scrape time ---------------------------------
 
     def serve_metrics(self) -> None:
@@ -468,12 +588,31 @@ class Supervisor:
     async def gather_metrics(self):
         from ..metrics import Metrics
 
-        snaps = [r["metrics"] for _, r in await self._gather("metrics", METRICS_TIMEOUT_S)
+        snaps = [r["metrics"] for _, r in await self._gather("metrics", METRICS_TIMEOUT_S,
+                                                             self.all_workers())
                  if isinstance(r, dict) and r.get("ok")]
-        total = Metrics.merged(snaps)
+        total = Metrics.merged(snaps + self._retired_counts())  # (counters never go back)
         total.reloads_n = dict(self.reloads)  # one reload is one, however many workers
         total.generation = self.generation
         return total
+
+
+def _counts_only(snapshot: dict) -> dict:
+    """A worker's snapshot without what is not a count of the past (open connections,
+    fds, DNS names)."""
+    return {**snapshot, "active_n": [], "dns_names": [], "fds": None}
+
+
+class Generation:
+    """A generation of workers: started together on one code; draining once a newer one
+    serves."""
+
+    def __init__(self, number: int, code: dict, workers: list[Worker]) -> None:
+        self.number, self.code, self.workers = number, code, workers
+        self.since: float | None = None  # draining since (Unix time)
+
+    def __repr__(self) -> str:
+        return f"<Generation {self.number} {self.code['version']} workers={len(self.workers)}>"
 
 
 class _GatheredMetrics:

@@ -24,7 +24,7 @@ import signal
 import socket
 
 # Deadlines for a worker's answer. Each is shorter than what waits on it: a reload's
-# (control.REQUEST_TIMEOUT_S, 30 s, for the whole reload) and a scrape's (Prometheus
+# (control.REQUEST_TIMEOUT_S, 80 s, for the whole reload) and a scrape's (Prometheus
 # gives 10 s by default).
 REQUEST_TIMEOUT_S = 10.0  # status, and whatever has no deadline of its own
 RELOAD_TIMEOUT_S = 25.0  # a reload binds ports, reads the file, resolves new names
@@ -68,8 +68,10 @@ def _anonymous_file(data: bytes) -> int:
 class Worker:
     """One worker process and its channel; replies are matched to requests by id."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, generation: int = 1) -> None:
         self.index = index
+        self.generation = generation  # the worker generation (code) it belongs to
+        self.draining = False  # a newer generation serves; this one finishes its connections
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
         # health check changes not yet sent (coalesced: the latest state of each target)

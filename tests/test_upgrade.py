@@ -1,0 +1,340 @@
+"""Upgrades by reload: the code on disk changes under a running proxy; `flyproxy reload`
+starts a new generation of workers on it, and the old generation finishes its
+connections (idle, mid-transfer, half-closed) while new connections go to the new one.
+
+Each proxy runs from a copy of the package (``copy_of_the_code``) that the test changes,
+as a package upgrade changes /usr/lib/python3/dist-packages/appliance. Per-port mode runs
+in a network namespace of its own with ``net.ipv4.tcp_migrate_req=1`` (what the role
+sets): a connection queued on an old worker's listener when it closes moves to a new
+worker's instead of being reset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import (ProxyProcess, TaggedBackend, connect, copy_of_the_code, free_ports,
+                     read_line, run_cli, run_from, wait_until, write_config)
+from netns import NetNS
+
+pytestmark = pytest.mark.root
+
+HELD_IDLE, HELD_STREAMING, HELD_HALF_CLOSED = 100, 50, 50
+CHUNK = 256 * 1024
+
+
+class HoldingBackend:
+    """Greets with its tag; reads until the client's EOF, then waits for ``release``
+    before it answers with the sha256 of what it read: a connection stays half-closed
+    for as long as the test wants."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+        self.release = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(120)
+            try:
+                conn.sendall(self.tag.encode() + b"\n")
+                h = hashlib.sha256()
+                while data := conn.recv(65536):
+                    h.update(data)
+                if self.release.wait(120):
+                    conn.sendall(h.hexdigest().encode() + b"\n")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.release.set()
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class Prober:
+    """A new connection every 20 ms (each greeted, then closed) until stopped; counts
+    failures. Bounded: at most 3,000 probes."""
+
+    def __init__(self, port: int, tag: str, namespace=None):
+        self.port, self.tag, self.namespace = port, tag, namespace
+        self.ok, self.failed = 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for _ in range(3000):
+            if self.stop.wait(0.02):  # the probe rate, not a wait for an event
+                return
+            try:
+                with connect(self.port, namespace=self.namespace, timeout=10) as s:
+                    line = read_line(s)
+                if line == self.tag.encode():
+                    self.ok += 1
+                else:
+                    self.failed.append(f"greeted {line!r}")
+            except OSError as e:
+                self.failed.append(repr(e))
+
+    def finish(self) -> tuple[int, list[str]]:
+        self.stop.set()
+        self.thread.join(30)
+        return self.ok, self.failed
+
+
+def status(control: str) -> dict:
+    out = run_cli("status", "--control", control, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def bump_version(root: Path, version: str) -> None:
+    init = root / "appliance/__init__.py"
+    init.write_text(re.sub(r'__version__ = "([^"]+)"', rf'__version__ = "\1+{version}"',
+                           init.read_text()))
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Held:
+    """200 connections through the proxy: idle, streaming (half their bytes sent before the
+    upgrade, half after, sha256 checked) and half-closed (EOF sent before the upgrade, the
+    backend's answer after)."""
+
+    def __init__(self, port: int, half_port: int, namespace):
+        self.idle = [self._open(port, namespace, b"echo") for _ in range(HELD_IDLE)]
+        self.streaming = [self._open(port, namespace, b"echo") for _ in range(HELD_STREAMING)]
+        self.half = [self._open(half_port, namespace, b"holding") for _ in range(HELD_HALF_CLOSED)]
+        self.sent = [hashlib.sha256() for _ in self.streaming]
+        self.received = [hashlib.sha256() for _ in self.streaming]
+        self.half_sent = []
+
+    @staticmethod
+    def _open(port, namespace, tag):
+        s = connect(port, namespace=namespace, timeout=30)
+        assert read_line(s) == tag
+        return s
+
+    def _stream(self, i: int) -> None:
+        data = os.urandom(CHUNK)
+        s = self.streaming[i]
+        self.sent[i].update(data)
+        s.sendall(data)
+        got = 0
+        while got < len(data):
+            chunk = s.recv(min(65536, len(data) - got))
+            assert chunk, "the proxy closed a streaming connection"
+            self.received[i].update(chunk)
+            got += len(chunk)
+
+    def before(self) -> None:
+        for i in range(len(self.streaming)):
+            self._stream(i)
+        for s in self.half:
+            data = os.urandom(4096)
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            self.half_sent.append(hashlib.sha256(data).hexdigest())
+
+    def after(self, backend: HoldingBackend) -> None:
+        for i in range(len(self.streaming)):
+            self._stream(i)
+            assert self.sent[i].digest() == self.received[i].digest()
+        for s in self.idle:
+            s.sendall(b"still here\n")
+            assert read_line(s) == b"still here"
+        backend.release.set()
+        for s, digest in zip(self.half, self.half_sent):
+            assert read_line(s).decode() == digest
+
+    def close(self) -> None:
+        for s in self.idle + self.streaming + self.half:
+            s.close()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    ns = NetNS("flyproxy-upg")
+    ns.exec(["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"], check=True)
+    things = []
+    yield ns, things
+    for thing in reversed(things):
+        thing.close() if hasattr(thing, "close") else thing.stop()
+    ns.delete()
+
+
+@pytest.mark.parametrize("mode", ["per-port", "handed-in"])
+def test_an_upgrade_by_reload_keeps_every_connection(lab, tmp_path, mode):
+    ns, things = lab
+    with ns.entered():
+        echo = TaggedBackend("echo")
+        holding = HoldingBackend("holding")
+    things += [echo, holding]
+    port, half_port = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"echo": ([port], [echo.address]),
+                                                  "holding": ([half_port], [f"127.0.0.1:{holding.port}"])})
+    args = ["--workers", "2", "--control", str(tmp_path / "control.sock"), "--drain-time", "30"]
+    fds = ()
+    if mode == "handed-in":  # the sockets handed in, as systemd's are
+        with ns.entered():
+            handed = [socket.create_server(("127.0.0.1", p), backlog=4096)
+                      for p in (port, half_port)]
+        things += handed
+        fds = tuple(s.fileno() for s in handed)
+        args += [a for fd in fds for a in ("--fd", str(fd))]
+    root = copy_of_the_code(tmp_path)
+    proxy = ProxyProcess(cfg, *args, wrap=ns.command(run_from(root)), pass_fds=fds,
+                         host=None if fds else "127.0.0.1")
+    things.append(proxy)
+    control = str(tmp_path / "control.sock")
+    before = status(control)
+    assert before["mode"] == mode
+    old_pids = before["generations"][-1]["pids"]
+    held = Held(port, half_port, ns.entered)
+    held.before()
+    prober = Prober(port, "echo", ns.entered)
+
+    bump_version(root, "upgrade1")
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    assert "upgraded to 0.3.0+upgrade1" in out.stdout
+
+    after = status(control)
+    assert after["version"] == "0.3.0+upgrade1"
+    old, new = after["generations"]
+    assert old["version"] == before["version"] and old["draining_since"] is not None
+    assert old["pids"] == old_pids and all(map(alive, old_pids))
+    assert new["version"] == "0.3.0+upgrade1" and new["draining_since"] is None
+    assert set(new["pids"]).isdisjoint(old_pids) and len(new["pids"]) == 2
+    assert old["active"] >= len(held.idle) + len(held.streaming) + len(held.half)
+
+    held.after(holding)
+    ok, failed = prober.finish()
+    assert failed == [] and ok > 0
+    # one connection stays past --drain-time: closed, with a line, and the old workers go
+    last = connect(port, namespace=ns.entered, timeout=30)
+    assert read_line(last) == b"echo"  # (on the new generation: not closed)
+    held.close()
+    wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone", 60)
+    assert len(status(control)["generations"]) == 1
+    last.sendall(b"new\n")
+    assert read_line(last) == b"new"
+    last.close()
+    assert "worker generation 1 finished draining" in proxy.output()
+
+
+def test_a_broken_install_fails_the_reload_and_changes_nothing(tmp_path, make_backend):
+    backend = make_backend("b")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    root = copy_of_the_code(tmp_path)
+    control = str(tmp_path / "control.sock")
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, wrap=run_from(root))
+    try:
+        held = connect(port)
+        assert read_line(held) == b"b"
+        before = status(control)
+        relay = root / "appliance/dataplane/relay.py"
+        relay.write_text(relay.read_text() + "\nthis is not python (\n")
+        out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+        assert out.returncode == 1
+        assert "upgrade refused" in out.stderr and "SyntaxError" in out.stderr, out.stderr
+        after = status(control)
+        assert after["generations"] == before["generations"]
+        assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in before["workers"]]
+        held.sendall(b"hi\n")
+        assert read_line(held) == b"hi"
+        held.close()
+    finally:
+        proxy.stop()
+
+
+def test_new_workers_on_unchanged_code_and_the_counters_stay_monotonic(tmp_path, make_backend):
+    """``reload --new-workers``: a new generation on the same code; the old one's counts
+    stay in the totals once it is gone."""
+    backend = make_backend("b")
+    port, metrics_port = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    control = str(tmp_path / "control.sock")
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control,
+                         "--metrics", f"127.0.0.1:{metrics_port}")
+    try:
+        for _ in range(20):
+            with connect(port) as s:
+                assert read_line(s) == b"b"
+
+        def accepted() -> float:
+            import urllib.request
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                          timeout=10).read().decode()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                       if line.startswith("flyproxy_connections_accepted_total{"))
+
+        wait_until(lambda: accepted() >= 20, "20 accepted connections counted")
+        old_pids = status(control)["generations"][-1]["pids"]
+        out = run_cli("reload", "--new-workers", "--control", control, "-c", str(cfg),
+                      "--pin-dir", "")
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone")
+        assert accepted() >= 20
+        generations = status(control)["generations"]
+        assert len(generations) == 1 and generations[0]["generation"] == 2
+    finally:
+        proxy.stop()
+
+
+def test_what_is_left_at_the_drain_deadline_is_closed_with_a_line_each(tmp_path, make_backend):
+    backend = make_backend("b")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    control = str(tmp_path / "control.sock")
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--drain-time", "2")
+    try:
+        held = [connect(port) for _ in range(4)]
+        assert all(read_line(s) == b"b" for s in held)
+        old_pids = status(control)["generations"][-1]["pids"]
+        out = run_cli("reload", "--new-workers", "--control", control, "-c", str(cfg),
+                      "--pin-dir", "")
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone", 30)
+        for s in held:  # ended by the old workers at the deadline (a reset, as an abort is)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
+        assert proxy.output().count("closing at the drain deadline: app=a") == 4
+        assert [greet_one(port)] == ["b"]
+    finally:
+        proxy.stop()
+
+
+def greet_one(port: int) -> str:
+    with connect(port) as s:
+        return read_line(s).decode()
