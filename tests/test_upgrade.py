@@ -233,6 +233,19 @@ def test_an_upgrade_by_reload_keeps_every_connection(lab, tmp_path, mode):
     assert new["version"] == "0.3.0+upgrade1" and new["draining_since"] is None
     assert set(new["pids"]).isdisjoint(old_pids) and len(new["pids"]) == 2
     assert old["active"] >= len(held.idle) + len(held.streaming) + len(held.half)
+    # the supervisor runs the new code too: re-executed in place (same pid)
+    assert proxy.proc.poll() is None
+    assert f"re-executing the supervisor (pid {proxy.pid})" in proxy.output()
+
+    # a second upgrade while the first generation still drains: it is handed over too
+    bump_version(root, "upgrade2")
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    gens = status(control)["generations"]
+    # (generation 2 held only the prober's short connections: it may be gone already)
+    assert gens[0]["version"] == before["version"] and gens[-1]["version"].endswith("upgrade2")
+    assert gens[0]["pids"] == old_pids and gens[0]["draining_since"] == old["draining_since"]
+    assert "adopted 2 workers of generation 2 and 2 draining" in proxy.output()
 
     held.after(holding)
     ok, failed = prober.finish()
@@ -241,7 +254,8 @@ def test_an_upgrade_by_reload_keeps_every_connection(lab, tmp_path, mode):
     last = connect(port, namespace=ns.entered, timeout=30)
     assert read_line(last) == b"echo"  # (on the new generation: not closed)
     held.close()
-    wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone", 60)
+    old_pids += new["pids"]
+    wait_until(lambda: not any(map(alive, old_pids)), "the old generations gone", 60)
     assert len(status(control)["generations"]) == 1
     last.sendall(b"new\n")
     assert read_line(last) == b"new"

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
     p.add_argument("--collect-metrics", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generation", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--resume-fd", type=int, help=argparse.SUPPRESS)  # a re-exec'd supervisor
     p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=commands.serve)
 

@@ -41,6 +41,10 @@ def serve(args: argparse.Namespace) -> int:
             return launch.serve_worker(args.config, args.config_fd, args.worker_channel,
                                        settings, sockets, generation=args.generation,
                                        collect_metrics=args.collect_metrics)
+        if args.resume_fd is not None:  # a supervisor, re-executed by an upgrade
+            return launch.resume(args.resume_fd, settings, control_path=args.control,
+                                 log_level=args.log_level, watch=args.watch,
+                                 metrics=args.metrics)
         config = _load_or_exit(args.config)
         sockets = launch.sockets_for(args.listen, args.fd)
         return launch.serve(args.config, config, settings, sockets, control_path=args.control,

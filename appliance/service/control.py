@@ -10,6 +10,7 @@ the service's runtime dir, reachable by root only (mode 0600).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -44,6 +45,12 @@ class ControlError(Exception):
     pass
 
 
+# The control client whose request is being answered (its socket's fd): a supervisor that
+# re-executes itself for an upgrade hands it to the new image, which answers it.
+current_client: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "current_client", default=None)
+
+
 def remove_stale(path: str) -> None:
     """Make way for our socket at ``path``: remove a socket a previous run left (nothing
     answers on it); refuse to touch anything else."""
@@ -66,7 +73,13 @@ def remove_stale(path: str) -> None:
     os.unlink(path)
 
 
-async def start(server: Commands, path: str) -> asyncio.AbstractServer:
+async def start(server: Commands, path: str,
+                sock: socket.socket | None = None) -> asyncio.AbstractServer:
+    """Serve the control socket at ``path``; or on ``sock``, the listening socket a
+    previous image of this process bound there (a re-executed supervisor)."""
+    if sock is not None:
+        return await asyncio.start_unix_server(lambda r, w: _handle(server, r, w), sock=sock,
+                                               limit=LINE_LIMIT)
     remove_stale(path)
     old = os.umask(0o177)
     try:
@@ -77,6 +90,8 @@ async def start(server: Commands, path: str) -> asyncio.AbstractServer:
 
 
 async def _handle(server: Commands, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    current_client.set(sock.fileno() if sock is not None else None)
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
             writer.write(await _answer(server, await _read_line(reader)))

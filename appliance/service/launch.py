@@ -69,6 +69,28 @@ def serve(config_path: str, config: configmod.Config, settings: Settings,
                               control_path=control_path, watch=watch), settings)
 
 
+def resume(state_fd: int, settings: Settings, *, control_path: str | None, log_level: str,
+           watch: bool, metrics: str | None) -> int:
+    """A supervisor re-executed by an upgrade (reexec.py): the state its previous image
+    handed over, the same sockets, the workers adopted; then on as ``serve``."""
+    from . import reexec
+
+    state = reexec.load(state_fd)
+    try:
+        config = configmod.loads(state["config"].encode(), state["config_path"])
+    except configmod.ConfigError as e:  # (it was in force a moment ago)
+        raise LaunchError(str(e)) from None
+    sockets = [listeners.from_fd(fd) for fd in state["sockets"]]
+    supervisor = Supervisor(state["config_path"], config, settings, sockets,
+                            control_path=control_path, metrics_address=metrics,
+                            log_level=log_level, watch=watch)
+    supervisor.resume(state)
+    try:
+        return asyncio.run(supervisor.serve())
+    except (OSError, control.ControlError, WatchError) as e:
+        raise LaunchError(str(e)) from None
+
+
 def serve_worker(config_path: str, config_fd: int, channel_fd: int, settings: Settings,
                  sockets: list[socket.socket], *, generation: int, collect_metrics: bool) -> int:
     """A worker: the config in force comes from its supervisor (an anonymous file), its

@@ -42,10 +42,10 @@ import time
 
 from .. import config as configmod
 from ..settings import Settings
-from . import code, control
+from . import code, control, reexec
 from .systemd import notify
-from .workers import (METRICS_TIMEOUT_S, PING_TIMEOUT_S, RELOAD_TIMEOUT_S, REQUEST_TIMEOUT_S,
-                      Worker, WorkerGone)
+from .workers import (CHANNEL_LIMIT, METRICS_TIMEOUT_S, PING_TIMEOUT_S, RELOAD_TIMEOUT_S,
+                      REQUEST_TIMEOUT_S, Worker, WorkerGone)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ class Supervisor:
         self._tasks: set[asyncio.Task] = set()
         self._reload_lock = asyncio.Lock()
         self.metrics_http = None  # the /metrics endpoint, bound by serve_metrics()
+        self.control_server: asyncio.AbstractServer | None = None
+        self.image = code.identify()  # the code this process imported (re-exec when stale)
+        self.resumed: dict | None = None  # the state a previous image handed over
+        self._quiet = False  # about to re-exec: no new request to a worker
 
     def __repr__(self) -> str:
         return f"<Supervisor {self.config_path} workers={len(self.workers)}>"
@@ -120,13 +124,17 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        started = await asyncio.gather(*(self._start(w) for w in self.workers),
-                                       return_exceptions=True)
-        for error in started:
-            if isinstance(error, BaseException):
-                if not isinstance(error, WorkerGone):
-                    raise error
-                log.error("%s", error)
+        if self.resumed is not None:  # an upgrade re-executed us: the workers run already
+            await self._adopt(self.resumed)
+        else:
+            started = await asyncio.gather(*(self._start(w) for w in self.workers),
+                                           return_exceptions=True)
+            for error in started:
+                if isinstance(error, BaseException):
+                    if not isinstance(error, WorkerGone):
+                        raise error
+                    log.error("%s", error)
+        reexec.unblock_signals()  # (blocked across the exec that made this image, if one did)
         if not any(w.ready for w in self.workers):
             log.error("no worker started; giving up")
             await self._shutdown()
@@ -135,11 +143,13 @@ class Supervisor:
         for w in self.workers:
             self._spawn(self._keep(w))
             self._spawn(self._heartbeat(w))
-        control_server = None
         if self.control_path:
-            control_server = await control.start(self, self.control_path)
+            self.control_server = await control.start(self, self.control_path,
+                                                      sock=self._handed("control"))
         if self.metrics_http is not None:
             await self.metrics_http.start()
+        if self.resumed is not None and self.resumed.get("upgrade"):
+            self._spawn(self._finish_upgrade(self.resumed["upgrade"]))
         if self.watch:
             from .watch import ConfigWatcher
             self.watcher = ConfigWatcher(self.config_path, self.reload, lambda: self.config.digest)
@@ -156,8 +166,8 @@ class Supervisor:
         self.resolver.close()
         for member in self.group:  # once the workers close theirs, the group is gone and
             member.close()  # the BPF program sends new connections to the listener
-        if control_server is not None:
-            control_server.close()
+        if self.control_server is not None:
+            self.control_server.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
         await self._shutdown()
@@ -196,7 +206,7 @@ class Supervisor:
 
         w.health_sending = True
         try:
-            while w.health_pending and w.ready:
+            while w.health_pending and w.ready and not self._quiet:
                 batch, w.health_pending = w.health_pending, {}
                 command = encode_changes((app, t, up) for (app, t), up in batch.items())
                 await w.request(command)
@@ -216,11 +226,9 @@ class Supervisor:
         return [s.fileno() for s in self.sockets] + own
 
     def _worker_args(self, w: Worker) -> list[str]:
-        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))))  # (appliance/service/supervisor.py)
         flags = ["-I"] if sys.flags.isolated else []
         fds = [str(fd) for fd in self._fds(w)]
-        return [sys.executable, *flags, "-c", _BOOT, package_parent, *self.worker_argv,
+        return [sys.executable, *flags, "-c", _BOOT, _package_parent(), *self.worker_argv,
                 "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
 
     async def _start(self, w: Worker) -> None:
@@ -308,8 +316,8 @@ class Supervisor:
                 pass
             if w.draining and w.proc.returncode is not None:
                 return
-            if not w.ready:
-                continue  # starting, or being replaced
+            if not w.ready or self._quiet:
+                continue  # starting, or being replaced; or about to re-exec
             try:
                 await w.request("ping", PING_TIMEOUT_S)
             except WorkerGone as e:
@@ -354,6 +362,8 @@ class Supervisor:
     async def _gather(self, command: str, timeout_s: float = REQUEST_TIMEOUT_S,
                       workers: list[Worker] | None = None
                       ) -> list[tuple[Worker, dict | WorkerGone]]:
+        if self._quiet:  # about to re-exec: the new image answers in a moment
+            return []
         ready = [w for w in (self.workers if workers is None else workers) if w.ready]
         replies = await asyncio.gather(*(w.request(command, timeout_s) for w in ready),
                                        return_exceptions=True)
@@ -422,6 +432,11 @@ class Supervisor:
         except code.PreflightError as e:
             return self._reload_failed(f"upgrade refused, still serving generation "
                                        f"{self.generation} (code {self.code['version']}):\n{e}")
+        if ran["digest"] != self.image["digest"]:  # this process runs the old code too
+            return await self._reexec(new)
+        return await self._new_generation(new, ran)
+
+    async def _new_generation(self, new: configmod.Config, ran: dict) -> tuple[bool, str]:
         number = self.worker_generation + 1
         fresh = [Worker(i, number) for i in range(len(self.workers))]
         old_config = self.config
@@ -452,6 +467,120 @@ class Supervisor:
         log.info("%s", message)
         notify("READY=1", f"STATUS={self.status_line()}")
         return True, message
+
+    # -- re-executing the supervisor (reexec.py) -------------------------------------------
+
+    async def _reexec(self, new: configmod.Config) -> tuple[bool, str]:
+        """Hand everything to a new image of this process on the code on disk, which starts
+        the new generation and answers the reload; returns only if the exec failed."""
+        self._quiet = True
+        try:
+            async with asyncio.timeout(5):  # answers under way (not drains: those go on)
+                while any(w.busy() for w in self.all_workers()):
+                    await asyncio.sleep(0.01)  # (replies arrive on other tasks: poll them)
+        except TimeoutError:
+            self._quiet = False
+            return self._reload_failed("upgrade not started: a worker did not answer a "
+                                       "request within 5s; nothing changed, try again")
+        client = control.current_client.get()
+        state = self._state(new, reexec.inheritable(os.dup(client)) if client is not None
+                            else None)
+        log.info("upgrading: re-executing the supervisor (pid %d) on the code on disk",
+                 os.getpid())
+        try:
+            reexec.exec_self(reexec.save(state), _package_parent())
+        except OSError as e:
+            self._quiet = False
+            return self._reload_failed(f"upgrade failed: cannot re-execute: {e}")
+        raise AssertionError("unreachable")  # (exec_self returns only by raising)
+
+    def _state(self, new: configmod.Config, reply_fd: int | None) -> dict:
+        """What the next image needs, with the fds it inherits (made inheritable here)."""
+        def fd(sock) -> int:
+            return reexec.inheritable(sock.fileno())
+
+        def worker(w: Worker) -> dict:
+            return {"index": w.index, "generation": w.generation, "pid": w.proc.pid,
+                    "channel": reexec.inheritable(os.dup(w.channel_fd())), "ids": w.ids,
+                    "ready": w.ready, "draining": w.draining}
+
+        return {
+            "config_path": self.config_path, "config": self.config.raw.decode(),
+            "generation": self.generation, "worker_generation": self.worker_generation,
+            "code": self.code, "reloads": self.reloads, "restarts": self.restarts,
+            "retired": self._retired_counts(),
+            "sockets": [fd(s) for s in self.sockets], "group": [fd(s) for s in self.group],
+            "control": fd(self.control_server.sockets[0]) if self.control_server else None,
+            "metrics": fd(self.metrics_http.sock) if self.metrics_http is not None else None,
+            "workers": [worker(w) for w in self.workers],
+            "old": [{"number": g.number, "code": g.code, "since": g.since,
+                     "workers": [worker(w) for w in g.workers]} for g in self.old],
+            "upgrade": {"config": new.raw.decode(), "reply": reply_fd},
+        }
+
+    def resume(self, state: dict) -> None:
+        """Carry on from the state a previous image of this process handed over."""
+        from ..dataplane import listeners
+        from ..metrics import Metrics
+
+        self.resumed = state
+        self.generation, self.worker_generation = state["generation"], state["worker_generation"]
+        self.code, self.reloads, self.restarts = state["code"], state["reloads"], state["restarts"]
+        self.retired = Metrics.merged(state["retired"]) if state["retired"] else None
+        self.group = [listeners.from_fd(fd) for fd in state["group"]]
+        if state["metrics"] is not None:
+            from ..metrics_http import MetricsServer
+            self.metrics_http = MetricsServer(socket.socket(fileno=state["metrics"]),
+                                              self.render_metrics)
+
+    def _handed(self, what: str):
+        """A listening socket the previous image handed over (control, metrics), or None."""
+        if self.resumed is None or self.resumed.get(what) is None:
+            return None
+        return socket.socket(fileno=self.resumed[what])
+
+    async def _adopt(self, state: dict) -> None:
+        """Take over the workers of the image before this one (still our children)."""
+        async def worker(row: dict) -> Worker:
+            w = Worker(row["index"], row["generation"])
+            w.proc = reexec.Adopted(row["pid"])
+            w.ids = row["ids"]
+            w.attach(*await asyncio.open_connection(sock=socket.socket(fileno=row["channel"]),
+                                                    limit=CHANNEL_LIMIT))
+            w.ready, w.draining = row["ready"], row["draining"]
+            return w
+
+        self.workers = [await worker(row) for row in state["workers"]]
+        for row in state["old"]:
+            g = Generation(row["number"], row["code"], [await worker(r) for r in row["workers"]])
+            g.since = row["since"]
+            self.old.append(g)
+            for w in g.workers:  # their drain goes on; its answer comes to this image
+                remaining = max(0.0, g.since + self.settings.drain_time_s - time.time())
+                self._spawn(self._drain(w, remaining))
+                self._spawn(self._heartbeat(w))
+        log.info("re-executed on code %s (%s); adopted %d workers of generation %d and %d "
+                 "draining", self.image["version"], self.image["digest"], len(self.workers),
+                 self.worker_generation, sum(len(g.workers) for g in self.old))
+
+    async def _finish_upgrade(self, upgrade: dict) -> None:
+        """In the re-executed image: start the new generation, answer the reload."""
+        async with self._reload_lock:
+            try:
+                new = configmod.loads(upgrade["config"].encode(), self.config_path)
+                ok, message = await self._new_generation(new, self.image)
+            except Exception as e:  # a bug: still answer, and the old generation serves
+                log.exception("upgrade failed")
+                ok, message = self._reload_failed(f"upgrade failed (internal error: {e!r})")
+        if upgrade["reply"] is not None:
+            reply = control.reload_reply(ok, message, self.generation, self.config.digest)
+            with socket.socket(fileno=upgrade["reply"]) as client:
+                client.setblocking(True)
+                client.settimeout(5)
+                try:
+                    client.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError as e:
+                    log.warning("could not answer the reload's client: %s", e)
 
     def _retire(self, generation: Generation) -> None:
         """``generation`` stops accepting and drains; past MAX_GENERATIONS the oldest
@@ -613,6 +742,11 @@ class Generation:
 
     def __repr__(self) -> str:
         return f"<Generation {self.number} {self.code['version']} workers={len(self.workers)}>"
+
+
+def _package_parent() -> str:
+    """The directory holding the ``appliance`` package on disk (what a new process runs)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _GatheredMetrics:

@@ -85,6 +85,7 @@ class Worker:
         self._ids = 0  # the last request id sent
         self._pending: dict[int, asyncio.Future] = {}  # id -> the future its reply settles
         self._replies: asyncio.Task | None = None
+        self._drains: set[int] = set()  # ids of drain requests (answered only once drained)
 
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
@@ -107,6 +108,24 @@ class Worker:
             theirs.close()  # the worker has it; EOF on ours means the worker is gone
             os.close(config_fd)
         self.attach(*await asyncio.open_connection(sock=mine, limit=CHANNEL_LIMIT))
+
+    @property
+    def ids(self) -> int:
+        """The last request id sent (a re-executed supervisor carries on from it, so a late
+        reply to the old image's request is never taken for the answer to a new one)."""
+        return self._ids
+
+    @ids.setter
+    def ids(self, value: int) -> None:
+        self._ids = value
+
+    def busy(self) -> bool:
+        """Is an answer under way on the channel (other than a drain's, which may take
+        hours)?"""
+        return any(ident not in self._drains for ident in self._pending)
+
+    def channel_fd(self) -> int:
+        return self._writer.get_extra_info("socket").fileno()
 
     def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Use this channel: its replies are read by one task and handed to their requests."""
@@ -138,6 +157,8 @@ class Worker:
         ident = self._ids
         future = self._pending[ident] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
+        if command.startswith("drain "):
+            self._drains.add(ident)
         try:
             async with asyncio.timeout(timeout_s):
                 self._writer.write(json.dumps({"command": command, "id": ident}).encode()
@@ -152,6 +173,7 @@ class Worker:
             raise WorkerGone(f"{self}: {brief(command)} failed: {e!r}") from None
         finally:
             self._pending.pop(ident, None)
+            self._drains.discard(ident)
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
