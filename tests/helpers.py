@@ -232,31 +232,53 @@ def recv_all(sock: socket.socket) -> bytes:
 
 
 class NotifySocket:
-    """A stand-in for systemd's notify socket: collects sd_notify messages from the proxy."""
+    """A stand-in for systemd's notify socket: collects sd_notify messages from the proxy.
+
+    A thread reads every datagram as it comes (as systemd does): the socket's queue (10
+    datagrams) never fills while a test is busy elsewhere, which would make the proxy drop
+    its messages."""
 
     def __init__(self, directory: Path):
         self.path = str(directory / "notify.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[dict[str, str]] = []  # every message, in order
+        self._seen = 0  # messages wait_for has looked at
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096).decode()
+            except OSError:
+                return  # closed
+            msg = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            with self._cond:
+                self.messages.append(msg)
+                self._cond.notify_all()
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = WAIT_S) -> dict:
-        """The next message (after those already consumed) that sets ``key`` (to ``value``)."""
+        """The next message (after those already looked at) that sets ``key`` (to ``value``)."""
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no sd_notify {key}={value or '*'} within {timeout}s; "
-                                   f"got {self.messages}")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(4096).decode()
-            msg = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
-            self.messages.append(msg)
-            if key in msg and (value is None or msg[key] == value):
-                return msg
+        with self._cond:
+            while True:
+                while self._seen < len(self.messages):
+                    msg = self.messages[self._seen]
+                    self._seen += 1
+                    if key in msg and (value is None or msg[key] == value):
+                        return msg
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no sd_notify {key}={value or '*'} within {timeout}s; "
+                                       f"got {self.messages}")
+                self._cond.wait(remaining)
 
     def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._reader.join(WAIT_S)
 
 
 class ProxyProcess:

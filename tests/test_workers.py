@@ -10,6 +10,7 @@ import json as _json
 import os
 import signal
 import socket
+import threading
 
 import pytest
 
@@ -314,3 +315,39 @@ def test_a_late_reply_is_never_taken_for_the_next_one():
         theirs.close()
 
     asyncio.run(main())
+
+
+def test_a_reload_while_the_file_changes_leaves_every_worker_on_one_config(start_proxy, tmp_path,
+                                                                            make_backend):
+    """The supervisor reads the file once and sends those bytes to every worker (prepare,
+    then commit): a file rewritten during reloads never splits the workers."""
+    backend = make_backend("b")
+    ports = free_ports(4)
+    cfg = write_config(tmp_path / "config.json", {"a": (ports[:2], [backend.address])})
+    control = str(tmp_path / "control.sock")
+    start_proxy(cfg, "--workers", str(N), "--control", control)
+    versions = [{"a": (ports[:2], [backend.address])}, {"a": (ports[2:], [backend.address])},
+                {"a": (ports[1:3], [backend.address]), "b": ([ports[3]], [backend.address])}]
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        for i in range(2000):  # bounded; stopped once the reloads are done
+            if stop.is_set():
+                return
+            write_config(cfg, versions[i % len(versions)])
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    try:
+        for _ in range(15):
+            run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+            reply = status(control)
+            digests = {w["digest"] for w in reply["workers"]}
+            assert digests == {reply["digest"]}, reply["workers"]
+    finally:
+        stop.set()
+        writer.join(10)
+    write_config(cfg, versions[2])
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    assert [greet(p) for p in ports[1:]] == ["b"] * 3

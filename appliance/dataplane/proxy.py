@@ -282,23 +282,41 @@ class Proxy:
         error is raised. Existing connections are never touched.
         """
         async with self._reload_lock:
-            self._check_accepting()
-            change = diff(self.config, new)
-            if not self._handed:
-                self._open_ports(change.added_ports)
-            try:  # names new to this config are answered before it takes over (bounded)
-                await self.resolve(self.config.names | new.names)
-                self._check_accepting()  # stopped meanwhile?
-            except BaseException:
-                if not self._handed:
-                    self._close_ports(change.added_ports)
-                raise
-            self.config, self._routes = new, new.routes
-            self.generation += 1
-            self.resolver.track(new.names)
-            if not self._handed:
-                self._close_ports(change.removed_ports)
+            change = await self.prepare(new)
+            self.commit(new, change)
             return change
+
+    async def prepare(self, new: Config) -> ConfigDiff:
+        """The part of a reload that can fail: open the ports ``new`` adds, have its new
+        names answered (bounded). Nothing routes by ``new`` until :meth:`commit`;
+        :meth:`abort` undoes this. (With workers, the supervisor prepares every worker,
+        then commits all or aborts all: one config for all.)"""
+        self._check_accepting()
+        change = diff(self.config, new)
+        if not self._handed:
+            self._open_ports(change.added_ports)
+        try:  # names new to this config are answered before it takes over (bounded)
+            await self.resolve(self.config.names | new.names)
+            self._check_accepting()  # stopped meanwhile?
+        except BaseException:
+            self.abort(change)
+            raise
+        return change
+
+    def commit(self, new: Config, change: ConfigDiff) -> None:
+        """Route by ``new`` from now on (one assignment: no connection sees half a config);
+        close the ports it removed."""
+        self.config, self._routes = new, new.routes
+        self.generation += 1
+        self.resolver.track(new.names)
+        if not self._handed:
+            self._close_ports(change.removed_ports)
+
+    def abort(self, change: ConfigDiff) -> None:
+        """Undo :meth:`prepare`: close the ports it opened (the names it asked for are
+        forgotten at the next reload)."""
+        if not self._handed:
+            self._close_ports([p for p in change.added_ports if p not in self.config.ports])
 
     def _check_accepting(self) -> None:
         """A proxy that is stopping (SIGTERM) opens no new port: a reload then fails."""

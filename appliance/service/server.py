@@ -56,6 +56,7 @@ class Server:
         self._signals = 0
         self._drain: asyncio.Task | None = None
         self._drained: asyncio.Event | None = None  # set once drained (made on the loop)
+        self._prepared: tuple | None = None  # a supervisor's reload: (config, diff) to commit
         self._channel_tasks: set[asyncio.Task] = set()  # answers under way to a supervisor
 
     def __repr__(self) -> str:
@@ -192,6 +193,11 @@ class Server:
                 self.proxy.down.clear()
             apply_changes(self.proxy.down, changes)
             return {"ok": True}
+        if command.startswith(("prepare ", "commit", "abort")):  # a supervisor's reload
+            if self.channel is None:
+                return {"ok": False, "error": f"{command.split()[0]!r} is a supervisor's "
+                                              "command to its workers, not a control command"}
+            return await self._two_phase(command)
         if command.startswith("drain "):  # a supervisor's: a newer generation serves now
             if self.channel is None:
                 return {"ok": False, "error": "'drain' is a supervisor's command to its "
@@ -203,6 +209,33 @@ class Server:
         if command == "metrics" and hasattr(self.metrics, "snapshot"):
             return {"ok": True, "metrics": self.metrics.snapshot()}
         return {"ok": False, "error": f"unknown command {command[:60]!r}"}
+
+    async def _two_phase(self, command: str) -> dict:
+        """A supervisor's reload, all or nothing over its workers: ``prepare <config>``
+        (the bytes it validated once: never the file, which may have changed since) opens
+        added ports and resolves new names; ``commit`` then switches, ``abort`` undoes."""
+        p = self.proxy
+        if command.startswith("prepare "):
+            if self._prepared is not None:  # (a supervisor reloads one at a time)
+                p.abort(self._prepared[1])
+                self._prepared = None
+            try:
+                new = configmod.loads(command[len("prepare "):].encode(), self.config_path)
+                self._prepared = (new, await p.prepare(new))
+            except (configmod.ConfigError, listeners.ListenerError) as e:
+                return {"ok": False, "error": str(e)}
+            return {"ok": True, "digest": new.digest}
+        if self._prepared is None:
+            return {"ok": False, "error": f"{command!r} without a prepared config"}
+        new, change = self._prepared
+        self._prepared = None
+        if command == "abort":
+            p.abort(change)
+            return {"ok": True}
+        p.commit(new, change)
+        self.metrics.reloaded(True, p.generation)
+        log.info("reloaded to generation %d (%s): %s", p.generation, new.summary(), change)
+        return {"ok": True, "digest": new.digest, "generation": p.generation}
 
     async def _drain_for_supervisor(self, drain_s: float) -> dict:
         """Stop accepting and let open connections finish for up to ``drain_s`` (a newer

@@ -290,7 +290,8 @@ class Supervisor:
             w.retry_at = None
             self.restarts += 1
             try:
-                await self._start(w)
+                async with self._reload_lock:  # on the config in force, not one half-applied
+                    await self._start(w)
             except WorkerGone as e:
                 log.error("%s", e)
                 continue  # counted as an exit on the next pass
@@ -395,27 +396,34 @@ class Supervisor:
             except configmod.ConfigError as e:
                 return self._reload_failed(f"reload of {self.config_path} failed, "
                                            f"still serving generation {self.generation}:\n{e}")
+            old_config = self.config
             on_disk = await asyncio.to_thread(code.identify)
             if new_workers or on_disk["digest"] != self.code["digest"]:
                 return await self._upgrade(new)
-            replies = await self._gather("reload", RELOAD_TIMEOUT_S)
+            ready = [w for w in self.workers if w.ready]
+            replies = await self._gather("prepare " + new.raw.decode(), RELOAD_TIMEOUT_S, ready)
             failed = [f"{w}: {r}" if isinstance(r, WorkerGone) else f"{w}: {r.get('error')}"
                       for w, r in replies if isinstance(r, WorkerGone) or not r.get("ok")]
-            digests = {r.get("digest") for _, r in replies if isinstance(r, dict) and r.get("ok")}
-            if failed:
+            failed += [f"{w}: no longer running" for w in ready
+                       if w not in {x for x, _ in replies}]
+            if failed or self._stop.is_set():
+                await self._gather("abort", RELOAD_TIMEOUT_S, ready)
+                why = "\n".join(failed) or "the proxy is stopping: reload refused"
                 return self._reload_failed(
-                    f"reload of {self.config_path} failed in {len(failed)} of "
-                    f"{len(replies)} workers:\n" + "\n".join(failed))
-            if digests != {new.digest}:
-                return self._reload_failed(f"{self.config_path} changed while the workers "
-                                           "reloaded it; run reload again")
-            change = configmod.diff(self.config, new)
-            self.config = new
+                    f"reload of {self.config_path} failed in {len(failed)} of {len(ready)} "
+                    f"workers, still serving generation {self.generation} in all:\n{why}")
+            self.config = new  # (a worker started from here on gets it)
+            commits = await self._gather("commit", RELOAD_TIMEOUT_S, ready)
+            for w, r in commits:  # only a worker that died can fail here: replaced, on `new`
+                if isinstance(r, WorkerGone) or not r.get("ok"):
+                    log.error("%s: commit failed (%s); it is replaced on the new config", w, r)
+                    w.kill()
+            change = configmod.diff(old_config, new)
             self.generation += 1
             self.apply_checks(new)
             self.reloads["ok"] += 1
             message = (f"reloaded to generation {self.generation} ({new.summary()}) "
-                       f"in {len(replies)} workers: {change}")
+                       f"in {len(ready)} workers: {change}")
             log.info("%s", message)
             notify("READY=1", f"STATUS={self.status_line()}")
             return True, message
@@ -663,6 +671,7 @@ class Supervisor:
             status["accepting"] = status["accepting"] and r["accepting"]
             workers[w.index]["active"] = r["active"]
             workers[w.index]["fds"] = r.get("fds")
+            workers[w.index]["digest"] = r.get("digest")  # the config it serves: all agree
             for a in r["apps"]:
                 merged = apps.setdefault(a["name"], {**a, "active": 0, "held_down": {},
                                                      "targets": [{"target": t["target"],

@@ -1,20 +1,34 @@
 """What the service needs from systemd (python3-systemd): the sockets it hands over
-(LISTEN_FDS) and the state it is told (sd_notify). Outside systemd both are no-ops."""
+(LISTEN_FDS) and the state it is told (sd_notify, written here: python3-systemd's blocks
+when the socket's queue is full). Outside systemd both are no-ops."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+
+log = logging.getLogger(__name__)
 
 
 def notify(*lines: str) -> None:
-    """Tell systemd about our state (READY=1, RELOADING=1, STATUS=...); a no-op outside it."""
-    if not os.environ.get("NOTIFY_SOCKET"):
+    """Tell systemd about our state (READY=1, RELOADING=1, STATUS=...); a no-op outside it.
+
+    Sent without blocking (sd_notify's protocol: one datagram to $NOTIFY_SOCKET): the
+    event loop never waits on a reader that is behind; a message that finds the socket's
+    queue full is dropped, and said so."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
         return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
     try:
-        from systemd import daemon
-    except ImportError:  # pragma: no cover - python3-systemd is a dependency of the appliance
-        return
-    daemon.notify("\n".join(lines))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, path)
+    except BlockingIOError:
+        log.warning("sd_notify: the notify socket's queue is full; dropped %s", lines[0])
+    except OSError as e:
+        log.warning("sd_notify to %s failed: %s", path, e)
 
 
 def systemd_fds() -> list[int]:
