@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,9 @@ def test_an_upgrade_by_reload_keeps_every_connection(lab, tmp_path, mode):
     assert new["version"] == "0.3.0+upgrade1" and new["draining_since"] is None
     assert set(new["pids"]).isdisjoint(old_pids) and len(new["pids"]) == 2
     assert old["active"] >= len(held.idle) + len(held.streaming) + len(held.half)
+    shown = run_cli("status", "--control", control).stdout
+    assert "version 0.3.0+upgrade1" in shown and "generation 1 (version 0.3.0" in shown
+    assert "draining since" in shown, shown
     # the supervisor runs the new code too: re-executed in place (same pid)
     assert proxy.proc.poll() is None
     assert f"re-executing the supervisor (pid {proxy.pid})" in proxy.output()
@@ -325,10 +329,11 @@ def test_new_workers_on_unchanged_code_and_the_counters_stay_monotonic(tmp_path,
 
 def test_what_is_left_at_the_drain_deadline_is_closed_with_a_line_each(tmp_path, make_backend):
     backend = make_backend("b")
-    port, = free_ports(1)
+    port, metrics_port = free_ports(2)
     cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
     control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--drain-time", "2")
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--drain-time", "5",
+                         "--metrics", f"127.0.0.1:{metrics_port}")
     try:
         held = [connect(port) for _ in range(4)]
         assert all(read_line(s) == b"b" for s in held)
@@ -336,6 +341,10 @@ def test_what_is_left_at_the_drain_deadline_is_closed_with_a_line_each(tmp_path,
         out = run_cli("reload", "--new-workers", "--control", control, "-c", str(cfg),
                       "--pin-dir", "")
         assert out.returncode == 0, out.stderr
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                      timeout=10).read().decode()
+        assert 'flyproxy_generation_connections_active{generation="1"} 4.0' in body
+        assert 'flyproxy_generation_connections_active{generation="2"} 0.0' in body
         wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone", 30)
         for s in held:  # ended by the old workers at the deadline (a reset, as an abort is)
             try:
@@ -352,3 +361,78 @@ def test_what_is_left_at_the_drain_deadline_is_closed_with_a_line_each(tmp_path,
 def greet_one(port: int) -> str:
     with connect(port) as s:
         return read_line(s).decode()
+
+
+def test_new_workers_that_die_while_starting_fail_the_upgrade_and_the_old_ones_serve(
+        tmp_path, make_backend):
+    backend = make_backend("b")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    root = copy_of_the_code(tmp_path)
+    control = str(tmp_path / "control.sock")
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, wrap=run_from(root))
+    try:
+        held = connect(port)
+        assert read_line(held) == b"b"
+        before = status(control)["generations"]
+        # the new code imports and loads the config (the preflight passes), but its
+        # workers die as they start
+        launch = root / "appliance/service/launch.py"
+        launch.write_text(launch.read_text().replace(
+            '    """A worker: the config in force comes from its supervisor',
+            '    import signal; os.kill(os.getpid(), signal.SIGKILL)\n'
+            '    """A worker: the config in force comes from its supervisor', 1))
+        bump_version(root, "broken")
+        out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+        assert out.returncode == 1 and "upgrade to 0.3.0+broken failed" in out.stderr, out.stderr
+        after = status(control)["generations"]
+        assert [(g["generation"], g["pids"]) for g in after] == \
+            [(g["generation"], g["pids"]) for g in before]
+        assert proxy.proc.poll() is None
+        held.sendall(b"hi\n")
+        assert read_line(held) == b"hi"
+        assert [greet_one(port) for _ in range(10)] == ["b"] * 10
+        held.close()
+    finally:
+        proxy.stop()
+
+
+def test_sigterm_during_an_upgrade_stops_every_generation_cleanly(tmp_path, make_backend):
+    backend = make_backend("b")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    root = copy_of_the_code(tmp_path)
+    control = str(tmp_path / "control.sock")
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--grace-period", "3",
+                         wrap=run_from(root))
+    try:
+        held = connect(port)
+        assert read_line(held) == b"b"
+        pids = status(control)["generations"][-1]["pids"]
+        bump_version(root, "upgrade1")
+        done = []
+        reload = threading.Thread(target=lambda: done.append(run_cli(
+            "reload", "--control", control, "-c", str(cfg), "--pin-dir", "")), daemon=True)
+        reload.start()
+        wait_until(lambda: "re-executing the supervisor" in proxy.output(), "the re-exec")
+        proxy.signal(15)  # SIGTERM, blocked across the exec: delivered to the new image
+        assert proxy.wait(timeout=40) == 0
+        reload.join(40)
+        assert done and done[0].returncode == 1, done
+        assert not any(map(alive, pids))
+        # every worker of every generation is gone: no process of ours is left
+        assert not [p for p in os.listdir("/proc") if p.isdigit() and _ours(int(p), root)]
+        try:
+            assert held.recv(10) == b""  # closed at the end of the grace period
+        except ConnectionResetError:
+            pass
+        held.close()
+    finally:
+        proxy.stop()
+
+
+def _ours(pid: int, root: Path) -> bool:
+    try:
+        return str(root) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False

@@ -105,9 +105,17 @@ def status(args: argparse.Namespace) -> int:
         return 0
     print(f"config {reply['config']} (generation {reply['generation']}, {reply['mode']} mode, "
           f"{reply['active']} active connections)")
+    if reply.get("generations"):
+        print(f"version {reply['version']} (code {reply['code']}), worker generation "
+              f"{reply['generations'][-1]['generation']}")
     if "workers" in reply:
         print(f"{len(reply['workers'])} workers ({reply['restarts']} restarts): " + ", ".join(
             map(_worker, reply["workers"])))
+        for g in reply.get("generations", [])[:-1]:  # older generations, draining
+            since = time.strftime("%H:%M:%S", time.localtime(g["draining_since"]))
+            print(f"  generation {g['generation']} (version {g['version']}, code {g['code']}): "
+                  f"draining since {since}, {g['active']} connections, pids "
+                  + " ".join(map(str, g["pids"])))
     elif reply.get("fds"):
         print(_fds(reply["fds"]))
     rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH", "CHECK")]

@@ -445,6 +445,8 @@ class Supervisor:
         return await self._new_generation(new, ran)
 
     async def _new_generation(self, new: configmod.Config, ran: dict) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return self._reload_failed(f"upgrade to {ran['version']} not started: stopping")
         number = self.worker_generation + 1
         fresh = [Worker(i, number) for i in range(len(self.workers))]
         old_config = self.config
@@ -726,10 +728,15 @@ class Supervisor:
     async def gather_metrics(self):
         from ..metrics import Metrics
 
-        snaps = [r["metrics"] for _, r in await self._gather("metrics", METRICS_TIMEOUT_S,
-                                                             self.all_workers())
-                 if isinstance(r, dict) and r.get("ok")]
+        replies = [(w, r["metrics"]) for w, r in await self._gather(
+            "metrics", METRICS_TIMEOUT_S, self.all_workers()) if isinstance(r, dict) and r.get("ok")]
+        snaps = [snap for _, snap in replies]
         total = Metrics.merged(snaps + self._retired_counts())  # (counters never go back)
+        by_generation: dict[int, int] = {}
+        for w, snap in replies:
+            by_generation[w.generation] = (by_generation.get(w.generation, 0)
+                                           + sum(v for _, v in snap["active_n"]))
+        total.active_by_generation = by_generation
         total.reloads_n = dict(self.reloads)  # one reload is one, however many workers
         total.generation = self.generation
         return total
@@ -777,6 +784,12 @@ class _GatheredMetrics:
                                        "Workers started again after they exited")
         restarts.add_metric([], sup.restarts)
         yield restarts
+        generations = GaugeMetricFamily(
+            "flyproxy_generation_connections_active", "Connections open now, by worker "
+            "generation (an older one is draining after an upgrade)", labels=["generation"])
+        for number, active in sorted(getattr(self.total, "active_by_generation", {}).items()):
+            generations.add_metric([str(number)], active)
+        yield generations
         failing = GaugeMetricFamily("flyproxy_workers_failing",
                                     f"Workers that exited more than {RESTARTS} times in "
                                     f"{RESTART_WINDOW_S:g} s (started again every "
