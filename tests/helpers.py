@@ -276,6 +276,8 @@ class NotifySocket:
                 self._cond.wait(remaining)
 
     def close(self) -> None:
+        if self.sock.fileno() == -1:
+            return  # closed already
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._reader.join(WAIT_S)

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -81,3 +81,8 @@ def preflight(config_raw: bytes, source: str, package: Path = PACKAGE) -> dict:
         lines = out.stderr.decode(errors="replace").strip().splitlines()
         raise PreflightError("the new code does not load: " + "\n".join(lines[-6:]))
     return json.loads(out.stdout)
+
+
+def package_parent() -> str:
+    """The directory holding the ``appliance`` package on disk (what a new process runs)."""
+    return str(PACKAGE.parent)

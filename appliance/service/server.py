@@ -1,4 +1,6 @@
-"""The long-running service: startup, main loop, reload, graceful shutdown.
+"""The long-running proxy process: a single process, or one worker of a supervisor.
+
+Its lifecycle is ``lifecycle.Service``'s; here is what it does at each step.
 
 Startup: take handed-in sockets (systemd's LISTEN_FDS, or ``--fd``) or bind every
 configured port, then report READY to systemd.
@@ -15,45 +17,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 
 from .. import config as configmod
 from ..dataplane import listeners
-from ..dataplane.checks import Checker, apply_changes, decode_changes
+from ..dataplane.checks import apply_changes, decode_changes
 from ..dataplane.proxy import Proxy
 from ..logs import RateLimited
 from .. import metrics_http
 from ..metrics import NullMetrics
 from ..settings import Settings
 from . import control
+from .health import HostChecks
+from .lifecycle import Service
 from .systemd import notify
 
 log = logging.getLogger(__name__)
 
 
-class Server:
+class Server(Service):
     def __init__(self, config_path: str, config: configmod.Config,
                  settings: Settings | None = None, *,
                  sockets: list[socket.socket] | None = None, metrics: NullMetrics | None = None,
                  control_path: str | None = None, channel: socket.socket | None = None,
                  watch: bool = False) -> None:
-        self.config_path = config_path
-        self.watch = watch  # serve --watch: reload when the file changes (watch.py)
-        self.watcher = None
-        self.checker = None  # active health checks (a single process runs its own)
+        super().__init__(config_path, settings or Settings(), watch)
+        self.checks: HostChecks | None = None  # active health checks (a single process's own)
         self.control_path = control_path
         self.channel = channel  # set in a worker: its supervisor's requests come here
         self._control = None
         self.metrics = metrics or NullMetrics()
-        self.settings = settings or Settings()
         self.proxy = Proxy(config, self.settings, metrics=self.metrics)
         self.sockets = sockets or []
-        self.grace_s = self.settings.grace_period_s
-        self._stop = asyncio.Event()
         self._loop_errors = RateLimited(log)
-        self._tasks: set[asyncio.Task] = set()
-        self._signals = 0
         self._drain: asyncio.Task | None = None
         self._drained: asyncio.Event | None = None  # set once drained (made on the loop)
         self._prepared: tuple | None = None  # a supervisor's reload: (config, diff) to commit
@@ -69,7 +65,7 @@ class Server:
 
     def status(self) -> dict:
         p = self.proxy
-        checks = {(r["app"], r["target"]): r for r in self.checker.state()} if self.checker else {}
+        checks = {(r["app"], r["target"]): r for r in self.checks.state()} if self.checks else {}
         return {
             "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
             "mode": "handed-in" if self.sockets else "per-port", "pid": os.getpid(),
@@ -86,42 +82,31 @@ class Server:
             "fds": dict(zip(("open", "limit"), metrics_http.fds())),
         }
 
-    async def serve(self) -> int:
+    async def startup(self) -> bool:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_error)
         self._drained = asyncio.Event()
         await self.proxy.start(self.sockets)
         if self.channel is None:  # a worker is told its supervisor's checks instead
-            self.checker = Checker(self._check_addresses, self._checks_changed)
-            self.checker.apply(self.proxy.config)
-            self.metrics.checks = self.checker.state
+            self.checks = HostChecks(self.settings, self._checks_changed, self.proxy.resolver)
+            self.checks.apply(self.proxy.config)
+            self.metrics.checks = self.checks.state
         if self.control_path:
             self._control = await control.start(self, self.control_path)
         if self.metrics.http is not None:
             await self.metrics.http.start()
-        if self.watch:
-            from .watch import ConfigWatcher
-            self.watcher = ConfigWatcher(self.config_path, self.reload,
-                                         lambda: self.proxy.config.digest)
-            self.watcher.start()
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
-        if self.channel is None:
-            loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
-        else:  # a worker: Ctrl-C in a terminal reaches the supervisor, which passes on SIGTERM
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            self._spawn(self._serve_channel())
+        self.start_watcher(lambda: self.proxy.config.digest)
+        self.install_signals(interrupt=self.channel is None)  # (a worker's Ctrl-C: see below)
+        if self.channel is not None:  # Ctrl-C reaches the supervisor, which sends SIGTERM
+            self.spawn(self._serve_channel())
         where = (f"{len(self.sockets)} handed-in sockets" if self.sockets
                  else f"{len(self.proxy.listening_ports)} ports")
         log.info("serving %s on %s", self.proxy.config.summary(), where)
-        notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
+        return True
 
-        await self._stop.wait()
-        notify("STOPPING=1", "STATUS=draining connections")
-        if self.watcher is not None:
-            self.watcher.close()
-        if self.checker is not None:
-            self.checker.close()
+    async def shutdown(self) -> None:
+        if self.checks is not None:
+            self.checks.close()
         self.proxy.stop_accepting()
         if self._control is not None:
             self._control.close()
@@ -142,8 +127,10 @@ class Server:
         self._drained.set()
         if self._channel_tasks:  # the answer to a supervisor's drain goes out before we exit
             await asyncio.wait(list(self._channel_tasks), timeout=5)
-        log.info("stopped")
-        return 0
+
+    def stop_now(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """The event loop's own errors (e.g. accept() failing with EMFILE: asyncio then
@@ -153,20 +140,8 @@ class Server:
         self._loop_errors.error(key, "%s%s", context.get("message", "event loop error"),
                                 f": {exc!r}" if exc else "")
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)  # the loop keeps only a weak reference to tasks
-        task.add_done_callback(self._tasks.discard)
-
-    def _check_addresses(self, target) -> list:
-        name = self.proxy.resolver.names.get(target.host) if self.proxy.resolver else None
-        return name.sockaddrs(target.port) if name is not None and name.addrs else []
-
     def _checks_changed(self, changes) -> None:
         apply_changes(self.proxy.down, changes)
-
-    def _on_hup(self) -> None:
-        self._spawn(self.reload())
 
     async def _serve_channel(self) -> None:
         await control.serve_channel(self, self.channel, self._channel_tasks)
@@ -251,15 +226,6 @@ class Server:
         snapshot = self.metrics.snapshot() if hasattr(self.metrics, "snapshot") else None
         return {"ok": True, "metrics": snapshot}
 
-    def _on_stop_signal(self, sig: signal.Signals) -> None:
-        self._signals += 1
-        if self._signals == 1:
-            log.info("%s: shutting down gracefully (send again to stop at once)", sig.name)
-            self._stop.set()
-        elif self._drain is not None:
-            log.info("%s again: closing all connections now", sig.name)
-            self._drain.cancel()
-
     async def reload(self) -> tuple[bool, str]:
         """Re-read the config file and apply it; returns (ok, message). Never raises for bad input."""
         if self._stop.is_set():  # draining: no new ports, and the reply says so
@@ -270,22 +236,17 @@ class Server:
             new = await asyncio.to_thread(configmod.load, self.config_path)
             change = await self.proxy.reload(new)
         except (configmod.ConfigError, listeners.ListenerError) as e:
-            return self._reload_failed(f"reload of {self.config_path} failed, "
-                                       f"still serving generation {self.proxy.generation}:\n{e}")
+            return self.reload_failed(f"reload of {self.config_path} failed, "
+                                      f"still serving generation {self.proxy.generation}:\n{e}")
         except Exception as e:  # a bug: still answer, and still tell systemd we are ready
             log.exception("reload of %s failed", self.config_path)
-            return self._reload_failed(f"reload of {self.config_path} failed (internal error: "
-                                       f"{e!r}), still serving generation {self.proxy.generation}")
-        if self.checker is not None:
-            self.checker.apply(new)
-        message = f"reloaded to generation {self.proxy.generation} ({new.summary()}): {change}"
-        self.metrics.reloaded(True, self.proxy.generation)
-        log.info("%s", message)
-        notify("READY=1", f"STATUS={self.status_line()}")
-        return True, message
+            return self.reload_failed(f"reload of {self.config_path} failed (internal error: "
+                                      f"{e!r}), still serving generation "
+                                      f"{self.proxy.generation}")
+        if self.checks is not None:
+            self.checks.apply(new)
+        return self.reloaded(f"reloaded to generation {self.proxy.generation} "
+                             f"({new.summary()}): {change}")
 
-    def _reload_failed(self, message: str) -> tuple[bool, str]:
-        log.error("%s", message)
-        self.metrics.reloaded(False, self.proxy.generation)
-        notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
-        return False, message
+    def count_reload(self, ok: bool) -> None:
+        self.metrics.reloaded(ok, self.proxy.generation)

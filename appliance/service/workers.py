@@ -30,6 +30,8 @@ REQUEST_TIMEOUT_S = 10.0  # status, and whatever has no deadline of its own
 RELOAD_TIMEOUT_S = 25.0  # a reload binds ports, reads the file, resolves new names
 METRICS_TIMEOUT_S = 5.0
 PING_TIMEOUT_S = 3.0  # the supervisor's heartbeat (supervisor.HEARTBEAT_S apart)
+RESTARTS, RESTART_WINDOW_S = 5, 60.0  # more exits than this in the window: failing
+MAX_BACKOFF_S = 10.0  # the longest pause before a worker is started again
 CHANNEL_LIMIT = 64 * 1024 * 1024  # a status line lists every port: 10,000 ports is ~60 KB
 
 
