@@ -2,8 +2,8 @@
 supervisor (``supervisor.Supervisor``) have one lifecycle.
 
 :meth:`Service.serve`: ``startup()`` (bind or adopt, start what serves, install the
-signal handlers), READY=1 to systemd, wait for a stop signal, STOPPING=1, ``shutdown()``
-(drain, bounded), the exit status. SIGHUP reloads; the first SIGTERM/SIGINT stops
+signal handlers), READY=1 to systemd, wait for a stop signal, ``stop_accepting()``,
+STOPPING=1, ``shutdown()`` (drain, bounded), the exit status. SIGHUP reloads; the first SIGTERM/SIGINT stops
 gracefully, a second one calls ``stop_now()``. A reload's outcome is reported one way
 (:meth:`reloaded`, :meth:`reload_failed`): logged, counted, told to systemd.
 """
@@ -39,8 +39,13 @@ class Service:
         """Start serving; False to give up (``_exit`` says how)."""
         raise NotImplementedError
 
+    def stop_accepting(self) -> None:
+        """Close the listeners (before STOPPING=1 is said: from then on a new connection
+        is refused) and what else takes requests."""
+        raise NotImplementedError
+
     async def shutdown(self) -> None:
-        """Stop accepting, let open connections finish (bounded), end the rest."""
+        """Let open connections finish (bounded), end the rest."""
         raise NotImplementedError
 
     def stop_now(self) -> None:
@@ -63,9 +68,10 @@ class Service:
             return self._exit
         notify("READY=1", f"STATUS={self.status_line()}", f"MAINPID={os.getpid()}")
         await self._stop.wait()
-        notify("STOPPING=1", "STATUS=draining connections")
         if self.watcher is not None:
             self.watcher.close()
+        self.stop_accepting()
+        notify("STOPPING=1", "STATUS=draining connections")
         await self.shutdown()
         self.log.info("stopped")
         return self._exit

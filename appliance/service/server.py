@@ -104,7 +104,7 @@ class Server(Service):
         log.info("serving %s on %s", self.proxy.config.summary(), where)
         return True
 
-    async def shutdown(self) -> None:
+    def stop_accepting(self) -> None:
         if self.checks is not None:
             self.checks.close()
         self.proxy.stop_accepting()
@@ -112,6 +112,8 @@ class Server(Service):
             self._control.close()
         if self.metrics.http is not None:
             self.metrics.http.close()
+
+    async def shutdown(self) -> None:
         n = len(self.proxy.tunnels)
         if n:
             log.info("stopped accepting; waiting up to %ss for %d connections", self.grace_s, n)

@@ -146,7 +146,7 @@ class Supervisor(Generations, Gathered, Service):
                  len(self.workers), pids)
         return True
 
-    async def shutdown(self) -> None:
+    def stop_accepting(self) -> None:
         self.checks.close()
         for member in self.group:  # once the workers close theirs, the group is gone and
             member.close()  # the BPF program sends new connections to the listener
@@ -154,6 +154,10 @@ class Supervisor(Generations, Gathered, Service):
             self.control_server.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
+        for w in self.all_workers():  # each stops accepting at once, then drains
+            w.terminate()
+
+    async def shutdown(self) -> None:
         await self._shutdown()
 
     def stop_now(self) -> None:
@@ -300,7 +304,7 @@ class Supervisor(Generations, Gathered, Service):
         are killed): the supervisor never exits while a worker holds connections."""
         workers = self.all_workers()
         for w in workers:
-            w.signal(signal.SIGTERM)
+            w.terminate()
         running = [w.proc.wait() for w in workers
                    if w.proc is not None and w.proc.returncode is None]
         try:

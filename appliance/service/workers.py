@@ -88,6 +88,7 @@ class Worker:
         self._pending: dict[int, asyncio.Future] = {}  # id -> the future its reply settles
         self._replies: asyncio.Task | None = None
         self._drains: set[int] = set()  # ids of drain requests (answered only once drained)
+        self._terminated = False  # sent its SIGTERM
 
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
@@ -180,6 +181,12 @@ class Worker:
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.send_signal(sig)
+
+    def terminate(self) -> None:
+        """SIGTERM, once: a worker takes a second SIGTERM as "close every connection now"."""
+        if not self._terminated:
+            self._terminated = True
+            self.signal(signal.SIGTERM)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
