@@ -139,4 +139,4 @@ def test_status_shows_the_check(tmp_path, start_proxy, make_backend):
     wait_until(lambda: check_of(control, live.address)["checks"] >= 1, "a first check")
     out = run_cli("status", "--control", str(control)).stdout
     row = next(line for line in out.splitlines() if live.address in line)
-    assert "CHECK" in out and row.split()[-2] == "up", out
+    assert "STATE" in out and row.split()[-1] == "up", out

@@ -99,7 +99,7 @@ def test_status_shows_target_health(tmp_path, start_proxy, make_backend):
     assert health[live.address] == "ok"
     assert health[dead].startswith("ejected: refused")
     table = run_cli("status", "--control", control).stdout
-    assert "ejected: refused" in table
+    assert "ejected (connect refused, " in table
 
 
 def test_idle_connections_to_the_metrics_port_cannot_starve_the_data_plane(tmp_path, start_proxy,

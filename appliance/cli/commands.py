@@ -118,14 +118,14 @@ def status(args: argparse.Namespace) -> int:
                   + " ".join(map(str, g["pids"])))
     elif reply.get("fds"):
         print(_fds(reply["fds"]))
-    rows = [("APP", "PORTS", "ACTIVE", "TARGET", "HEALTH", "CHECK")]
+    rows = [("APP", "PORTS", "ACTIVE", "TARGET", "STATE")]
     for a in reply["apps"]:
         limit = f"/{a['max_connections']}" if a.get("max_connections") else ""
         for i, t in enumerate(a["targets"]):
             first = i == 0
             rows.append((a["name"] if first else "", " ".join(map(str, a["ports"])) if first else "",
-                         f"{a['active']}{limit}" if first else "", t["target"], t["health"],
-                         _check(t.get("check"))))
+                         f"{a['active']}{limit}" if first else "", t["target"],
+                         t.get("text", t["health"])))
     _print_table(rows)
     if reply.get("names"):
         print()
@@ -145,16 +145,6 @@ def _worker(w: dict) -> str:
         retry = f", next try in {w['retry_in_s']:g}s" if w.get("retry_in_s") is not None else ""
         return f"worker {w['index']} FAILING ({w['failing']}{retry})"
     return f"pid {w['pid']} (starting)"
-
-
-def _check(check: dict | None) -> str:
-    """An active check's state: "up 5m", "down 12s (refused)", or "-" (not checked)."""
-    if not check:
-        return "-"
-    ago = max(0, int(time.time() - check["since"]))
-    age = f"{ago // 3600}h" if ago >= 3600 else f"{ago // 60}m" if ago >= 60 else f"{ago}s"
-    why = f" ({check['error']})" if check["state"] == "down" and check["error"] else ""
-    return f"{check['state']} {age}{why}"
 
 
 def _fds(fds: dict | None) -> str:

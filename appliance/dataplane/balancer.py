@@ -55,6 +55,7 @@ class Health:
     def __init__(self, eject_s: float = 10.0) -> None:
         self.eject_s = eject_s
         self.failed: dict[Target, tuple[float, str]] = {}  # target -> (when, reason)
+        self.seen: set[Target] = set()  # targets a connect reached, ever
 
     def __repr__(self) -> str:
         return f"<Health eject_s={self.eject_s} failed={len(self.failed)}>"

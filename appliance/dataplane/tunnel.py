@@ -174,8 +174,10 @@ class Tunnel:
         engine = self.engine
         engine.connect_ended(self)
         target = self.order[self.attempt]
-        if self.health.failed:
-            self.health.success(target)
+        health = self.health
+        health.seen.add(target)  # (status: a target never reached is "unknown")
+        if health.failed:
+            health.success(target)
         self.target = target
         self.backend = end
         end.sock.setsockopt(_TCP, _NODELAY, 1)  # (the client's comes from its listener)

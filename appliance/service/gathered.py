@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from . import target_state
+
 from .workers import MAX_BACKOFF_S, METRICS_TIMEOUT_S, RESTART_WINDOW_S, RESTARTS
 
 class Gathered:
@@ -47,18 +49,27 @@ class Gathered:
                                                                  for t in a["targets"]]})
                 merged["active"] += a["active"]
                 merged["held_down"][w.index] = a["held_down"]  # each worker's, to compare
-                health = {t["target"]: t["health"] for t in a["targets"]}
+                rows = {t["target"]: t for t in a["targets"]}
                 for t in merged["targets"]:
-                    t["health"][w.index] = health.get(t["target"], "?")
+                    row = rows.get(t["target"])
+                    if row is not None:
+                        t["health"][w.index] = row["health"]
+                        t.setdefault("states", {})[w.index] = row
         for a in apps.values():
             for t in a["targets"]:
                 seen = set(t["health"].values())
                 t["health"] = (seen.pop() if len(seen) == 1 else
                                "; ".join(f"worker {i}: {h}" for i, h in sorted(t["health"].items())))
-        for a in apps.values():
-            for t in a["targets"]:
-                if (a["name"], t["target"]) in checks:
-                    t["check"] = checks[(a["name"], t["target"])]
+                check = checks.get((a["name"], t["target"]))
+                if check is not None:
+                    t["check"] = check
+                one = target_state.merged({i: {k: r[k] for k in ("state", "reason", "since",
+                                                                   "text")}
+                                           for i, r in t.pop("states", {}).items()})
+                if check is not None and check["state"] == "down":  # the host's checks say
+                    one = target_state.state(check=check, held_down=True, name=None,
+                                             failure=None, eject_s=0, seen=True)
+                t.update(one)
         status["apps"] = list(apps.values())
         from ..metrics import merged_names
         status["names"] = merged_names([r.get("names", []) for _, r in replies])

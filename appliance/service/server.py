@@ -27,7 +27,7 @@ from ..logs import RateLimited
 from .. import metrics_http
 from ..metrics import NullMetrics
 from ..settings import Settings
-from . import control
+from . import control, target_state
 from .health import HostChecks
 from .lifecycle import Service
 from .systemd import notify
@@ -66,6 +66,17 @@ class Server(Service):
     def status(self) -> dict:
         p = self.proxy
         checks = {(r["app"], r["target"]): r for r in self.checks.state()} if self.checks else {}
+        names = {row["name"]: row for row in p.resolver.status()} if p.resolver else {}
+
+        def target(app: str, t) -> dict:
+            check = checks.get((app, str(t)))
+            return {"target": str(t), "health": p.health.describe(t),
+                    **target_state.state(check=check, held_down=t in p.down.get(app, ()),
+                                         name=names.get(t.host) if t.addrs is None else None,
+                                         failure=p.health.failed.get(t),
+                                         eject_s=p.health.eject_s, seen=t in p.health.seen),
+                    **({"check": check} if check else {})}
+
         return {
             "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
             "mode": "handed-in" if self.sockets else "per-port", "pid": os.getpid(),
@@ -74,10 +85,7 @@ class Server(Service):
                       "held_down": len(p.down.get(a.name, ())),  # by the checks, as told
                       "max_connections": a.max_connections, "balance": a.balance,
                       "proxy_protocol": a.proxy_protocol,
-                      "targets": [{"target": str(t), "health": p.health.describe(t),
-                                   **({"check": checks[(a.name, str(t))]}
-                                      if (a.name, str(t)) in checks else {})}
-                                  for t in a.targets]} for a in p.config.apps],
+                      "targets": [target(a.name, t) for t in a.targets]} for a in p.config.apps],
             "names": p.resolver.status() if p.resolver is not None else [],
             "fds": dict(zip(("open", "limit"), metrics_http.fds())),
         }
