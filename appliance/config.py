@@ -192,7 +192,9 @@ class Config:
 
     def summary(self) -> str:
         targets = sum(len(a.targets) for a in self.apps)
-        return f"{len(self.apps)} apps, {len(self.ports)} ports, {targets} targets"
+        from .logs import count
+        return ", ".join((count(len(self.apps), "app"), count(len(self.ports), "port"),
+                          count(targets, "target")))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,11 @@ import logging
 import time
 
 
+def count(n: int, noun: str) -> str:
+    """``1 app``, ``2 apps``: a number and its noun (plural with an s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class RateLimited:
     """Log a message for ``key`` at most once per ``interval_s``; say how many were held back.
 

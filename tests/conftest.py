@@ -102,3 +102,10 @@ def make_backend():
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _control_socket_of_its_own(tmp_path, monkeypatch):
+    """`serve` opens a control socket by default (as root: /run/flyproxy/control.sock):
+    every test's proxies and client commands default to one in its own directory."""
+    monkeypatch.setenv("FLYPROXY_CONTROL", str(tmp_path / "control.sock"))

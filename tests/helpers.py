@@ -286,6 +286,8 @@ class NotifySocket:
 class ProxyProcess:
     """``flyproxy serve`` in a subprocess, ready when it has sent READY=1."""
 
+    _instances = 0
+
     def __init__(self, config: Path, *args: str, pass_fds: tuple[int, ...] = (),
                  env: dict | None = None, host: str | None = "127.0.0.1",
                  wrap: list[str] | None = None, preexec_fn=None):
@@ -295,6 +297,9 @@ class ProxyProcess:
                "--connect-timeout", "1"]
         if host:
             cmd += ["--host", host]
+        if "--control" not in args:  # serve opens one by default: each proxy its own
+            ProxyProcess._instances += 1
+            cmd += ["--control", str(config.parent / f"control-{ProxyProcess._instances}.sock")]
         cmd = (wrap or []) + cmd + list(args)
         self.log_path = config.parent / "proxy.log"
         self.log = open(self.log_path, "w")

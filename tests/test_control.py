@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 
 import pytest
 
-from helpers import PYTHON, REPO, connect, free_ports, greet, read_line, run_cli, write_config
+from helpers import (PYTHON, REPO, WAIT_S, connect, free_ports, greet, read_line, run_cli,
+                     wait_until, write_config)
 
 
 def start(tmp_path, start_proxy, make_backend):
@@ -178,3 +180,92 @@ def test_the_cli_waits_while_the_control_sockets_queue_is_full(tmp_path):
         for f in fillers:
             f.close()
         server.close()
+
+
+def test_serve_and_status_find_each_other_by_default_and_the_socket_goes_at_exit(
+        tmp_path, make_backend):
+    """No --control on either side: both take $FLYPROXY_CONTROL (here the test's own; else
+    /run/flyproxy/control.sock as root, $XDG_RUNTIME_DIR/flyproxy.sock otherwise)."""
+    backend = make_backend("b")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    path = tmp_path / "default.sock"
+    env = {"FLYPROXY_CONTROL": str(path)}
+    proxy = subprocess.Popen([PYTHON, "-m", "appliance", "serve", "-c", str(cfg), "--host",
+                              "127.0.0.1"], cwd=REPO, env={**os.environ, **env},
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: run_cli("status", env=env).returncode == 0, "status answers")
+        assert path.exists()
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(WAIT_S) == 0
+        assert not path.exists()  # removed at a clean stop
+    finally:
+        proxy.kill()
+        proxy.wait(WAIT_S)
+
+
+def test_a_control_socket_in_a_missing_directory_is_a_clean_error(tmp_path, make_backend):
+    backend = make_backend("b")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    out = run_cli("serve", "-c", str(cfg), "--host", "127.0.0.1", "--control",
+                  str(tmp_path / "missing" / "c.sock"), timeout=30)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert f"the directory {tmp_path / 'missing'} does not exist" in out.stderr
+
+
+def test_reload_refuses_a_file_the_proxy_does_not_serve(tmp_path, start_proxy, make_backend):
+    backend = make_backend("b")
+    port, other_port = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    other = write_config(tmp_path / "other.json", {"a": ([other_port], [backend.address])})
+    control = str(tmp_path / "c.sock")
+    start_proxy(cfg, "--control", control)
+    out = run_cli("reload", "--control", control, "-c", str(other), "--pin-dir", "")
+    assert out.returncode == 2
+    assert f"the proxy serves {cfg}, not {other}" in out.stderr
+    with pytest.raises(ConnectionRefusedError):
+        connect(other_port).close()
+    # without -c: the file the proxy serves
+    write_config(cfg, {"a": ([port, other_port], [backend.address])})
+    out = run_cli("reload", "--control", control, "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    assert greet(other_port) == "b"
+
+
+def test_status_in_a_pipe_that_closes_early_says_nothing_more(tmp_path, start_proxy,
+                                                              make_backend):
+    backend = make_backend("b")
+    ports = free_ports(40)
+    cfg = write_config(tmp_path / "config.json",
+                       {f"app{i}": ([p], [backend.address]) for i, p in enumerate(ports)})
+    control = str(tmp_path / "c.sock")
+    start_proxy(cfg, "--control", control)
+    for flags in ([], ["--json"]):
+        out = subprocess.run(f"{PYTHON} -m appliance status --control {control} "
+                             f"{' '.join(flags)} | head -1", shell=True, cwd=REPO,
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert out.stdout.count("\n") == 1
+        assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_status_counts_in_words_and_says_when_the_file_differs(tmp_path, start_proxy,
+                                                               make_backend):
+    backend = make_backend("b")
+    port, other = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    control = str(tmp_path / "c.sock")
+    proxy = start_proxy(cfg, "--control", control)
+    assert "serving 1 app, 1 port, 1 target on 1 port" in proxy.output()  # (not "1 apps")
+    out = run_cli("status", "--control", control, "--log-level", "debug")  # (after it, too)
+    assert out.returncode == 0, out.stderr
+    assert "1 active connection" not in out.stdout and "0 active connections" in out.stdout
+    assert "differs" not in out.stdout
+    write_config(cfg, {"a": ([port, other], [backend.address])})
+    out = run_cli("status", "--control", control)
+    assert f"{cfg} on disk differs from the config in force" in out.stdout
+    run_cli("reload", "--control", control, "--pin-dir", "")
+    assert "differs" not in run_cli("status", "--control", control).stdout

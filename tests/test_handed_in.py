@@ -95,7 +95,7 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path, make_backend):
             assert read_line(s) == b"a"
         assert greet(port) == "a"
         assert ready["MAINPID"] == str(proc.pid)  # systemd-socket-activate execs the proxy
-        assert ready["STATUS"].startswith("generation 1: 1 apps, 1 ports")
+        assert ready["STATUS"].startswith("generation 1: 1 app, 1 port")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(WAIT_S)

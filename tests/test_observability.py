@@ -82,7 +82,7 @@ def test_repeated_errors_are_rate_limited(tmp_path, start_proxy):
     for _ in range(20):
         assert greet(port) == ""
     proxy.reload()
-    assert proxy.output().count("all 1 targets failed") == 1
+    assert proxy.output().count("the only target failed") == 1
 
 
 def test_status_shows_target_health(tmp_path, start_proxy, make_backend):

@@ -45,7 +45,7 @@ def test_grace_period_expiry_closes_what_is_left(tmp_path, start_proxy, make_bac
     assert 0.9 < time.monotonic() - started < 5
     with pytest.raises(ConnectionResetError):  # an abort, not a clean end of stream
         held.recv(10)
-    assert "aborted 1 connections" in proxy.output()
+    assert "aborted 1 connection still open" in proxy.output()
     assert "end=shutdown" in proxy.output()
 
 

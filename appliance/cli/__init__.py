@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from .. import __version__
+from ..service.control import default_path
 from ..settings import LOG_LEVELS, add_arguments
 from . import bpf, commands
 
 DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
-DEFAULT_CONTROL = os.environ.get("FLYPROXY_CONTROL", "/run/flyproxy/control.sock")
+DEFAULT_CONTROL = default_path()
 
 
 def _setup_logging(level: str) -> None:
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flyproxy", description="An L4 TCP proxy appliance with sk_lookup BPF steering.")
     parser.add_argument("--version", action="version", version=f"flyproxy {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("FLYPROXY_LOG_LEVEL", "info"),
-                        choices=LOG_LEVELS)
+                        choices=LOG_LEVELS, help="log messages at this level and above "
+                        "(default info, or $FLYPROXY_LOG_LEVEL); also after the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_arg(p: argparse.ArgumentParser) -> None:
@@ -60,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve on this inherited listening socket instead of binding ports "
                         "(repeatable; systemd's LISTEN_FDS are used automatically)")
     p.add_argument("--listen", metavar="HOST:PORT",
-                   help="single-listener mode: bind one socket here and route every connection "
+                   help="handed-in mode on a socket bound here: route every connection "
                         "steered to it by the port the client dialled (use with flyproxy bpf)")
-    control_arg(p, None)
+    p.add_argument("--control", default=DEFAULT_CONTROL, metavar="PATH",
+                   help=f"open the control socket here (default {DEFAULT_CONTROL}: "
+                        "$FLYPROXY_CONTROL, else /run/flyproxy/control.sock as root, else "
+                        "$XDG_RUNTIME_DIR/flyproxy.sock; '' for none)")
     p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
                    help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
     p.add_argument("--watch", action="store_true",
@@ -78,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.serve)
 
     p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")
-    config_arg(p)
+    p.add_argument("-c", "--config", default=None,
+                   help="the file the running proxy serves (the default: asked from the proxy); "
+                        "another file is refused: a proxy reloads its own file")
     control_arg(p)
     p.add_argument("--pin-dir", default=bpf.DEFAULT_PIN_DIR,
                    help=f"BPF state to sync after the proxy reloaded, if loaded "
@@ -91,11 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the running proxy (read-only)")
     control_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the whole status as JSON")
     p.set_defaults(func=commands.status)
 
     p = sub.add_parser("echo", help="run a TCP echo backend")
-    p.add_argument("--listen", action="append", required=True, metavar="HOST:PORT")
+    p.add_argument("--listen", action="append", required=True, metavar="HOST:PORT",
+                   help="listen here and echo every byte back (repeatable)")
     p.set_defaults(func=commands.echo)
 
     p = sub.add_parser("demo", help="the challenge's apps, served by local echo targets")
@@ -104,12 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.demo)
 
     bpf.add_commands(sub)
+    _log_level_everywhere(parser)
     return parser
+
+
+def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` after any (sub)command too: ``flyproxy status --log-level debug``."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for sub in action.choices.values():
+            if not any("--log-level" in a.option_strings for a in sub._actions):
+                sub.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                                 help="as before the command")
+            _log_level_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    if args.command == "bpf":
-        return bpf.run(args)
-    return args.func(args)
+    try:
+        if args.command == "bpf":
+            return bpf.run(args)
+        return args.func(args)
+    except BrokenPipeError:  # `flyproxy status | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (so the exit's flush does not fail again)
+        return 0

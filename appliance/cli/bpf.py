@@ -20,16 +20,19 @@ def add_commands(sub) -> None:
         p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR,
                        help=f"state dir in bpffs (default {DEFAULT_PIN_DIR})")
         if config:
-            p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+            p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                           help=f"config file whose ports are steered (default {DEFAULT_CONFIG})")
         return p
 
     p = cmds.add_parser("build", help="compile and verify the program without attaching it")
-    p.add_argument("--source", default=str(SOURCE))
+    p.add_argument("--source", default=str(SOURCE),
+                   help=f"the sk_lookup program's C source (default {SOURCE})")
     p.add_argument("--dump", action="store_true", help=argparse.SUPPRESS)  # print the final C
     p.set_defaults(func="build")
 
     p = common(cmds.add_parser("load", help="load, attach and pin; fill the port map"), True)
-    p.add_argument("--source", default=str(SOURCE))
+    p.add_argument("--source", default=str(SOURCE),
+                   help=f"the sk_lookup program's C source (default {SOURCE})")
     p.set_defaults(func="load")
 
     common(cmds.add_parser("sync", help="make the port map equal the config"), True) \
@@ -49,7 +52,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func="unspread")
 
     p = common(cmds.add_parser("status", help="show the pinned state (read-only)"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func="status")
 
     p = common(cmds.add_parser("metrics", help="steering counters in Prometheus text format (read-only)"))

@@ -11,6 +11,7 @@ import sys
 import time
 
 from .. import config as configmod
+from ..logs import count
 from ..settings import Settings, parse_hostport
 
 
@@ -63,6 +64,18 @@ def reload(args: argparse.Namespace) -> int:
     """
     from ..service import control
 
+    try:  # the file the running proxy serves: what it re-reads, what is validated here
+        served = control.request(args.control, "status").get("config")
+    except control.ControlError as e:
+        print(f"flyproxy reload: {e}", file=sys.stderr)
+        return 1
+    if args.config is not None and (not served or os.path.realpath(args.config)
+                                    != os.path.realpath(served)):
+        print(f"flyproxy reload: the proxy serves {served}, not {args.config}; a reload "
+              f"re-reads the proxy's own file (to serve another file, change its -c or "
+              f"FLYPROXY_CONFIG and restart it)", file=sys.stderr)
+        return 2
+    args.config = served or os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
     config = _load_or_exit(args.config)
     try:
         reply = control.request(args.control,
@@ -104,13 +117,18 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps(reply, indent=2))
         return 0
     print(f"config {reply['config']} (generation {reply['generation']}, {reply['mode']} mode, "
-          f"{reply['active']} active connections)")
+          f"{count(reply['active'], 'active connection')})")
+    on_disk = _digest_of(reply["config"])
+    if on_disk is not None and on_disk != reply["digest"]:
+        print(f"  {reply['config']} on disk differs from the config in force: "
+              "`flyproxy reload` applies it")
     if reply.get("generations"):
         print(f"version {reply['version']} (code {reply['code']}), worker generation "
               f"{reply['generations'][-1]['generation']}")
     if "workers" in reply:
-        print(f"{len(reply['workers'])} workers ({reply['restarts']} restarts): " + ", ".join(
-            map(_worker, reply["workers"])))
+        print(f"{count(len(reply['workers']), 'worker')} "
+              f"({count(reply['restarts'], 'restart')}): " + ", ".join(map(_worker,
+                                                                          reply["workers"])))
         for g in reply.get("generations", [])[:-1]:  # older generations, draining
             since = time.strftime("%H:%M:%S", time.localtime(g["draining_since"]))
             print(f"  generation {g['generation']} (version {g['version']}, code {g['code']}): "
@@ -136,6 +154,15 @@ def status(args: argparse.Namespace) -> int:
                          f"{n['ttl_s']:g}s", n["source"], n["error"] or "-"))
         _print_table(rows)
     return 0
+
+
+def _digest_of(path: str) -> str | None:
+    """The sha256 of the file as it is now (None if it cannot be read here)."""
+    import hashlib
+    try:  # (regular files only, bounded: never a FIFO that would hang the command)
+        return hashlib.sha256(configmod.read(path)).hexdigest()
+    except (configmod.ConfigError, OSError):
+        return None
 
 
 def _worker(w: dict) -> str:

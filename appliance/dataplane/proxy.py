@@ -5,7 +5,7 @@ listeners. Listeners come in two kinds:
 
 - *owned*: in per-port mode the proxy binds every configured port and opens or
   closes listeners as reloads add or remove ports;
-- *handed in*: sockets from systemd or a caller (single-listener BPF mode); they
+- *handed in*: sockets from systemd, --fd or --listen (BPF mode: one listener); they
   are never closed by a reload, and a connection whose local port is not in the
   config is closed at once.
 
@@ -178,9 +178,10 @@ class Proxy:
         app = self._routes.get(tunnel.port)
         tried = {target for target, _ in failures}
         skipped = [(t, "dns") for t in (app.targets if app else ()) if t not in tried]
-        self._limited.warning(f"down:{tunnel.app}", "app %s port %s: all %d targets failed "
+        n = len(failures) + len(skipped)
+        self._limited.warning(f"down:{tunnel.app}", "app %s port %s: %s failed "
                               "(%s); closing client", tunnel.app, tunnel.port,
-                              len(failures) + len(skipped),
+                              "the only target" if n == 1 else f"all {n} targets",
                               balancer.describe(failures + skipped) or "no targets")
         self.metrics.all_down(tunnel.app, failures)
         tunnel.end = "all-targets-down"

@@ -26,7 +26,19 @@ class Commands(Protocol):
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/run/flyproxy/control.sock"
+
+
+def default_path() -> str:
+    """Where ``serve`` opens its control socket and every client command looks for it:
+    $FLYPROXY_CONTROL; else /run/flyproxy/control.sock for root (the unit's); else
+    $XDG_RUNTIME_DIR/flyproxy.sock; else /tmp/flyproxy-UID.sock."""
+    if os.environ.get("FLYPROXY_CONTROL"):
+        return os.environ["FLYPROXY_CONTROL"]
+    if os.geteuid() == 0:
+        return "/run/flyproxy/control.sock"
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "flyproxy.sock")
+    return f"/tmp/flyproxy-{os.geteuid()}.sock"
 # Timeouts nest, outermost longest, so the innermost one that fails is the one reported:
 # a supervisor waits up to RELOAD_TIMEOUT_S for a worker (workers.py), the control socket gives
 # a request REQUEST_TIMEOUT_S, the CLI waits CLIENT_TIMEOUT_S for the reply.
@@ -80,13 +92,29 @@ async def start(server: Commands, path: str,
     if sock is not None:
         return await asyncio.start_unix_server(lambda r, w: _handle(server, r, w), sock=sock,
                                                limit=LINE_LIMIT)
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        if path != default_path() or os.path.dirname(directory) not in ("/run", "/tmp"):
+            raise ControlError(f"--control {path}: the directory {directory} does not exist")
+        os.makedirs(directory, mode=0o755, exist_ok=True)  # /run/flyproxy outside the unit
     remove_stale(path)
     old = os.umask(0o177)
     try:
         return await asyncio.start_unix_server(lambda r, w: _handle(server, r, w), path,
                                                limit=LINE_LIMIT)
+    except OSError as e:
+        raise ControlError(f"--control {path}: {e.strerror}") from None
     finally:
         os.umask(old)
+
+
+def remove(path: str) -> None:
+    """Remove our control socket at a clean stop (a socket only: never anything else)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 async def _handle(server: Commands, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

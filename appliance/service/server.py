@@ -23,7 +23,7 @@ from .. import config as configmod
 from ..dataplane import listeners
 from ..dataplane.checks import apply_changes, decode_changes
 from ..dataplane.proxy import Proxy
-from ..logs import RateLimited
+from ..logs import RateLimited, count
 from .. import metrics_http
 from ..metrics import NullMetrics
 from ..settings import Settings
@@ -61,7 +61,7 @@ class Server(Service):
     def status_line(self) -> str:
         p = self.proxy
         return (f"generation {p.generation}: {p.config.summary()}, "
-                f"{len(p.tunnels)} active connections")
+                f"{count(len(p.tunnels), 'active connection')}")
 
     def status(self) -> dict:
         p = self.proxy
@@ -118,13 +118,15 @@ class Server(Service):
         self.proxy.stop_accepting()
         if self._control is not None:
             self._control.close()
+            control.remove(self.control_path)
         if self.metrics.http is not None:
             self.metrics.http.close()
 
     async def shutdown(self) -> None:
         n = len(self.proxy.tunnels)
         if n:
-            log.info("stopped accepting; waiting up to %ss for %d connections", self.grace_s, n)
+            log.info("stopped accepting; waiting up to %gs for %s", self.grace_s,
+                     count(n, "connection"))
         self._drain = asyncio.ensure_future(self.proxy.drain(self.grace_s))
         try:
             aborted = await self._drain
@@ -133,7 +135,7 @@ class Server(Service):
             for tunnel in list(self.proxy.tunnels):
                 tunnel.abort("shutdown")
         if aborted:
-            log.warning("aborted %d connections still open at shutdown", aborted)
+            log.warning("aborted %s still open at shutdown", count(aborted, "connection"))
         self._drained.set()
         if self._channel_tasks:  # the answer to a supervisor's drain goes out before we exit
             await asyncio.wait(list(self._channel_tasks), timeout=5)

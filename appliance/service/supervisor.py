@@ -152,6 +152,7 @@ class Supervisor(Generations, Gathered, Service):
             member.close()  # the BPF program sends new connections to the listener
         if self.control_server is not None:
             self.control_server.close()
+            control.remove(self.control_path)
         if self.metrics_http is not None:
             self.metrics_http.close()
         for w in self.all_workers():  # each stops accepting at once, then drains
