@@ -297,9 +297,12 @@ class ProxyProcess:
                "--connect-timeout", "1"]
         if host:
             cmd += ["--host", host]
-        if "--control" not in args:  # serve opens one by default: each proxy its own
-            ProxyProcess._instances += 1
-            cmd += ["--control", str(config.parent / f"control-{ProxyProcess._instances}.sock")]
+        if "--control" not in args:  # serve opens one by default: each proxy its own, the
+            control = config.parent / "control.sock"  # first in a directory the test's default
+            if control.exists():
+                ProxyProcess._instances += 1
+                control = config.parent / f"control-{ProxyProcess._instances}.sock"
+            cmd += ["--control", str(control)]
         cmd = (wrap or []) + cmd + list(args)
         self.log_path = config.parent / "proxy.log"
         self.log = open(self.log_path, "w")

@@ -254,20 +254,24 @@ def test_register_rejects_what_is_not_a_listening_tcp_socket(steered):
     udp.close()
     assert result.returncode == 1
     assert "is not a TCP (stream) socket" in result.stderr
-    result = s.bpf("register", "--pid", str(os.getpid()), check=False)
-    assert result.returncode == 1 and "has 0 listening TCP sockets" in result.stderr
+    result = s.bpf("register", "--pid", str(os.getpid()), "--wait", "0", "--control",
+                   str(s.cfg.parent / "nothing.sock"), check=False)
+    assert result.returncode == 1 and "no control socket" in result.stderr
 
 
-def test_register_picks_the_listener_by_port(steered):
-    """With metrics on, the proxy has two listening sockets: --port says which to steer to."""
+def test_register_takes_only_the_proxys_listener_never_its_metrics_socket(steered):
+    """With metrics on, the proxy has two listening sockets: register takes the one the
+    proxy names as its listener, and refuses the metrics socket even by --port."""
     s = steered()
     s.start_backends()
     s.load()
     s.proxy = ProxyProcess(s.cfg, "--listen", f"[::]:{LISTEN_PORT}", "--metrics", "127.0.0.1:9464",
                            host=None, wrap=s.ns.command([]))
-    result = s.bpf("register", "--pid", str(s.proxy.pid), check=False)
-    assert result.returncode == 1 and "has 2 listening TCP sockets" in result.stderr
-    s.bpf("register", "--pid", str(s.proxy.pid), "--port", str(LISTEN_PORT))
+    result = s.bpf("register", "--pid", str(s.proxy.pid), "--port", "9464", "--wait", "0",
+                   check=False)
+    assert result.returncode == 1 and "holds 0 of the proxy's listeners on port 9464" \
+        in result.stderr, result.stderr
+    s.bpf("register", "--pid", str(s.proxy.pid))
     assert s.greet(6001) == "six-thousand"
 
 
@@ -350,3 +354,26 @@ def test_spread_with_a_single_process_registers_no_group(steered):
     assert "no worker group" in out
     assert s.status()["group_cookie"] is None and s.status()["listener_cookie"] is not None
     assert s.greet(5001) == "five-thousand"
+
+
+def test_the_readmes_steering_by_hand_runs_as_a_script(tmp_path):
+    """README "BPF steering by hand", pasted as it stands, in a network namespace of its
+    own (``ip netns exec`` gives it a private /sys, where `bpf load` mounts its bpffs)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## BPF steering by hand"):]
+    start = section.index("```sh\n") + 6
+    block = section[start:section.index("\n```", start)]
+    script = tmp_path / "steer.sh"
+    script.write_text("set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+                      + block.replace("/tmp/steer.json", str(tmp_path / "steer.json")) + "\n")
+    ns = NetNS()
+    try:
+        out = subprocess.run(ns.command(["bash", str(script)]), capture_output=True, text=True,
+                             timeout=180, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO),
+                                  "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}"})
+    finally:
+        ns.delete()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "hi\n" in out.stdout  # the echo, through the steered port
+    assert "registered listener [::]:8999" in out.stdout

@@ -269,3 +269,24 @@ def test_status_counts_in_words_and_says_when_the_file_differs(tmp_path, start_p
     assert f"{cfg} on disk differs from the config in force" in out.stdout
     run_cli("reload", "--control", control, "--pin-dir", "")
     assert "differs" not in run_cli("status", "--control", control).stdout
+
+
+def test_reload_says_when_it_found_no_steering_state_to_sync(tmp_path, start_proxy,
+                                                             make_backend):
+    """A handed-in proxy relies on the BPF port map: a reload that finds no pinned state
+    where it looks says so (a per-port proxy binds its ports itself: nothing to say)."""
+    backend = make_backend("b")
+    port, listen = free_ports(2)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    control = str(tmp_path / "c.sock")
+    start_proxy(cfg, "--control", control, "--listen", f"127.0.0.1:{listen}", host=None)
+    missing = tmp_path / "no-pins"
+    out = run_cli("reload", "--control", control, "--pin-dir", str(missing))
+    assert out.returncode == 0, out.stderr
+    assert f"no BPF steering state at {missing}" in out.stderr
+    (tmp_path / "pp").mkdir()  # (a proxy's notify socket lives beside its config)
+    per_port = write_config(tmp_path / "pp" / "config.json",
+                            {"a": ([free_ports(1)[0]], [backend.address])})
+    start_proxy(per_port, "--control", str(tmp_path / "pp.sock"))
+    out = run_cli("reload", "--control", str(tmp_path / "pp.sock"), "--pin-dir", str(missing))
+    assert out.returncode == 0 and "steering" not in out.stderr, out.stderr

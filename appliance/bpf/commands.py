@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from .. import config as configmod
@@ -88,20 +89,7 @@ def listening_sockets_of(pid: int, fd: int | None) -> list[socket.socket]:
 
 def _listener(args) -> socket.socket:
     if args.pid is not None:
-        found = listening_sockets_of(args.pid, args.fd)
-        if args.port is not None:
-            keep = [s for s in found if s.getsockname()[1] == args.port]
-            for s in found:
-                if s not in keep:
-                    s.close()
-            found = keep
-        if len(found) != 1:
-            for s in found:
-                s.close()
-            on_port = f" on port {args.port}" if args.port is not None else ""
-            raise SteeringError(f"process {args.pid} has {len(found)} listening TCP sockets"
-                                f"{on_port}; name one with --fd or --port")
-        return found[0]
+        return _proxy_listener(args)
     fds = [args.fd] if args.fd is not None else systemd_fds()
     if len(fds) != 1:
         raise SteeringError("say which socket to register: --fd N, --pid PID [--fd N], "
@@ -110,6 +98,42 @@ def _listener(args) -> socket.socket:
         return listeners.from_fd(fds[0])
     except listeners.ListenerError as e:
         raise SteeringError(str(e)) from None
+
+
+def _proxy_listener(args) -> socket.socket:
+    """The proxy's listening socket, taken from process ``--pid``: one the proxy itself
+    names as its listener (its status, over ``--control``: never its metrics socket or
+    another process's), narrowed by ``--fd``/``--port``. Waits up to ``--wait`` seconds
+    for a proxy that is still starting."""
+    from ..service import control
+
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            reply = control.request(args.control, "status", timeout_s=5)
+            ours = {row["cookie"]: row["address"] for row in reply.get("listeners", [])}
+            if not ours:
+                raise SteeringError(f"the proxy at {args.control} has no handed-in listener "
+                                    "(per-port mode binds every port itself: nothing to "
+                                    "steer; serve --listen or socket activation has one)")
+            found = listening_sockets_of(args.pid, args.fd)
+            keep = [s for s in found if socket_cookie(s) in ours
+                    and (args.port is None or s.getsockname()[1] == args.port)]
+            for s in found:
+                if s not in keep:
+                    s.close()
+            if len(keep) == 1:
+                return keep[0]
+            for s in keep:
+                s.close()
+            on_port = f" on port {args.port}" if args.port is not None else ""
+            raise SteeringError(f"process {args.pid} holds {len(keep)} of the proxy's "
+                                f"listeners{on_port} (the proxy at {args.control} names "
+                                f"{', '.join(sorted(ours.values()))}); is --pid the proxy's?")
+        except (control.ControlError, SteeringError) as e:
+            if time.monotonic() >= deadline:
+                raise SteeringError(str(e)) from None
+            time.sleep(0.1)  # a proxy still starting: no event to wait on from here
 
 
 def _address(sock: socket.socket) -> str:

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..bpf import DEFAULT_PIN_DIR, SOURCE
+from ..service.control import default_path
 
 DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
 
@@ -42,6 +43,12 @@ def add_commands(sub) -> None:
     p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
     p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
     p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
+    p.add_argument("--control", default=default_path(), metavar="PATH",
+                   help="with --pid: the proxy's control socket, which names its listeners "
+                        f"(default {default_path()})")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="with --pid: wait this long for a proxy that is still starting "
+                        "(default 10)")
     p.add_argument("--spread", action="store_true",
                    help="with --pid: also register the process's worker group (if it has one), "
                         "so connections spread evenly over its workers")

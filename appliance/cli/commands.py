@@ -65,7 +65,8 @@ def reload(args: argparse.Namespace) -> int:
     from ..service import control
 
     try:  # the file the running proxy serves: what it re-reads, what is validated here
-        served = control.request(args.control, "status").get("config")
+        running = control.request(args.control, "status")
+        served, served_mode = running.get("config"), running.get("mode")
     except control.ControlError as e:
         print(f"flyproxy reload: {e}", file=sys.stderr)
         return 1
@@ -91,7 +92,12 @@ def reload(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(reply["message"])
-    if args.pin_dir and os.path.exists(os.path.join(args.pin_dir, "link")):
+    if args.pin_dir and not os.path.exists(os.path.join(args.pin_dir, "link")):
+        if served_mode == "handed-in":  # (per-port mode binds its ports: nothing to sync)
+            print(f"flyproxy reload: no BPF steering state at {args.pin_dir} (not loaded, or "
+                  "loaded with another --pin-dir): the port map was not synced, so ports "
+                  "this reload added are not steered to the proxy", file=sys.stderr)
+    elif args.pin_dir:
         from ..bpf.state import PinnedState, SteeringError
         try:
             with PinnedState(args.pin_dir) as state:

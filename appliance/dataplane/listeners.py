@@ -7,6 +7,7 @@ sockets, whoever made them.
 from __future__ import annotations
 
 import socket
+import sys
 
 BACKLOG = 4096  # connections; the kernel caps it at net.core.somaxconn
 
@@ -88,6 +89,25 @@ def _adopt(fd: int) -> socket.socket:
         raise ListenerError(f"fd {fd} is not a socket: {e.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+SO_COOKIE = 57  # linux/socket.h: a socket's unique id (not in Python's socket module)
+
+
+def cookie(sock: socket.socket) -> int:
+    """The kernel's id of the socket: the same in every process holding it (what the BPF
+    maps and ``flyproxy bpf register`` compare)."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
+
+
+def described(socks: list[socket.socket]) -> list[dict]:
+    """The handed-in listeners as status shows them: address and cookie."""
+    rows = []
+    for s in socks:
+        host, port = s.getsockname()[:2]
+        rows.append({"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                     "cookie": cookie(s)})
+    return rows
 
 
 def check_listening_tcp(sock: socket.socket, what: str) -> None:

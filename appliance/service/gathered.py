@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from ..dataplane import listeners
 from . import target_state
 
 from .workers import MAX_BACKOFF_S, METRICS_TIMEOUT_S, RESTART_WINDOW_S, RESTARTS
@@ -32,6 +33,7 @@ class Gathered:
                   "generation": self.generation, "mode": "per-port", "active": 0,
                   "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
                   "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None,
+                  "listeners": listeners.described(self.sockets),
                   "version": self.code["version"], "code": self.code["digest"],
                   "generations": self._generations(everyone)}
         apps: dict[str, dict] = {}

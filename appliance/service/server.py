@@ -80,6 +80,7 @@ class Server(Service):
         return {
             "config": self.config_path, "digest": p.config.digest, "generation": p.generation,
             "mode": "handed-in" if self.sockets else "per-port", "pid": os.getpid(),
+            "listeners": listeners.described(self.sockets),  # (what bpf register may take)
             "active": len(p.tunnels), "accepting": p.accepting,
             "apps": [{"name": a.name, "ports": list(a.ports), "active": p.active.get(a.name, 0),
                       "held_down": len(p.down.get(a.name, ())),  # by the checks, as told
