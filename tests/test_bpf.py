@@ -158,6 +158,13 @@ def test_status_shows_the_truth(steered):
     assert links[0]["attach_type"] == "sk_lookup"
     text = s.bpf("status").stdout
     assert f"socket cookie {cookie}" in text and "ports:    12:" in text
+    assert status["link"]["this_netns"] and "ANOTHER" not in text
+    # the same pins read from outside the namespace they steer: it says so
+    outside = subprocess.run([PYTHON, "-m", "appliance", "bpf", "status", "--pin-dir",
+                              str(s.pin_dir)], capture_output=True, text=True, cwd=REPO,
+                             timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert outside.returncode == 0, outside.stderr
+    assert "ANOTHER network namespace" in outside.stdout
 
 
 def test_counters_exported_for_node_exporter(steered, tmp_path):

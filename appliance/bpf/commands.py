@@ -197,6 +197,8 @@ def cmd_unspread(args) -> int:
 def cmd_status(args) -> int:
     with PinnedState(args.pin_dir, readonly=True) as state:
         status = state.status()
+    status["link"]["this_netns"] = status["link"]["netns_ino"] == os.stat(
+        "/proc/self/ns/net").st_ino
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -204,7 +206,11 @@ def cmd_status(args) -> int:
     cookie = status["listener_cookie"]
     print(f"state:    {status['pin_dir']}")
     print(f"program:  id {status['program']['id']} tag {status['program']['tag']}")
-    print(f"link:     id {status['link']['id']} netns inode {status['link']['netns_ino']}")
+    here = os.stat("/proc/self/ns/net").st_ino
+    there = status["link"]["netns_ino"]
+    elsewhere = "" if status["link"]["this_netns"] else (f" (ANOTHER network namespace: this command runs "
+                                          f"in {here}; the program steers there, not here)")
+    print(f"link:     id {status['link']['id']} netns inode {there}{elsewhere}")
     print(f"listener: {'socket cookie %d' % cookie if cookie is not None else 'NONE (connections to our ports are refused)'}")
     group = status["group_cookie"]
     print(f"group:    {'socket cookie %d (spread over the workers)' % group if group is not None else 'none (the listener takes every connection)'}")
