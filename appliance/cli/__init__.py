@@ -16,7 +16,7 @@ import sys
 from .. import __version__
 from ..service.control import default_path
 from ..settings import LOG_LEVELS, add_arguments
-from . import bpf, commands
+from . import bpf, commands, manpage
 
 DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
 DEFAULT_CONTROL = default_path()
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.demo)
 
     bpf.add_commands(sub)
+    p = sub.add_parser("manpage", help="print flyproxy(8) in troff (the package installs it)")
+    p.set_defaults(func=lambda args: print(manpage.render(build_parser())) or 0)
     _log_level_everywhere(parser)
     return parser
 
