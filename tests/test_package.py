@@ -103,7 +103,7 @@ def test_an_upgrade_reloads_the_proxy_and_every_connection_survives(appliance):
         problems = held.finish()
     assert failures == [] and ok > 0, failures[:5]
     assert problems == []
-    assert "restarting" not in install.stderr, install.stderr
+    assert "restarting" not in install.stdout + install.stderr, install.stdout[-3000:]
     assert c.run(["flyproxy", "--version"]).stdout.strip() == f"flyproxy {version}"
     assert c.run(["dpkg-query", "-W", "-f=${Version}", "flyproxy"]).stdout == version
     assert status["version"] == version
@@ -117,6 +117,34 @@ def test_an_upgrade_reloads_the_proxy_and_every_connection_survives(appliance):
     # Its connections ended, the old generation is gone.
     wait_until(lambda: len(json.loads(c.run(["flyproxy", "status", "--json"]).stdout)[
         "generations"]) == 1, "the old generation gone once its connections ended")
+
+
+def test_a_proxy_that_cannot_move_by_reload_is_restarted_by_an_upgrade(appliance):
+    """A single process (FLYPROXY_WORKERS=1 without a supervisor) cannot start new workers
+    beside itself: after its reload it still runs the old code, so the postinst restarts
+    it, and says so (the same for a proxy from before upgrades by reload)."""
+    c = appliance.c
+    c.sh("mkdir -p /run/systemd/system/flyproxy.service.d && printf '[Service]\\n"
+         "Environment=FLYPROXY_WORKERS=1\\nEnvironment=FLYPROXY_SUPERVISOR=auto\\n' "
+         "> /run/systemd/system/flyproxy.service.d/single.conf && systemctl daemon-reload "
+         "&& systemctl restart flyproxy.service")
+    try:
+        wait_active(c, "flyproxy.service")
+        assert "version" not in json.loads(c.run(["flyproxy", "status", "--json"]).stdout)
+        pid = appliance.main_pid()
+        install = c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall "
+                       f"/src/flyproxy/{upgraded_deb().relative_to(REPO)}", check=False,
+                       timeout=300)
+        assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+        said = install.stdout + install.stderr  # (apt passes dpkg's stderr on to stdout)
+        assert "cannot move to" in said and "restarting it" in said, said[-3000:]
+        wait_active(c, "flyproxy.service")
+        assert appliance.main_pid() != pid
+        assert appliance.greet(6300) == "six-thousand"
+    finally:
+        c.sh("rm -r /run/systemd/system/flyproxy.service.d && systemctl daemon-reload "
+             "&& systemctl restart flyproxy.service")
+        wait_active(c, "flyproxy.service")
 
 
 def test_remove_then_purge_leave_nothing_behind(appliance):
