@@ -2,7 +2,8 @@
 
 :class:`Held` opens connections through the proxy to an echo target (helpers'
 TaggedBackend: it greets with its tag, echoes, and answers an EOF with ``bye``): some idle,
-some streaming, bytes flowing all the time with a sha256 of each direction. :class:`Prober`
+some streaming, bytes flowing all the time with a sha256 of each direction; or to a plain
+echo (the demo's flyproxy-echo.service: no greeting, and an EOF answered with EOF). :class:`Prober`
 opens a new connection every 20 ms. Both check what they get back and only report:
 ``finish()`` returns the problems ([] when all is well), for the test to assert on.
 """
@@ -14,7 +15,7 @@ import os
 import socket
 import threading
 
-from helpers import connect, read_line
+from helpers import connect, read_line, recv_all
 
 CHUNK = 64 * 1024
 PACE_S = 0.02  # a streaming connection sends a chunk this often; the prober probes so often
@@ -24,8 +25,8 @@ MAX_PROBES = 6000  # the prober's bound (two minutes)
 class _Stream:
     """One streaming connection: a sender thread and a reader thread."""
 
-    def __init__(self, sock: socket.socket, stop: threading.Event):
-        self.sock, self.stop = sock, stop
+    def __init__(self, sock: socket.socket, stop: threading.Event, bye: bytes):
+        self.sock, self.stop, self.bye = sock, stop, bye
         self.sent, self.received = hashlib.sha256(), hashlib.sha256()
         self.received_bytes = 0
         self.error: str | None = None
@@ -40,7 +41,7 @@ class _Stream:
                 data = os.urandom(CHUNK)
                 self.sent.update(data)
                 self.sock.sendall(data)
-            self.sent.update(b"bye\n")
+            self.sent.update(self.bye)  # (what the target answers an EOF with)
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as e:
             self.error = f"send: {e!r}"
@@ -67,19 +68,22 @@ class _Stream:
 
 class Held:
     """``idle`` connections (greeted, then silent until ``finish``) and ``streaming`` ones
-    to ``port``, whose target greets with ``tag``."""
+    to ``port``, whose target greets with ``tag`` (None: a plain echo)."""
 
-    def __init__(self, port: int, tag: str, namespace, idle: int = 10, streaming: int = 10):
-        self.tag = tag.encode()
+    def __init__(self, port: int, tag: str | None, namespace, idle: int = 10,
+                 streaming: int = 10):
+        self.tag = tag.encode() if tag is not None else None
+        self.bye = b"bye\n" if tag is not None else b""
         self._halt = threading.Event()
         self.idle = [self._open(port, namespace) for _ in range(idle)]
-        self.streams = [_Stream(self._open(port, namespace), self._halt)
+        self.streams = [_Stream(self._open(port, namespace), self._halt, self.bye)
                         for _ in range(streaming)]
 
     def _open(self, port: int, namespace) -> socket.socket:
         s = connect(port, namespace=namespace, timeout=30)
         s.settimeout(60)
-        assert read_line(s) == self.tag
+        if self.tag is not None:
+            assert read_line(s) == self.tag
         return s
 
     def received(self) -> list[int]:
@@ -87,7 +91,7 @@ class Held:
         return [s.received_bytes for s in self.streams]
 
     def finish(self) -> list[str]:
-        """End every connection (idle ones: a line echoed, then EOF and ``bye``); the
+        """End every connection (idle ones: a line echoed, then EOF answered); the
         problems, one per connection that did not come through whole."""
         problems = []
         for i, s in enumerate(self.idle):
@@ -95,7 +99,7 @@ class Held:
                 s.sendall(b"still here\n")
                 ok = read_line(s) == b"still here"
                 s.shutdown(socket.SHUT_WR)
-                ok = ok and read_line(s) == b"bye"
+                ok = ok and recv_all(s) == self.bye
             except OSError as e:
                 ok = False
                 problems.append(f"idle {i}: {e!r}")
