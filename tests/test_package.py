@@ -1,7 +1,7 @@
 """The Debian package (`make deb`) in a booted Debian 12 container, as an operator meets it:
 dpkg owns every file; install starts the socket (and so the proxy and the BPF steering);
-an upgrade restarts the proxy without refusing a connection; remove and purge leave
-nothing behind."""
+an upgrade to a newer package reloads the proxy onto the new code without closing or
+refusing a connection; remove and purge leave nothing behind."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 from appliance import __version__
 from appliance.demo import demo_document
 from container import Container
-from helpers import REPO, built_deb
+from debs import SUFFIX, upgraded_deb
+from held import Held, Prober
+from helpers import REPO, built_deb, wait_until
 from test_systemd import Appliance, wait_active
 
 pytestmark = pytest.mark.systemd
@@ -75,19 +77,74 @@ def test_install_enabled_and_started_the_socket_and_a_steered_port_answers(appli
     assert "6300" in c.run(["flyproxy", "bpf", "status"]).stdout
 
 
-def test_an_upgrade_restarts_the_proxy_and_refuses_no_connection(appliance):
+def test_an_upgrade_reloads_the_proxy_and_every_connection_survives(appliance):
+    """apt-get install of a newer package: its postinst reloads the proxy, which moves to
+    the new code (the supervisor re-executes in place, a new worker generation serves new
+    connections) while the old generation carries its connections on."""
     c = appliance.c
+    new = upgraded_deb()
+    version = changelog_version() + SUFFIX
     socket_since = c.run(["systemctl", "show", "-P", "ActiveEnterTimestampMonotonic",
                           "flyproxy.socket"]).stdout
-    old_pid = appliance.main_pid()
-    load = appliance.load([5001, 6300, 7400])
-    c.sh(f"DEBIAN_FRONTEND=noninteractive dpkg -i /src/flyproxy/build/{built_deb().name}")
-    wait_active(c, "flyproxy.service")
-    ok, failures = load.stop()
-    assert failures == [] and ok > 0
-    assert appliance.main_pid() != old_pid  # the proxy was restarted ...
+    pid = appliance.main_pid()
+    held = Held(5001, "five-thousand", c.entered)
+    prober = Prober(6300, "six-thousand", c.entered)
+    try:
+        wait_until(lambda: all(held.received()), "bytes flowing on every streaming connection")
+        install = c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                       f"/src/flyproxy/{new.relative_to(REPO)}", check=False, timeout=300)
+        assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+        flowing = held.received()
+        wait_until(lambda: all(now > then for now, then in zip(held.received(), flowing)),
+                   "bytes flowing on every streaming connection after the upgrade")
+        status = json.loads(c.run(["flyproxy", "status", "--json"]).stdout)
+    finally:
+        ok, failures = prober.finish()
+        problems = held.finish()
+    assert failures == [] and ok > 0, failures[:5]
+    assert problems == []
+    assert "restarting" not in install.stdout + install.stderr, install.stdout[-3000:]
+    assert c.run(["flyproxy", "--version"]).stdout.strip() == f"flyproxy {version}"
+    assert c.run(["dpkg-query", "-W", "-f=${Version}", "flyproxy"]).stdout == version
+    assert status["version"] == version
+    *old, serving = status["generations"]
+    assert serving["version"] == version and serving["draining_since"] is None
+    assert [g["version"] for g in old] == [__version__], old  # ... draining the 20 held
+    assert old[0]["draining_since"] is not None and old[0]["active"] == 20, old
+    assert appliance.main_pid() == pid  # reloaded, not restarted: the supervisor re-executed
     assert c.run(["systemctl", "show", "-P", "ActiveEnterTimestampMonotonic",
-                  "flyproxy.socket"]).stdout == socket_since  # ... the socket never was
+                  "flyproxy.socket"]).stdout == socket_since
+    # Its connections ended, the old generation is gone.
+    wait_until(lambda: len(json.loads(c.run(["flyproxy", "status", "--json"]).stdout)[
+        "generations"]) == 1, "the old generation gone once its connections ended")
+
+
+def test_a_proxy_that_cannot_move_by_reload_is_restarted_by_an_upgrade(appliance):
+    """A single process (FLYPROXY_WORKERS=1 without a supervisor) cannot start new workers
+    beside itself: after its reload it still runs the old code, so the postinst restarts
+    it, and says so (the same for a proxy from before upgrades by reload)."""
+    c = appliance.c
+    c.sh("mkdir -p /run/systemd/system/flyproxy.service.d && printf '[Service]\\n"
+         "Environment=FLYPROXY_WORKERS=1\\nEnvironment=FLYPROXY_SUPERVISOR=auto\\n' "
+         "> /run/systemd/system/flyproxy.service.d/single.conf && systemctl daemon-reload "
+         "&& systemctl restart flyproxy.service")
+    try:
+        wait_active(c, "flyproxy.service")
+        assert "version" not in json.loads(c.run(["flyproxy", "status", "--json"]).stdout)
+        pid = appliance.main_pid()
+        install = c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall "
+                       f"/src/flyproxy/{upgraded_deb().relative_to(REPO)}", check=False,
+                       timeout=300)
+        assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+        said = install.stdout + install.stderr  # (apt passes dpkg's stderr on to stdout)
+        assert "cannot move to" in said and "restarting it" in said, said[-3000:]
+        wait_active(c, "flyproxy.service")
+        assert appliance.main_pid() != pid
+        assert appliance.greet(6300) == "six-thousand"
+    finally:
+        c.sh("rm -r /run/systemd/system/flyproxy.service.d && systemctl daemon-reload "
+             "&& systemctl restart flyproxy.service")
+        wait_active(c, "flyproxy.service")
 
 
 def test_remove_then_purge_leave_nothing_behind(appliance):

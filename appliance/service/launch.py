@@ -17,7 +17,7 @@ from .. import metrics as metricsmod
 from ..dataplane import listeners
 from ..dataplane.loop import run
 from ..settings import Settings, parse_hostport
-from . import control
+from . import code, control
 from .server import Server
 from .supervisor import Supervisor
 from .systemd import systemd_fds
@@ -46,6 +46,7 @@ def serve(config_path: str, config: configmod.Config, settings: Settings,
           sockets: list[socket.socket], *, control_path: str | None, metrics: str | None,
           log_level: str, watch: bool = False) -> int:
     """Run a single process, or a supervisor and its workers; returns the exit status."""
+    code.import_all()  # now, not lazily: an upgrade replaces the files under us
     if settings.workers > 1 or settings.supervisor == "yes":
         supervisor = Supervisor(config_path, config, settings, sockets, control_path=control_path,
                                 metrics_address=metrics, log_level=log_level, watch=watch)
@@ -75,6 +76,7 @@ def resume(state_fd: int, settings: Settings, *, control_path: str | None, log_l
     handed over, the same sockets, the workers adopted; then on as ``serve``."""
     from . import reexec
 
+    code.import_all()
     state = reexec.load(state_fd)
     try:
         config = configmod.loads(state["config"].encode(), state["config_path"])
@@ -95,6 +97,7 @@ def serve_worker(config_path: str, config_fd: int, channel_fd: int, settings: Se
                  sockets: list[socket.socket], *, generation: int, collect_metrics: bool) -> int:
     """A worker: the config in force comes from its supervisor (an anonymous file), its
     counts go to the supervisor over its channel, which serves them."""
+    code.import_all()
     with os.fdopen(config_fd, "rb") as f:
         try:
             config = configmod.loads(f.read(), config_path)

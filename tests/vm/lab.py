@@ -143,8 +143,10 @@ class Lab:
 
     # -- vagrant ---------------------------------------------------------------------
     def vagrant(self, *args: str, timeout: float = 600, check: bool = True,
-                phase: str | None = None) -> subprocess.CompletedProcess:
-        """``vagrant ARGS`` in the checkout, in the lab; its output also goes to vagrant.log."""
+                phase: str | None = None, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+        """``vagrant ARGS`` in the checkout, in the lab (``env``: more variables for the
+        Vagrantfile); its output also goes to vagrant.log."""
         started = time.monotonic()
         # Its output goes to vagrant.log as it comes (a long `up` can be followed there),
         # stderr kept apart for the result.
@@ -153,7 +155,8 @@ class Lab:
             f.write(f"$ vagrant {' '.join(args)}\n")
             offset = f.tell()
         with open(log, "a") as out:
-            result = self.enter(["vagrant", *args], cwd=REPO, env=self.env, stdout=out,
+            result = self.enter(["vagrant", *args], cwd=REPO, env={**self.env, **(env or {})},
+                                stdout=out,
                                 stderr=subprocess.PIPE, text=True, timeout=timeout, check=False)
         with open(log) as f:
             f.seek(offset)

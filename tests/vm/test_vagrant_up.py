@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from debs import SUFFIX, changelog_version, upgraded_deb
 from helpers import built_deb, connect, recv_all
 from lab import BOX_NAME, REPO, Lab, ensure_box
 
@@ -176,3 +177,29 @@ def test_restart_keeps_serving(vm):
     assert vm.ssh("systemctl show -P MainPID flyproxy.service").strip() not in ("", "0", pid)
     for port in DEMO_PORTS:
         assert echo(vm, port, f"after restart {port}\n") == f"after restart {port}\n"
+
+
+def test_provisioning_a_new_package_version_keeps_an_open_connection(vm):
+    """``vagrant provision`` with a newer package (tests/debs.py, named by FLYPROXY_DEB):
+    the role's reload handler fires, not the restart one; the proxy moves to the new code
+    under the same MainPID, and a connection open through a forwarded port all along
+    comes through whole."""
+    new = upgraded_deb()
+    version = changelog_version() + SUFFIX
+    pid = vm.ssh("systemctl show -P MainPID flyproxy.service").strip()
+    vm.vagrant("rsync", timeout=600, phase="vagrant rsync (a newer package)")  # (provision does not)
+    with connect(6300, timeout=20, namespace=vm.ns.entered) as held:
+        held.sendall(b"before\n")
+        assert held.recv(64) == b"before\n"
+        run = vm.vagrant("provision", timeout=1800, phase="vagrant provision (a newer package)",
+                         env={"FLYPROXY_DEB": f"/vagrant/{new.relative_to(REPO)}"})
+        held.sendall(b"after\n")
+        held.shutdown(socket.SHUT_WR)
+        assert recv_all(held) == b"after\n"
+    assert "RUNNING HANDLER [flyproxy : Reload flyproxy]" in run.stdout, run.stdout[-4000:]
+    assert "Restart flyproxy" not in run.stdout
+    assert vm.ssh("flyproxy --version").strip() == f"flyproxy {version}"
+    assert json.loads(vm.ssh("sudo flyproxy status --json"))["version"] == version
+    assert vm.ssh("systemctl show -P MainPID flyproxy.service").strip() == pid
+    for port in DEMO_PORTS:
+        assert echo(vm, port, f"upgraded {port}\n") == f"upgraded {port}\n"
