@@ -16,7 +16,7 @@ TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout pyth
 # DEB_LINT=0: build without running lintian (a VM building its own package)
 DEB_LINT ?= 1
 DEB_BUILD_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	python3-jsonschema help2man dpkg-dev $(if $(filter 0,$(DEB_LINT)),,lintian)
+	python3-jsonschema dpkg-dev $(if $(filter 0,$(DEB_LINT)),,lintian)
 BENCH_DEBS := iperf3 wrk python3-matplotlib dnsmasq-base
 # `vagrant up` for real (tests/vm): libvirt without libvirt-daemon-system, whose default
 # network would start on the host; the box is built with debootstrap, fdisk and grub.

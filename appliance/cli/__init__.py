@@ -20,6 +20,8 @@ from . import bpf, commands, manpage
 
 DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
 DEFAULT_CONTROL = default_path()
+CONTROL_DEFAULT_TEXT = ("$FLYPROXY_CONTROL, else /run/flyproxy/control.sock as root, else "
+                        "$XDG_RUNTIME_DIR/flyproxy.sock")
 
 
 def _setup_logging(level: str) -> None:
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def control_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONTROL) -> None:
         p.add_argument("--control", default=default, metavar="PATH",
-                       help=f"control socket (default {default})")
+                       help=f"the proxy's control socket (default {CONTROL_DEFAULT_TEXT})")
 
     p = sub.add_parser("check", help="validate a config file")
     config_arg(p)
@@ -66,9 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="handed-in mode on a socket bound here: route every connection "
                         "steered to it by the port the client dialled (use with flyproxy bpf)")
     p.add_argument("--control", default=DEFAULT_CONTROL, metavar="PATH",
-                   help=f"open the control socket here (default {DEFAULT_CONTROL}: "
-                        "$FLYPROXY_CONTROL, else /run/flyproxy/control.sock as root, else "
-                        "$XDG_RUNTIME_DIR/flyproxy.sock; '' for none)")
+                   help=f"open the control socket here (default {CONTROL_DEFAULT_TEXT}; "
+                        "'' for none)")
     p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
                    help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
     p.add_argument("--watch", action="store_true",

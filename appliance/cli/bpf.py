@@ -45,7 +45,7 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
     p.add_argument("--control", default=default_path(), metavar="PATH",
                    help="with --pid: the proxy's control socket, which names its listeners "
-                        f"(default {default_path()})")
+                        "(default: as for flyproxy status)")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="with --pid: wait this long for a proxy that is still starting "
                         "(default 10)")
