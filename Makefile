@@ -24,12 +24,13 @@ VM_DEBS := vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-cli
 	qemu-system-x86 qemu-utils dnsmasq-base iptables rsync fdisk apt-utils dpkg-dev
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS) $(VM_DEBS)
 
-.PHONY: help run test bench appliance-test vagrant-test deps deps-runtime venv bpf headers install clean deb
+.PHONY: help run test check bench appliance-test vagrant-test deps deps-runtime venv bpf headers install clean deb
 
 
 help:
 	@echo "make run    - offline demo: the challenge's apps on local echo targets"
 	@echo "make test   - install what the tests need, then run every test"
+	@echo "make check  - the fast loop (about 4 min): no container, VM, booted systemd or BPF"
 	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
 	@echo "make bench  - measure flyproxy against HAProxy, nginx and systemd-socket-proxyd"
 	@echo "make appliance-test - provision a Debian 12 container with Ansible, check it with testinfra"
@@ -65,6 +66,12 @@ run: deps-runtime
 
 test: venv deb
 	$(VPY) -m pytest
+
+# The fast loop while changing code (about 4 minutes on 2 cores): unit tests, per-port
+# proxies, config, workers, upgrades in per-port mode. `make test` before a commit lands.
+check: venv
+	$(VPY) -m pytest -q -m "not root and not systemd and not vm" --ignore=tests/infra \
+		--ignore=tests/vm tests
 
 # flyproxy side by side with HAProxy, nginx stream and systemd-socket-proxyd (about 10 min).
 # Writes docs/bench/results.md, results.json and chart.png.

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +112,13 @@ def _control_socket_of_its_own(tmp_path, monkeypatch):
     """`serve` opens a control socket by default (as root: /run/flyproxy/control.sock):
     every test's proxies and client commands default to one in its own directory."""
     monkeypatch.setenv("FLYPROXY_CONTROL", str(tmp_path / "control.sock"))
+
+
+@pytest.fixture(scope="session")
+def bpffs():
+    """A private bpffs mount for pins (``ip netns exec`` remounts /sys, so /sys/fs/bpf won't do)."""
+    mnt = Path(tempfile.mkdtemp(prefix="flyproxy-bpffs-"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+    mnt.rmdir()

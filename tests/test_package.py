@@ -13,11 +13,11 @@ import pytest
 
 from appliance import __version__
 from appliance.demo import demo_document
+from booted import Appliance, wait_active
 from container import Container
 from debs import SUFFIX, upgraded_deb
 from held import Held, Prober
 from helpers import REPO, built_deb, wait_until
-from test_systemd import Appliance, wait_active
 
 pytestmark = pytest.mark.systemd
 

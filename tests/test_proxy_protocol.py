@@ -21,7 +21,7 @@ import pytest
 from appliance.dataplane import proxy_protocol as pp
 from helpers import WAIT_S, ProxyProcess, connect, free_ports, recv_all, run_cli, wait_until
 from netns import NetNS
-from test_bpf import LISTEN_PORT, Steered, bpffs  # noqa: F401 (bpffs: a fixture)
+from steering import LISTEN_PORT, Steered
 
 pytestmark = [
     pytest.mark.root,
@@ -240,7 +240,7 @@ def test_byte_counts_are_the_clients_bytes_not_the_header(lab, tmp_path):
         proxy.stop()
 
 
-def test_bpf_mode_sends_the_steered_port_not_the_listeners(tmp_path, bpffs):  # noqa: F811
+def test_bpf_mode_sends_the_steered_port_not_the_listeners(tmp_path, bpffs):
     doc = apps()
     s = Steered(tmp_path, bpffs, doc)
     receivers = None

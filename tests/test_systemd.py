@@ -13,15 +13,14 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import uuid
 
 import pytest
 
 from appliance.demo import demo_document
+from booted import CONFIG, Appliance, wait_active
 from container import Container
-from helpers import TaggedBackend, built_deb, connect, greet, read_line, recv_all
-from load import LoadGenerator
+from helpers import built_deb, read_line, recv_all
 
 pytestmark = [
     pytest.mark.systemd,
@@ -29,63 +28,6 @@ pytestmark = [
                        or not shutil.which("debootstrap"),
                        reason="needs root, systemd-nspawn and debootstrap"),
 ]
-
-CONFIG = "/etc/flyproxy/config.json"
-MAX_EXPOSURE = 1.5
-
-
-def wait_active(c: Container, unit: str, want: str = "active", timeout: float = 60) -> None:
-    """Poll systemd for a unit's state (systemctl has no 'wait until active')."""
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        state = c.run(["systemctl", "show", "-P", "ActiveState", unit]).stdout.strip()
-        if state == want:
-            return
-        if state == "failed":
-            break
-        time.sleep(0.2)  # polling systemd: `systemctl` cannot wait for a state
-    journal = c.run(["journalctl", "-u", unit, "--no-pager", "-n", "60"], check=False).stdout
-    raise AssertionError(f"{unit} is {state}, not {want}:\n{journal}")
-
-
-class Appliance:
-    def __init__(self, c: Container):
-        self.c = c
-        self.backends: dict[int, TaggedBackend] = {}
-
-    def backend(self, tag: str, port: int) -> None:
-        if port not in self.backends:
-            with self.c.entered():
-                self.backends[port] = TaggedBackend(tag, port)
-
-    def configure(self, document: dict) -> None:
-        for app in document["Apps"]:
-            for target in app["Targets"]:
-                host, port = target.rsplit(":", 1)
-                if host == "127.0.0.1":
-                    self.backend(app["Name"], int(port))
-        self.c.write(CONFIG, json.dumps(document, indent=1))
-
-    def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 10):
-        return connect(port, host, timeout, namespace=self.c.entered)
-
-    def greet(self, port: int, host: str = "127.0.0.1") -> str:
-        return greet(port, host, namespace=self.c.entered)
-
-    def load(self, ports: list[int]) -> LoadGenerator:
-        gen = LoadGenerator(ports, namespace=self.c.entered, max_seconds=120)
-        gen.start()
-        assert gen.first_done.wait(10), "the load generator never completed a connection"
-        return gen
-
-    def main_pid(self) -> int:
-        return int(self.c.run(["systemctl", "show", "-P", "MainPID", "flyproxy.service"]).stdout)
-
-    def stop(self) -> None:
-        for b in self.backends.values():
-            b.stop()
-
 
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory):
@@ -273,16 +215,6 @@ def test_connection_log_lines_carry_journal_fields(appliance):
         c.sh("rm -r /run/systemd/system/flyproxy.service.d && systemctl daemon-reload "
              "&& systemctl restart flyproxy")
         wait_active(c, "flyproxy.service")
-
-
-def test_exposure_score(appliance):
-    out = appliance.c.run(["systemd-analyze", "security", "--no-pager", "flyproxy.service"],
-                          check=False).stdout
-    match = re.search(r"Overall exposure level for flyproxy.service: ([\d.]+)", out)
-    assert match, out
-    score = float(match.group(1))
-    print(f"\nsystemd-analyze security flyproxy.service: {score}")
-    assert score <= MAX_EXPOSURE, out
 
 
 def test_stop_drains_open_connections_then_unloads_bpf(appliance):
