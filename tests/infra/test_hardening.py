@@ -45,6 +45,9 @@ def test_workers_as_configured_and_unprivileged(host):
         assert host.check_output(f"grep CapEff /proc/{w['pid']}/status").split()[1] == "0" * 16
     dropin = host.file("/etc/systemd/system/flyproxy.service.d/workers.conf")
     assert dropin.contains("FLYPROXY_WORKERS=auto")
+    assert dropin.contains("FLYPROXY_CONFIG=/etc/flyproxy/config.json")  # flyproxy_config_path
+    environment = host.check_output("systemctl show -P Environment flyproxy.service")
+    assert "FLYPROXY_CONFIG=/etc/flyproxy/config.json" in environment.split()
     assert dropin.contains("LimitNOFILE=1048576")  # flyproxy_limit_nofile's default
 
 

@@ -20,3 +20,10 @@ def test_proxy_reported_ready(host):
     props = host.service("flyproxy.service").systemd_properties
     assert props["Type"] == "notify"
     assert props["StatusText"].startswith("generation ")
+
+
+def test_the_unit_points_at_the_manual_and_runs_a_supervisor(host):
+    props = host.service("flyproxy.service").systemd_properties
+    assert "man:flyproxy(8)" in props["Documentation"].split()
+    assert "FLYPROXY_SUPERVISOR=yes" in props["Environment"].split()
+    assert host.run("man -w flyproxy").stdout.strip().endswith("flyproxy.8.gz")
