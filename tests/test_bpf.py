@@ -308,3 +308,22 @@ def test_the_readmes_steering_by_hand_runs_as_a_script(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "hi\n" in out.stdout  # the echo, through the steered port
     assert "registered listener [::]:8999" in out.stdout
+
+
+def test_two_bpf_commands_never_change_one_pin_dir_at_once(steered):
+    """A command that changes the pins waits for the lock another holds (bounded): with no
+    wait allowed it fails, naming the lock; once free it runs."""
+    import fcntl
+    import hashlib
+
+    s = steered()
+    s.load()
+    key = hashlib.sha256(os.path.realpath(s.pin_dir).encode()).hexdigest()[:12]
+    with open(f"/run/lock/flyproxy-bpf-{key}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = s.ns.exec([PYTHON, "-m", "appliance", "bpf", "sync", "-c", str(s.cfg),
+                          "--pin-dir", str(s.pin_dir)], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
+                                        "FLYPROXY_BPF_LOCK_WAIT": "0"})
+        assert busy.returncode == 1 and "another flyproxy bpf command is changing" in busy.stderr
+    s.bpf("sync", "-c", str(s.cfg))

@@ -4,6 +4,7 @@ proxy, one place per setting, the asyncio internals the engine relies on, a comp
 from __future__ import annotations
 
 import ast
+import os
 import asyncio
 import shutil
 import subprocess
@@ -125,3 +126,18 @@ def test_a_wheel_built_from_pyproject_is_complete(tmp_path):
     assert {"appliance/config.schema.json", "appliance/bpf/steer.c"} <= names
     steer = zipfile.ZipFile(wheel).read("appliance/bpf/steer.c").decode()
     assert steer == (REPO / "bpf" / "steer.c").read_text()  # the file, not a link to it
+
+
+def test_the_bpf_commands_know_their_system_calls_on_each_architecture(monkeypatch):
+    """The package is Architecture: all: bpf(2) has another number on arm64 than on
+    x86_64, and an architecture without one is refused by name, not by a wrong call."""
+    from appliance.bpf import syscalls
+
+    assert syscalls._SYSCALLS["x86_64"][0] == 321 and syscalls._SYSCALLS["aarch64"][0] == 280
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", "6", "1", "riscv64")))
+    try:
+        syscalls._numbers()
+    except OSError as e:
+        assert "riscv64" in str(e) and "x86_64" in str(e)
+    else:
+        raise AssertionError("an unknown architecture was accepted")

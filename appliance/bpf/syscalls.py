@@ -21,9 +21,24 @@ def _libc() -> ctypes.CDLL:
     libc.syscall.restype = ctypes.c_long
     return libc
 
-SYS_bpf = 321  # x86_64
-SYS_pidfd_open = 434
-SYS_pidfd_getfd = 438
+# System call numbers per architecture (bpf(2) is not in Python's os module, pidfd_getfd
+# neither). Numbers from 424 on are the same on every architecture; bpf's are not.
+_SYSCALLS = {  # machine -> (bpf, pidfd_open, pidfd_getfd)
+    "x86_64": (321, 434, 438),
+    "aarch64": (280, 434, 438),  # the generic table (include/uapi/asm-generic/unistd.h)
+}
+
+
+def _numbers() -> tuple[int, int, int]:
+    machine = os.uname().machine
+    try:
+        return _SYSCALLS[machine]
+    except KeyError:
+        raise OSError(0, f"no bpf() system call number for this architecture ({machine}); "
+                         f"flyproxy's BPF commands support {', '.join(_SYSCALLS)}") from None
+
+
+SYS_bpf, SYS_pidfd_open, SYS_pidfd_getfd = _SYSCALLS.get(os.uname().machine, (-1, -1, -1))
 
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 OBJ_PIN, OBJ_GET = 6, 7
@@ -47,7 +62,7 @@ def _check(ret: int, what: str) -> int:
 
 def bpf(cmd: int, attr: bytes | ctypes.Array, what: str) -> int:
     buf = attr if isinstance(attr, ctypes.Array) else ctypes.create_string_buffer(attr, 128)
-    return _check(_libc().syscall(SYS_bpf, cmd, buf, ctypes.sizeof(buf)), what)
+    return _check(_libc().syscall(_numbers()[0], cmd, buf, ctypes.sizeof(buf)), what)
 
 
 def _addr(buf) -> int:
@@ -158,8 +173,8 @@ def possible_cpus() -> int:
 
 def pidfd_getfd(pid: int, fd: int) -> int:
     """Duplicate fd ``fd`` of process ``pid`` into this process (needs ptrace rights)."""
-    pidfd = _check(_libc().syscall(SYS_pidfd_open, pid, 0), f"pidfd_open({pid})")
+    pidfd = _check(_libc().syscall(_numbers()[1], pid, 0), f"pidfd_open({pid})")
     try:
-        return _check(_libc().syscall(SYS_pidfd_getfd, pidfd, fd, 0), f"pidfd_getfd({pid}, {fd})")
+        return _check(_libc().syscall(_numbers()[2], pidfd, fd, 0), f"pidfd_getfd({pid}, {fd})")
     finally:
         os.close(pidfd)

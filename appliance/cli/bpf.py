@@ -4,8 +4,13 @@ does the work). Parsing them imports nothing privileged."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import os
 import sys
+import tempfile
+import time
 
 from ..bpf import DEFAULT_PIN_DIR, SOURCE
 from ..service.control import default_path
@@ -76,7 +81,50 @@ def run(args) -> int:
     from ..bpf.state import SteeringError
 
     try:
-        return getattr(commands, f"cmd_{args.func}")(args)
+        with _locked(args):
+            return getattr(commands, f"cmd_{args.func}")(args)
     except (SteeringError, OSError) as e:
         print(f"flyproxy bpf {args.bpf_command}: {e}", file=sys.stderr)
         return 1
+
+
+READ_ONLY = ("status", "metrics")
+LOCK_WAIT_S = float(os.environ.get("FLYPROXY_BPF_LOCK_WAIT", "30"))
+
+
+@contextlib.contextmanager
+def _locked(args):
+    """One ``flyproxy bpf`` command at a time per pin dir (as tubular locks its state):
+    two loads, or a sync beside an unload, never interleave their map writes. Readers
+    share the lock. Bounded: past LOCK_WAIT_S the command fails, saying who holds it."""
+    from ..bpf.state import SteeringError
+
+    if args.func == "build":  # no pins
+        yield
+        return
+    key = hashlib.sha256(os.path.realpath(args.pin_dir).encode()).hexdigest()[:12]
+    directory = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
+    path = os.path.join(directory, f"flyproxy-bpf-{key}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        if args.func in READ_ONLY:  # a sandboxed reader (the metrics timer: /run read-only)
+            yield
+            return
+        raise
+    try:
+        mode = fcntl.LOCK_SH if args.func in READ_ONLY else fcntl.LOCK_EX
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SteeringError(f"another flyproxy bpf command is changing "
+                                        f"{args.pin_dir} (lock {path} held for "
+                                        f"{LOCK_WAIT_S:g}s); try again") from None
+                time.sleep(0.05)  # flock has no timeout: poll, bounded
+        yield
+    finally:
+        os.close(fd)
