@@ -436,3 +436,37 @@ def _ours(pid: int, root: Path) -> bool:
         return str(root) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+def test_a_worker_killed_after_an_upgrade_is_replaced_in_its_generation(tmp_path, make_backend):
+    """A new-generation worker that dies is started again on the new code; the draining
+    generation is untouched (its workers are never restarted: they are on their way out)."""
+    backend = make_backend("b")
+    port, = free_ports(1)
+    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
+    root = copy_of_the_code(tmp_path)
+    control = str(tmp_path / "control.sock")
+    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--drain-time", "60",
+                         wrap=run_from(root))
+    try:
+        held = connect(port)  # keeps the old generation draining
+        assert read_line(held) == b"b"
+        bump_version(root, "upgrade1")
+        out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+        assert out.returncode == 0, out.stderr
+        old, new = status(control)["generations"]
+        os.kill(new["pids"][0], 9)
+        wait_until(lambda: (lambda g: len(g) == 2 and len(g[1]["pids"]) == 2
+                            and new["pids"][0] not in g[1]["pids"]
+                            and all(map(alive, g[1]["pids"])))(status(control)["generations"]),
+                   "the killed worker replaced in the new generation", 30)
+        gens = status(control)["generations"]
+        # the old generation: only its own workers (none restarted), the held one's still there
+        assert gens[0]["pids"] and set(gens[0]["pids"]) <= set(old["pids"])
+        assert gens[0]["active"] == 1 and gens[-1]["version"].endswith("upgrade1")
+        held.sendall(b"hi\n")
+        assert read_line(held) == b"hi"
+        assert greet_one(port) == "b"
+        held.close()
+    finally:
+        proxy.stop()
