@@ -290,3 +290,19 @@ def test_reload_says_when_it_found_no_steering_state_to_sync(tmp_path, start_pro
     start_proxy(per_port, "--control", str(tmp_path / "pp.sock"))
     out = run_cli("reload", "--control", str(tmp_path / "pp.sock"), "--pin-dir", str(missing))
     assert out.returncode == 0 and "steering" not in out.stderr, out.stderr
+
+
+def test_a_command_that_fails_inside_is_answered_with_an_error_not_silence():
+    """A bug in a command's handler is answered (a supervisor waiting on a silent worker
+    would kill it, and with it every connection it holds)."""
+    import asyncio
+
+    from appliance.service import control
+
+    class Broken:
+        async def handle_command(self, command: str) -> dict:
+            raise OSError(9, "Bad file descriptor")
+
+    reply = json.loads(asyncio.run(control._answer(Broken(), b'{"command": "status", "id": 7}\n')))
+    assert reply == {"ok": False, "error": "internal error: OSError(9, 'Bad file descriptor')",
+                     "id": 7}

@@ -230,10 +230,11 @@ def test_an_upgrade_by_reload_keeps_every_connection(lab, tmp_path, mode):
     assert after["version"] == "0.3.0+upgrade1"
     old, new = after["generations"]
     assert old["version"] == before["version"] and old["draining_since"] is not None
-    assert old["pids"] == old_pids and all(map(alive, old_pids))
+    # (a worker that held none of them has drained already: only the others are left)
+    assert old["pids"] and set(old["pids"]) <= set(old_pids)
     assert new["version"] == "0.3.0+upgrade1" and new["draining_since"] is None
     assert set(new["pids"]).isdisjoint(old_pids) and len(new["pids"]) == 2
-    assert old["active"] >= len(held.idle) + len(held.streaming) + len(held.half)
+    assert old["active"] >= len(held.idle) + len(held.streaming) + len(held.half), after
     shown = run_cli("status", "--control", control).stdout
     assert "version 0.3.0+upgrade1" in shown and "generation 1 (version 0.3.0" in shown
     assert "draining since" in shown, shown
@@ -248,8 +249,10 @@ def test_an_upgrade_by_reload_keeps_every_connection(lab, tmp_path, mode):
     gens = status(control)["generations"]
     # (generation 2 held only the prober's short connections: it may be gone already)
     assert gens[0]["version"] == before["version"] and gens[-1]["version"].endswith("upgrade2")
-    assert gens[0]["pids"] == old_pids and gens[0]["draining_since"] == old["draining_since"]
-    assert "adopted 2 workers of generation 2 and 2 draining" in proxy.output()
+    assert set(gens[0]["pids"]) <= set(old_pids)
+    assert gens[0]["draining_since"] == old["draining_since"]
+    assert f"adopted 2 workers of generation 2 and {len(old['pids'])} draining" \
+        in proxy.output()
 
     held.after(holding)
     ok, failed = prober.finish()

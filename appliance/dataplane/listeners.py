@@ -104,6 +104,8 @@ def described(socks: list[socket.socket]) -> list[dict]:
     """The handed-in listeners as status shows them: address and cookie."""
     rows = []
     for s in socks:
+        if s.fileno() == -1:  # closed: a draining proxy has stopped listening
+            continue
         host, port = s.getsockname()[:2]
         rows.append({"address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                      "cookie": cookie(s)})

@@ -152,7 +152,11 @@ async def _answer(server: Commands, line: bytes | None) -> bytes:
         except (ValueError, KeyError, TypeError, RecursionError):
             reply = {"ok": False, "error": "expected a JSON line with a command"}
         else:
-            reply = await server.handle_command(command)
+            try:
+                reply = await server.handle_command(command)
+            except Exception as e:  # a bug: answer it (a supervisor waiting on a silent
+                log.exception("control command %r failed", command[:40])  # worker kills it)
+                reply = {"ok": False, "error": f"internal error: {e!r}"}
             if "id" in request:  # a supervisor matches replies to its requests by id
                 reply = {**reply, "id": request["id"]}
     return json.dumps(reply).encode() + b"\n"
