@@ -339,11 +339,12 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
     except (ValueError, RecursionError):  # a duplicate key, NaN, too deep for json itself
         refused = True
     if refused:  # find the first such place, and say where it is
-        fault = Text(text).first_fault(MAX_DEPTH)
+        where = Text(text)
+        fault = where.first_fault(MAX_DEPTH)
         if fault is None:  # pragma: no cover (json refused what the walk accepts)
             raise ConfigError(source, ["invalid JSON"])
         offset, path, message = fault
-        raise ConfigError(source, [f"{Text(text).place(offset)}: {json_path(path)}: {message}"])
+        raise ConfigError(source, [f"{where.place(offset)}: {json_path(path)}: {message}"])
 
     validator = jsonschema.Draft202012Validator(schema())
     problems = _schema_problems(validator.iter_errors(doc)) + _semantic_problems(doc)
@@ -375,10 +376,9 @@ def _placed(text: str, problems: list[Problem]) -> list[str]:
     located = []
     for path, key, message in unique.values():
         offsets = found.get(path + (key,) if key is not None else path)
-        offset = offsets[0 if key is not None else 1] if offsets else len(text)
-        located.append((offset, path, message))
-    located.sort(key=lambda p: p[0])
-    lines = [(f"{where.place(offset)}: " if offset < len(text) else "") +
+        located.append((offsets[0 if key is not None else 1] if offsets else None, path, message))
+    located.sort(key=lambda p: (p[0] is None, p[0] or 0))  # (none is left unplaced in practice)
+    lines = [(f"{where.place(offset)}: " if offset is not None else "") +
              f"{json_path(path)}: {message}" for offset, path, message in located[:MAX_ERRORS]]
     if len(located) > MAX_ERRORS:
         lines.append(f"(and {len(located) - MAX_ERRORS} more problems)")
@@ -471,7 +471,8 @@ def _message(error: jsonschema.ValidationError) -> str:
         return f"{describe(node)}: {rule['description']}"
     if check == "enum":
         choices = [json.dumps(v) for v in value]
-        return f"must be {', '.join(choices[:-1])} or {choices[-1]}, not {describe(node)}"
+        either = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+        return f"must be {either}, not {describe(node)}"
     return f"{describe(node)} is not valid here ({check})"  # pragma: no cover (a new keyword)
 
 

@@ -171,6 +171,8 @@ _SYNTAX = {
 def explain(text: str, error: json.JSONDecodeError) -> str:
     """What is wrong at ``error.pos``, without json's internal wording."""
     pos, rest = error.pos, text[error.pos:error.pos + 2]
+    if not text.strip(" \t\n\r"):
+        return "empty: no JSON document at all"
     if error.msg in ("Expecting value", "Expecting property name enclosed in double quotes"):
         if rest[:1] in ("]", "}") and text[:pos].rstrip(" \t\n\r").endswith(","):
             return f"a comma before '{rest[0]}' (JSON allows none)"

@@ -235,7 +235,8 @@ def test_the_table_covers_every_schema_rule():
     ('{"Apps": [{"Name": "a»\\x"}]}', "invalid JSON: an invalid escape in a string "
                                         "(a backslash is written \\\\)"),
     ('{"Apps": []}\n»}', "invalid JSON: more text after the end of the document"),
-    ('»', "invalid JSON: expected a value, found the end of the text"),
+    ('»', "invalid JSON: empty: no JSON document at all"),
+    ('\n  »', "invalid JSON: empty: no JSON document at all"),
     ('{"Apps": [»', "invalid JSON: expected a value, found the end of the text"),
     # what json refuses without a place, placed
     ('{"Apps": [], »"Apps": []}', "(top level): key 'Apps' appears twice in one object (first at 1:2)"),
@@ -483,3 +484,13 @@ def test_cli_check_lists_the_options_an_app_uses(tmp_path):
     result = run_cli("check", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["  pp: ProxyProtocol v2"]
+
+
+def test_one_message_per_mistake():
+    """A node that breaks two rules (or a rule and a semantic check) gets one message."""
+    assert unplaced(errors_of(doc(app(ports=[0, 0])))) == [
+        "Apps[0].Ports[0]: must be from 1 to 65535, not 0",
+        "Apps[0].Ports[1]: must be from 1 to 65535, not 0",
+    ]
+    assert unplaced(errors_of(doc(app("a b" * 30)))) == ["Apps[0].Name: must be at most 64 "
+                                                         "characters, not 90"]
