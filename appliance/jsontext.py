@@ -38,8 +38,8 @@ _SCAN = json.JSONDecoder(parse_constant=reject_constant).scan_once  # one value,
 
 def name(key: str, limit: int = 60) -> str:
     """A key as a message shows it: ``'Ports'`` (control characters escaped, long ones cut)."""
-    text = "".join(c if c.isprintable() and c not in "'\\" else json.dumps(c)[1:-1]
-                   for c in key[:limit])
+    text = "".join(c if c.isprintable() and c not in "'\\" else
+                   "\\'" if c == "'" else json.dumps(c)[1:-1] for c in key[:limit])
     return f"'{text}'" + (f"... ({len(key):,} characters)" if len(key) > limit else "")
 
 

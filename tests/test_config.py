@@ -494,3 +494,13 @@ def test_one_message_per_mistake():
     ]
     assert unplaced(errors_of(doc(app("a b" * 30)))) == ["Apps[0].Name: must be at most 64 "
                                                          "characters, not 90"]
+
+
+def test_keys_and_values_in_messages_are_escaped_onto_one_line():
+    errors = unplaced(errors_of(json.dumps({"Apps": [{**app("x\n"), "it's\n": 1}]})))
+    assert errors == [
+        "Apps[0].Name: \"x\\n\": an app name is ASCII letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit",
+        "Apps[0]: unknown key 'it\\'s\\n'; the keys here are Name, Ports, Targets, "
+        "MaxConnections, ProxyProtocol, Balance, HealthCheck",
+    ]
