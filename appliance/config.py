@@ -1,11 +1,14 @@
 """Load, validate and compare flyproxy configurations.
 
 The one road a config value travels: ``load(path)`` reads the file, parses JSON
-(naming line and column on a syntax error), validates it against the JSON
-Schema shipped beside this module, then runs the checks a schema cannot express
-(a port claimed twice, duplicate app names, targets that are not ``host:port``).
-Every problem found is collected, so one run of ``flyproxy check`` reports all
-of them, each as ``FILE: Apps[1].Ports[0]: what is wrong``.
+(a UTF-8 byte order mark is ignored, as RFC 8259 section 8.1 allows), validates it
+against the JSON Schema shipped beside this module, then runs the checks a schema cannot
+express (a port claimed twice, duplicate app names, targets that are not ``host:port``).
+Every problem found is collected, so one run of ``flyproxy check`` reports all of them,
+one line each, in the order they appear in the file, where they start in it:
+``FILE:12:9: Apps[1].Ports[0]: must be from 1 to 65535, not 0`` (``jsontext`` finds the
+place, only when there is a problem to place). The wording is ours, not jsonschema's: the
+table in ``tests/test_config.py`` shows every message the schema can give.
 
 The result is an immutable :class:`Config`; :func:`diff` compares two of them
 for a reload.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import difflib
 import hashlib
 import ipaddress
 import json
@@ -29,6 +33,8 @@ from typing import Any, Iterable
 
 import jsonschema
 
+from .jsontext import Text, describe, explain, name, quote, reject_constant
+
 __all__ = ["App", "Config", "ConfigDiff", "ConfigError", "HealthCheck", "Target", "diff", "load",
            "loads"]
 
@@ -37,13 +43,6 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0
 MAX_BYTES = 1 << 20  # a config file larger than this is refused (10,000 ports take ~60 KB)
 MAX_DEPTH = 16  # JSON nesting; the format itself needs 4
 MAX_ERRORS = 50  # errors reported in full; the rest are counted
-QUOTE_CHARS = 60  # user input quoted in a message is cut to this
-
-
-def quote(value: Any) -> str:
-    """``repr(value)``, cut to QUOTE_CHARS: a message never carries a huge input back."""
-    text = repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + f"... ({len(text)} chars)"
 
 
 class _Real(decimal.Decimal):
@@ -59,17 +58,26 @@ class _Real(decimal.Decimal):
         return self.text
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+_PLACE = re.compile(r"(\d+:\d+): ")
+
+
+def in_file(source: str, problem: str, kind: str = "") -> str:
+    """``12:9: Apps: ...`` -> ``FILE:12:9: Apps: ...`` (or ``FILE:12:9: warning: Apps: ...``);
+    a problem with no place -> ``FILE: ...``."""
+    match = _PLACE.match(problem)
+    place, rest = (":" + match[1], problem[match.end():]) if match else ("", problem)
+    return f"{source}{place}: {kind + ': ' if kind else ''}{rest}"
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; ``errors`` holds one line per problem."""
+    """A config that cannot be used; ``errors`` holds one line per problem, each starting
+    with its ``line:column: `` when it has a place in the file; ``str()`` is those lines,
+    each naming the file (:func:`in_file`)."""
 
     def __init__(self, source: str, errors: Iterable[str]):
         self.source = source
         self.errors = list(errors)
-        super().__init__("\n".join(f"{source}: {e}" for e in self.errors))
+        super().__init__("\n".join(in_file(source, e) for e in self.errors))
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -117,8 +125,10 @@ class Target:
                 raise ValueError("an IPv6 address needs [brackets], as in [::1]:80")
             if not _HOSTNAME.match(host):
                 raise ValueError(f"{quote(host)} is not a valid host name or IPv4 address")
-        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise ValueError(f"port {quote(port)} is not a number from 1 to 65535")
+        digits = port.isascii() and port.isdigit()
+        if not digits or not 1 <= int(port) <= 65535:
+            shown = port if digits and len(port) < 20 else quote(port)
+            raise ValueError(f"port {shown} is not a number from 1 to 65535")
         return cls(host, int(port))
 
 
@@ -175,6 +185,8 @@ class Config:
     source: str = "<config>"
     digest: str = ""
     raw: bytes = dataclasses.field(default=b"", repr=False, compare=False)
+    # valid, but probably not meant (an empty Apps); formatted as ConfigError.errors are
+    warnings: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def routes(self) -> dict[int, App]:
@@ -252,10 +264,12 @@ def _options(app: App) -> tuple:
 
 
 def json_path(parts: Iterable[Any]) -> str:
-    """``["Apps", 1, "Ports", 0]`` -> ``Apps[1].Ports[0]``."""
+    """``["Apps", 1, "Ports", 0]`` -> ``Apps[1].Ports[0]`` (a long key is cut)."""
     out = ""
     for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if not isinstance(part, int):
+            part = part if len(part) <= 40 and part.isprintable() else name(part, 40)
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
     return out or "(top level)"
 
 
@@ -313,48 +327,155 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
         raise ConfigError(source, [f"is {len(raw):,} bytes; a config may have at most "
                                    f"{MAX_BYTES:,}"])
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys,
-                         parse_float=_Real, parse_constant=_no_constant)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(source, [f"not UTF-8 text (byte {e.start})"]) from None
+        raise ConfigError(source, [_not_utf8(raw, e.start)]) from None
+    text = text.removeprefix("\ufeff")  # a byte order mark: Windows editors write one
+    try:
+        doc = json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_float=_Real,
+                         parse_constant=reject_constant)
+        refused = _depth(doc) > MAX_DEPTH
     except json.JSONDecodeError as e:
-        raise ConfigError(source, [f"line {e.lineno} column {e.colno}: invalid JSON: {e.msg}"]) from None
-    except ValueError as e:  # duplicate key
-        raise ConfigError(source, [f"invalid JSON: {e}"]) from None
-    except RecursionError:
-        raise ConfigError(source, ["invalid JSON: nested too deeply"]) from None
-    depth = _depth(doc)
-    if depth > MAX_DEPTH:
-        raise ConfigError(source, [f"nested {depth} levels deep; at most {MAX_DEPTH}"])
+        raise ConfigError(source, [f"{e.lineno}:{e.colno}: invalid JSON: {explain(text, e)}"]) \
+            from None
+    except (ValueError, RecursionError):  # a duplicate key, NaN, too deep for json itself
+        refused = True
+    if refused:  # find the first such place, and say where it is
+        where = Text(text)
+        fault = where.first_fault(MAX_DEPTH)
+        if fault is None:  # pragma: no cover (json refused what the walk accepts)
+            raise ConfigError(source, ["invalid JSON"])
+        offset, path, message = fault
+        raise ConfigError(source, [f"{where.place(offset)}: {json_path(path)}: {message}"])
 
     validator = jsonschema.Draft202012Validator(schema())
-    problems = [(list(e.absolute_path), _message(e)) for e in validator.iter_errors(doc)]
-    problems += _semantic_problems(doc)
+    problems = _schema_problems(validator.iter_errors(doc)) + _semantic_problems(doc)
+    warnings = [(("Apps",), None, "is empty: the proxy would listen on no port")] \
+        if isinstance(doc, dict) and doc.get("Apps") == [] else []
     if problems:
-        problems.sort(key=lambda p: [(0, x) if isinstance(x, int) else (1, x) for x in p[0]])
-        lines = [f"{json_path(path)}: {message}" for path, message in problems[:MAX_ERRORS]]
-        if len(problems) > MAX_ERRORS:
-            lines.append(f"(and {len(problems) - MAX_ERRORS} more problems)")
-        raise ConfigError(source, lines)
+        raise ConfigError(source, _placed(text, problems))
     apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
                      tuple(Target.parse(t) for t in a["Targets"]), a.get("MaxConnections"),
                      a.get("ProxyProtocol"), a.get("Balance", "random"),
                      HealthCheck.parse(a["HealthCheck"]) if "HealthCheck" in a else None)
                  for a in doc["Apps"])
-    return Config(apps, source, hashlib.sha256(raw).hexdigest(), raw)
+    return Config(apps, source, hashlib.sha256(raw).hexdigest(), raw,
+                  tuple(_placed(text, warnings)))
+
+
+# A problem: (JSON path of the node, the key it is about or None, message)
+Problem = tuple[tuple, "str | None", str]
+
+
+def _placed(text: str, problems: list[Problem]) -> list[str]:
+    """``line:col: path: message`` per problem, one per node (or key), in the file's order;
+    after MAX_ERRORS of them, how many more."""
+    unique: dict[tuple, Problem] = {}
+    for path, key, message in problems:  # the first found for a node is the one that counts
+        unique.setdefault((path, key), (path, key, message))
+    where = Text(text)
+    found = where.locate(path + (key,) if key is not None else path for path, key in unique)
+    located = []
+    for path, key, message in unique.values():
+        offsets = found.get(path + (key,) if key is not None else path)
+        located.append((offsets[0 if key is not None else 1] if offsets else None, path, message))
+    located.sort(key=lambda p: (p[0] is None, p[0] or 0))  # (none is left unplaced in practice)
+    lines = [(f"{where.place(offset)}: " if offset is not None else "") +
+             f"{json_path(path)}: {message}" for offset, path, message in located[:MAX_ERRORS]]
+    if len(located) > MAX_ERRORS:
+        lines.append(f"(and {len(located) - MAX_ERRORS} more problems)")
+    return lines
+
+
+def _not_utf8(raw: bytes, at: int) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "1:1: is UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8"
+    line_start = raw.rfind(b"\n", 0, at) + 1
+    column = len(raw[line_start:at].decode("utf-8")) + 1  # valid up to the bad byte
+    line = raw.count(b"\n", 0, at) + 1
+    return f"{line}:{column}: not UTF-8 text (byte 0x{raw[at]:02x}); save it as UTF-8"
+
+
+# What each JSON Schema type is called in a message
+_KINDS = {"object": "an object {...}", "array": "a list [...]", "string": "a string",
+          "integer": "a whole number", "number": "a number", "boolean": "true or false",
+          "null": "null"}
+
+
+def _schema_problems(errors: Iterable[jsonschema.ValidationError]) -> list[Problem]:
+    problems: list[Problem] = []
+    objects: dict[tuple, jsonschema.ValidationError] = {}  # their keys are checked once, below
+    for error in errors:
+        path = tuple(error.absolute_path)
+        if error.validator in ("required", "additionalProperties"):
+            objects.setdefault(path, error)
+        else:
+            problems.append((path, None, _message(error)))
+    for path, error in objects.items():
+        problems += _key_problems(path, error.instance, error.schema)
+    return problems
+
+
+def _key_problems(path: tuple, obj: dict, schema: dict) -> list[Problem]:
+    """An unknown key (with a guess at the known one meant) and the required keys missing,
+    as one problem each: a misspelt required key is one mistake, not two."""
+    known = list(schema.get("properties", {}))
+    missing = [k for k in schema.get("required", ()) if k not in obj]
+    free = [k for k in known if k not in obj]
+    problems: list[Problem] = []
+    for key in obj if schema.get("additionalProperties") is False else ():
+        if key in known:
+            continue
+        guess = _guess(key, free) if len(problems) < MAX_ERRORS else None  # the rest: counted
+        if guess:
+            free.remove(guess)
+            if guess in missing:
+                missing.remove(guess)
+            problems.append((path, key, f"unknown key {name(key)}; did you mean {name(guess)}?"))
+        else:
+            problems.append((path, key, f"unknown key {name(key)}; the keys here are "
+                                        + ", ".join(known)))
+    if missing:
+        names = [name(k) for k in missing]
+        problems.append((path, None, f"missing required key {names[0]}" if len(names) == 1 else
+                         f"missing required keys {', '.join(names[:-1])} and {names[-1]}"))
+    return problems
+
+
+def _guess(key: str, candidates: list[str]) -> str | None:
+    by_lower = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(key[:100].lower(), by_lower, n=1)
+    return by_lower[close[0]] if close else None
 
 
 def _message(error: jsonschema.ValidationError) -> str:
-    if error.validator == "minItems" and error.validator_value == 1:
-        return "is empty; list at least one"
-    if error.validator == "pattern" and error.schema.get("description"):
-        return f"{quote(error.instance)}: {error.schema['description']}"
-    if error.validator in ("type", "minimum", "maximum", "exclusiveMinimum", "maxLength",
-                           "minLength", "enum",
-                           "additionalProperties", "required"):
-        return error.message if len(error.message) <= 2 * QUOTE_CHARS else \
-            f"{quote(error.instance)}: fails {error.validator} {error.validator_value!r}"
-    return error.message[:2 * QUOTE_CHARS]
+    """One schema failure of a value, in words: what it must be, and what it is."""
+    check, value, rule, node = error.validator, error.validator_value, error.schema, error.instance
+    low, high = rule.get("minimum"), rule.get("maximum")
+    if check == "type":
+        title = f" ({rule['title']})" if "title" in rule else ""
+        return f"must be {_KINDS.get(value, value)}{title}, not {describe(node)}"
+    if check in ("minimum", "maximum") and low is not None and high is not None:
+        return f"must be from {low} to {high}, not {describe(node)}"
+    if check == "minimum":
+        return f"must be at least {low}, not {describe(node)}"
+    if check == "maximum":
+        return f"must be at most {high}, not {describe(node)}"
+    if check == "exclusiveMinimum":
+        return f"must be greater than {value}, not {describe(node)}"
+    if check == "minItems":
+        return "is empty; list at least one" if value == 1 else f"must list at least {value}"
+    if check == "minLength":
+        return "must not be empty" if value == 1 else f"must be at least {value} characters"
+    if check == "maxLength":
+        return f"must be at most {value} characters, not {len(node):,}"
+    if check == "pattern" and "description" in rule:
+        return f"{describe(node)}: {rule['description']}"
+    if check == "enum":
+        choices = [json.dumps(v) for v in value]
+        either = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+        return f"must be {either}, not {describe(node)}"
+    return f"{describe(node)} is not valid here ({check})"  # pragma: no cover (a new keyword)
 
 
 def _depth(doc: Any) -> int:
@@ -369,33 +490,34 @@ def _depth(doc: Any) -> int:
     return deepest
 
 
-def _semantic_problems(doc: Any) -> list[tuple[list, str]]:
+def _semantic_problems(doc: Any) -> list[Problem]:
     """What the schema cannot say. Tolerates a doc that failed the schema: it checks
     whatever parts are well-formed, so one run reports every problem."""
     apps = doc.get("Apps") if isinstance(doc, dict) else None
     if not isinstance(apps, list):
         return []
-    problems: list[tuple[list, str]] = []
+    problems: list[Problem] = []
     names: dict[str, int] = {}
-    owners: dict[int, str] = {}
+    owners: dict[int, int] = {}  # port -> the index of the app it belongs to
     for i, app in enumerate(apps):
         if not isinstance(app, dict):
             continue
-        name = app.get("Name")
-        if isinstance(name, str):
-            if name in names:
-                problems.append((["Apps", i, "Name"],
-                                 f"{quote(name)} is already the name of Apps[{names[name]}]"))
-            names.setdefault(name, i)
+        app_name = app.get("Name")
+        if isinstance(app_name, str):
+            if app_name in names:
+                problems.append((("Apps", i, "Name"), None, f"{quote(app_name)} is already "
+                                 f"the name of Apps[{names[app_name]}]"))
+            names.setdefault(app_name, i)
         ports = app.get("Ports")
         for j, port in enumerate(ports if isinstance(ports, list) else []):
             if not isinstance(port, int) or isinstance(port, bool):
                 continue
             if port in owners:
-                problems.append((["Apps", i, "Ports", j],
-                                 f"port {port} is already used by {owners[port]}"))
+                owner = owners[port]
+                problems.append((("Apps", i, "Ports", j), None, f"port {port} is already used "
+                                 f"by Apps[{owner}] ({quote(apps[owner].get('Name'))})"))
             else:
-                owners[port] = f"Apps[{i}] ({quote(name)})"
+                owners[port] = i
         targets = app.get("Targets")
         seen: dict[Target, int] = {}
         for j, text in enumerate(targets if isinstance(targets, list) else []):
@@ -404,10 +526,10 @@ def _semantic_problems(doc: Any) -> list[tuple[list, str]]:
             try:
                 target = Target.parse(text)
             except ValueError as e:
-                problems.append((["Apps", i, "Targets", j], f"{quote(text)}: {e}"))
+                problems.append((("Apps", i, "Targets", j), None, f"{quote(text)}: {e}"))
                 continue
             if target in seen:
-                problems.append((["Apps", i, "Targets", j],
+                problems.append((("Apps", i, "Targets", j), None,
                                  f"{quote(text)} is already listed as Targets[{seen[target]}]"))
             seen.setdefault(target, j)
     return problems

@@ -1,10 +1,13 @@
-"""The config loader: the challenge's format, every error named with file, path and problem."""
+"""The config loader: the challenge's format, every error named with file, place, path and
+problem, in words an operator knows (the table below holds every message the schema gives)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
+import jsonschema
 import pytest
 
 from appliance import config
@@ -25,6 +28,19 @@ def errors_of(text: str) -> list[str]:
     with pytest.raises(config.ConfigError) as info:
         config.loads(text, "cfg.json")
     return info.value.errors
+
+
+def unplaced(errors: list[str]) -> list[str]:
+    """The errors without their ``line:column: ``."""
+    return [re.sub(r"^\d+:\d+: ", "", e) for e in errors]
+
+
+def marked(text: str) -> tuple[str, str]:
+    """A document with a ``»`` where the problem starts -> (the document, ``"line:col: "``)."""
+    offset = text.index("»")
+    text = text.replace("»", "", 1)
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text, f"{text.count(chr(10), 0, offset) + 1}:{offset - line_start + 1}: "
 
 
 def test_repo_config_is_the_challenge_config():
@@ -50,66 +66,244 @@ def test_target_forms(text, host, port):
 
 @pytest.mark.parametrize("target, problem", [
     ("nocolon", "not host:port"),
-    ("host:0", "port '0' is not a number from 1 to 65535"),
-    ("host:65536", "port '65536' is not a number"),
-    ("host:http", "port 'http' is not a number"),
+    ("host:0", "port 0 is not a number from 1 to 65535"),
+    ("host:65536", "port 65536 is not a number from 1 to 65535"),
+    ("host:http", 'port "http" is not a number from 1 to 65535'),
     ("::1:80", "needs [brackets]"),
     ("[nonsense]:80", "not an IPv6 address"),
     ("under_score:80", "not a valid host name"),
     (":80", "not host:port"),
 ])
 def test_bad_targets_are_named(target, problem):
-    errors = errors_of(doc(app(targets=["127.0.0.1:1", target])))
+    errors = unplaced(errors_of(doc(app(targets=["127.0.0.1:1", target]))))
     assert len(errors) == 1
     assert errors[0].startswith("Apps[0].Targets[1]: ")
     assert problem in errors[0]
 
 
 @pytest.mark.parametrize("apps, expected", [
-    ([app(ports=[0])], "Apps[0].Ports[0]: 0 is less than the minimum of 1"),
-    ([app(ports=[65536])], "Apps[0].Ports[0]: 65536 is greater than the maximum of 65535"),
-    ([app(ports=["80"])], "Apps[0].Ports[0]: '80' is not of type 'integer'"),
-    ([app(ports=[])], "Apps[0].Ports: is empty; list at least one"),
-    ([app(targets=[])], "Apps[0].Targets: is empty; list at least one"),
-    ([app(), app("b", ports=[2000, 1000])], "Apps[1].Ports[1]: port 1000 is already used by Apps[0] ('a')"),
-    ([app(ports=[1000, 1000])], "Apps[0].Ports[1]: port 1000 is already used by Apps[0] ('a')"),
-    ([app(), app(ports=[2000])], "Apps[1].Name: 'a' is already the name of Apps[0]"),
-    ([app(targets=["h:1", "h:1"])], "Apps[0].Targets[1]: 'h:1' is already listed as Targets[0]"),
-    ([{"Name": "a", "Ports": [1]}], "Apps[0]: 'Targets' is a required property"),
-    ([{**app(), "Port": [1]}], "Apps[0]: Additional properties are not allowed ('Port' was unexpected)"),
+    ([app(), app("b", ports=[2000, 1000])], 'Apps[1].Ports[1]: port 1000 is already used by Apps[0] ("a")'),
+    ([app(ports=[1000, 1000])], 'Apps[0].Ports[1]: port 1000 is already used by Apps[0] ("a")'),
+    ([app(), app(ports=[2000])], 'Apps[1].Name: "a" is already the name of Apps[0]'),
+    ([app(targets=["h:1", "h:1"])], 'Apps[0].Targets[1]: "h:1" is already listed as Targets[0]'),
 ])
-def test_semantic_and_schema_errors(apps, expected):
-    assert expected in errors_of(doc(*apps))
+def test_semantic_errors(apps, expected):
+    assert expected in unplaced(errors_of(doc(*apps)))
 
 
-def test_all_errors_are_reported_at_once():
+def test_all_errors_are_reported_at_once_in_the_files_order():
     errors = errors_of(doc(app(ports=[0, 1000, 1000], targets=["bad", "h:1"]),
                            app(ports=[1000], targets=["[::1]:99999"])))
     assert errors == [
-        "Apps[0].Ports[0]: 0 is less than the minimum of 1",
-        "Apps[0].Ports[2]: port 1000 is already used by Apps[0] ('a')",
-        "Apps[0].Targets[0]: 'bad': not host:port",
-        "Apps[1].Name: 'a' is already the name of Apps[0]",
-        "Apps[1].Ports[0]: port 1000 is already used by Apps[0] ('a')",
-        "Apps[1].Targets[0]: '[::1]:99999': port '99999' is not a number from 1 to 65535",
+        "1:35: Apps[0].Ports[0]: must be from 1 to 65535, not 0",
+        '1:44: Apps[0].Ports[2]: port 1000 is already used by Apps[0] ("a")',
+        '1:63: Apps[0].Targets[0]: "bad": not host:port',
+        '1:88: Apps[1].Name: "a" is already the name of Apps[0]',
+        '1:103: Apps[1].Ports[0]: port 1000 is already used by Apps[0] ("a")',
+        '1:122: Apps[1].Targets[0]: "[::1]:99999": port 99999 is not a number from 1 to 65535',
     ]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"Apps": [\n  {"Name": }\n]}', "line 2 column 12: invalid JSON: Expecting value"),
-    ('{"Apps": [], "Apps": []}', "invalid JSON: key 'Apps' appears twice in one object"),
-    ("[]", "(top level): [] is not of type 'object'"),
-    ("{}", "(top level): 'Apps' is a required property"),
-    (b"\xff\xfe", "not UTF-8 text (byte 0)"),
+# Every message the schema can give, each from the smallest document that gives it; ``»``
+# marks where the message must place it. test_the_table_covers_every_schema_rule keeps the
+# table complete when the schema grows.
+A = '"Name": "a", "Ports": [1], "Targets": ["h:1"]'  # an app's required keys, well-formed
+
+
+def in_app(text: str) -> str:
+    return '{"Apps": [{%s}]}' % text
+
+
+def in_check(text: str) -> str:
+    return in_app(A + ', "HealthCheck": {%s}' % text)
+
+
+SCHEMA_MESSAGES = [
+    # the document
+    ("»[]", "(top level): must be an object {...} (flyproxy configuration), not a list"),
+    ("»{}", "(top level): missing required key 'Apps'"),
+    ('{»"apps": []}', "(top level): unknown key 'apps'; did you mean 'Apps'?"),
+    ('{"Apps": [], »"Version": 2}', "(top level): unknown key 'Version'; the keys here are Apps"),
+    ('{"Apps": »{}}', "Apps: must be a list [...], not an object"),
+    ('{"Apps": [»"a"]}', 'Apps[0]: must be an object {...}, not "a"'),
+    # an app's keys: a misspelt required key is one mistake, said once, with the key meant
+    (in_app('"Name": "a", »"Port": [1], "Targets": ["h:1"]'),
+     "Apps[0]: unknown key 'Port'; did you mean 'Ports'?"),
+    (in_app('"Name": "a", "Ports": [1], »"targets": ["h:1"]'),
+     "Apps[0]: unknown key 'targets'; did you mean 'Targets'?"),
+    (in_app(A + ', »"MaxConnection": 5'),
+     "Apps[0]: unknown key 'MaxConnection'; did you mean 'MaxConnections'?"),
+    (in_app(A + ', »"Extra": 1'), "Apps[0]: unknown key 'Extra'; the keys here are Name, Ports, "
+                                 "Targets, MaxConnections, ProxyProtocol, Balance, HealthCheck"),
+    ('{"Apps": [»{"Name": "a"}]}', "Apps[0]: missing required keys 'Ports' and 'Targets'"),
+    ('{"Apps": [»{"Name": "a", "Ports": [1]}]}', "Apps[0]: missing required key 'Targets'"),
+    # Name
+    (in_app('"Name": »7, "Ports": [1], "Targets": ["h:1"]'), "Apps[0].Name: must be a string, not 7"),
+    (in_app('"Name": »"", "Ports": [1], "Targets": ["h:1"]'), "Apps[0].Name: must not be empty"),
+    (in_app('"Name": »"%s", "Ports": [1], "Targets": ["h:1"]' % ("n" * 65)),
+     "Apps[0].Name: must be at most 64 characters, not 65"),
+    (in_app('"Name": »"a b", "Ports": [1], "Targets": ["h:1"]'),
+     'Apps[0].Name: "a b": an app name is ASCII letters, digits, \'.\', \'_\' and \'-\', '
+     "starting with a letter or digit"),
+    # Ports
+    (in_app('"Name": "a", "Ports": »5001, "Targets": ["h:1"]'),
+     "Apps[0].Ports: must be a list [...], not 5001"),
+    (in_app('"Name": "a", "Ports": »[], "Targets": ["h:1"]'),
+     "Apps[0].Ports: is empty; list at least one"),
+    (in_app('"Name": "a", "Ports": [»true], "Targets": ["h:1"]'),
+     "Apps[0].Ports[0]: must be a whole number (a port), not true"),
+    (in_app('"Name": "a", "Ports": [»"80"], "Targets": ["h:1"]'),
+     'Apps[0].Ports[0]: must be a whole number (a port), not "80"'),
+    (in_app('"Name": "a", "Ports": [»7401.0], "Targets": ["h:1"]'),
+     "Apps[0].Ports[0]: must be a whole number (a port), not 7401.0"),
+    (in_app('"Name": "a", "Ports": [1, »0], "Targets": ["h:1"]'),
+     "Apps[0].Ports[1]: must be from 1 to 65535, not 0"),
+    (in_app('"Name": "a", "Ports": [»65536], "Targets": ["h:1"]'),
+     "Apps[0].Ports[0]: must be from 1 to 65535, not 65536"),
+    # Targets
+    (in_app('"Name": "a", "Ports": [1], "Targets": »"h:1"'),
+     'Apps[0].Targets: must be a list [...], not "h:1"'),
+    (in_app('"Name": "a", "Ports": [1], "Targets": »[]'), "Apps[0].Targets: is empty; list at least one"),
+    (in_app('"Name": "a", "Ports": [1], "Targets": [»5001]'),
+     "Apps[0].Targets[0]: must be a string (host:port), not 5001"),
+    pytest.param(in_app('"Name": "a", "Ports": [1], "Targets": [»"%s:1"]' % ("h" * 299)),
+                 "Apps[0].Targets[0]: must be at most 300 characters, not 301", id="long target"),
+    # the optional keys
+    (in_app(A + ', "MaxConnections": »"10"'), 'Apps[0].MaxConnections: must be a whole number, not "10"'),
+    (in_app(A + ', "MaxConnections": »0'), "Apps[0].MaxConnections: must be at least 1, not 0"),
+    (in_app(A + ', "ProxyProtocol": »"v3"'), 'Apps[0].ProxyProtocol: must be "v1" or "v2", not "v3"'),
+    (in_app(A + ', "ProxyProtocol": »null'), 'Apps[0].ProxyProtocol: must be "v1" or "v2", not null'),
+    (in_app(A + ', "Balance": »"round-robin"'),
+     'Apps[0].Balance: must be "random" or "least-connections", not "round-robin"'),
+    (in_app(A + ', "HealthCheck": »true'), "Apps[0].HealthCheck: must be an object {...}, not true"),
+    (in_check('»"Every": 3'), "Apps[0].HealthCheck: unknown key 'Every'; the keys here are "
+                              "Interval, Timeout, Rise, Fall"),
+    (in_check('»"interval": 3'), "Apps[0].HealthCheck: unknown key 'interval'; did you mean 'Interval'?"),
+    (in_check('"Interval": »"2s"'), 'Apps[0].HealthCheck.Interval: must be a number (seconds), not "2s"'),
+    (in_check('"Interval": »0'), "Apps[0].HealthCheck.Interval: must be greater than 0, not 0"),
+    (in_check('"Interval": »3601'), "Apps[0].HealthCheck.Interval: must be at most 3600, not 3601"),
+    (in_check('"Timeout": »[]'), "Apps[0].HealthCheck.Timeout: must be a number (seconds), not a list"),
+    (in_check('"Timeout": »-0.5'), "Apps[0].HealthCheck.Timeout: must be greater than 0, not -0.5"),
+    (in_check('"Timeout": »60.5'), "Apps[0].HealthCheck.Timeout: must be at most 60, not 60.5"),
+    (in_check('"Rise": »1.5'), "Apps[0].HealthCheck.Rise: must be a whole number, not 1.5"),
+    (in_check('"Rise": »0'), "Apps[0].HealthCheck.Rise: must be from 1 to 100, not 0"),
+    (in_check('"Rise": »101'), "Apps[0].HealthCheck.Rise: must be from 1 to 100, not 101"),
+    (in_check('"Fall": »false'), "Apps[0].HealthCheck.Fall: must be a whole number, not false"),
+    (in_check('"Fall": »0'), "Apps[0].HealthCheck.Fall: must be from 1 to 100, not 0"),
+    (in_check('"Fall": »1000'), "Apps[0].HealthCheck.Fall: must be from 1 to 100, not 1000"),
+]
+
+
+@pytest.mark.parametrize("document, expected", SCHEMA_MESSAGES)
+def test_every_schema_message(document, expected):
+    text, place = marked(document)
+    assert errors_of(text) == [place + expected]
+
+
+def test_the_table_covers_every_schema_rule():
+    """Each rule of the schema (a keyword that can fail) gives a message in the table above."""
+    def rules(node, path=()):
+        for key, value in node.items():
+            if key in ("properties",):
+                for name, sub in value.items():
+                    yield from rules(sub, path + (key, name))
+            elif key == "items":
+                yield from rules(value, path + (key,))
+            elif key not in ("$schema", "$id", "title", "description"):
+                yield path + (key,)
+
+    validator = jsonschema.Draft202012Validator(config.schema())
+    texts = [row.values[0] if hasattr(row, "values") else row[0] for row in SCHEMA_MESSAGES]
+    covered = {tuple(e.relative_schema_path) for text in texts
+               for e in validator.iter_errors(json.loads(marked(text)[0]))}
+    assert set(rules(config.schema())) - covered == set()
+
+
+@pytest.mark.parametrize("document, expected", [
+    # syntax, in an operator's words
+    ('{"Apps": [\n  {"Name": »}\n]}', "invalid JSON: expected a value, found '}'"),
+    ('{"Apps": [1, 2»]}'.replace("2»", "2,»"), "invalid JSON: a comma before ']' (JSON allows none)"),
+    ('{"Apps": [{"Name": "a",\n »}]}', "invalid JSON: a comma before '}' (JSON allows none)"),
+    ("{»'Apps': []}", "invalid JSON: a single quote: JSON strings and keys take double quotes"),
+    ('{\n  »// the apps\n  "Apps": []}', "invalid JSON: a comment: JSON has none"),
+    ('{"Apps": [{"Name": "a"} »{"Name": "b"}]}', "invalid JSON: expected ',' or a closing bracket, found '{'"),
+    ('{"Apps" »[]}', "invalid JSON: expected ':' after the key, found '['"),
+    ('{"Apps": [], »Version: 1}', "invalid JSON: expected a key in double quotes, found 'Version'"),
+    ('{"Apps": [{"Name": »"a}]}', "invalid JSON: a string with no closing '\"'"),
+    ('{"Apps": [{"Name": "a»\n"}]}', "invalid JSON: a control character inside a string "
+                                      "(write a line break as \\n, a tab as \\t)"),
+    ('{"Apps": [{"Name": "a»\\x"}]}', "invalid JSON: an invalid escape in a string "
+                                        "(a backslash is written \\\\)"),
+    ('{"Apps": []}\n»}', "invalid JSON: more text after the end of the document"),
+    ('»', "invalid JSON: empty: no JSON document at all"),
+    ('\n  »', "invalid JSON: empty: no JSON document at all"),
+    ('{"Apps": [»', "invalid JSON: expected a value, found the end of the text"),
+    # what json refuses without a place, placed
+    ('{"Apps": [], »"Apps": []}', "(top level): key 'Apps' appears twice in one object (first at 1:2)"),
+    ('{"Apps": [{"Name": "a", "Ports": [»NaN], "Targets": ["h:1"]}]}',
+     "Apps[0].Ports[0]: NaN is not a JSON number"),
+    ('{"Apps": [{"Name": "a", "Ports": [»-Infinity], "Targets": ["h:1"]}]}',
+     "Apps[0].Ports[0]: -Infinity is not a JSON number"),
+    pytest.param('{"Apps": [{"Name": "a", "Ports": [»%s], "Targets": ["h:1"]}]}' % ("9" * 5000),
+                 "Apps[0].Ports[0]: a number with too many digits", id="5000 digits"),
+    (in_app(A + ', "X": [[[[[[[[[[[[[»[]]]]]]]]]]]]]]'),
+     "Apps[0].X[0][0][0][0][0][0][0][0][0][0][0][0][0]: nested more than 16 levels deep"),
+    ("»\ufeff\ufeff{}", "invalid JSON: a second byte order mark (U+FEFF)"),
 ])
-def test_broken_documents(text, expected):
-    assert errors_of(text) == [expected]
+def test_broken_documents(document, expected):
+    text, place = marked(document)
+    assert errors_of(text) == [place + expected]
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b'{"Apps": [\n  {"Name": "caf\xc3\xa9\xe9"}]}', "2:17: not UTF-8 text (byte 0xe9); save it as UTF-8"),
+    ("\ufeff[]".encode("utf-16"), "1:1: is UTF-16 text (it starts with a UTF-16 byte order mark); "
+                                  "save it as UTF-8"),
+])
+def test_text_that_is_not_utf8(data, expected):
+    assert errors_of(data) == [expected]
+
+
+def test_a_utf8_byte_order_mark_is_accepted():
+    """RFC 8259 8.1 lets a parser ignore one, and Windows editors write one; places count
+    from after it; the digest is still of the bytes as they are."""
+    raw = b"\xef\xbb\xbf" + doc(app()).encode()
+    assert config.loads(raw).digest == __import__("hashlib").sha256(raw).hexdigest()
+    assert errors_of(b"\xef\xbb\xbf{}") == ["1:1: (top level): missing required key 'Apps'"]
+
+
+def test_places_in_a_file_laid_out_by_hand():
+    text = json.dumps({"Apps": [
+        app("five-thousand", [5001], ["tcp-echo.fly.dev:5001"]),
+        {"Name": "six", "Port": [6001], "Targets": ["h:1"]},
+        app("seven", [7001, True], ["h:1", "x"]),
+    ]}, indent=4)
+    assert errors_of(text) == [
+        "14:13: Apps[1]: unknown key 'Port'; did you mean 'Ports'?",
+        "25:17: Apps[2].Ports[1]: must be a whole number (a port), not true",
+        '29:17: Apps[2].Targets[1]: "x": not host:port',
+    ]
+    lines = text.splitlines()
+    assert lines[13][12:].startswith('"Port"') and lines[24][16:] == "true"
+    assert lines[28][16:] == '"x"'
+
+
+def test_an_empty_apps_is_valid_with_a_warning():
+    """The schema allows it (a proxy may be set up before its apps); serve would listen on
+    nothing, so check says so, without failing."""
+    loaded = config.loads('{\n  "Apps": []\n}')
+    assert loaded.apps == () and loaded.warnings == (
+        "2:11: Apps: is empty: the proxy would listen on no port",)
+    assert config.loads(doc(app())).warnings == ()
 
 
 def test_error_string_names_the_file():
     with pytest.raises(config.ConfigError) as info:
         config.loads("{}", "/etc/flyproxy/config.json")
-    assert str(info.value) == "/etc/flyproxy/config.json: (top level): 'Apps' is a required property"
+    assert str(info.value) == "/etc/flyproxy/config.json:1:1: (top level): missing required key 'Apps'"
+    with pytest.raises(config.ConfigError) as info:
+        config.loads("x" * (config.MAX_BYTES + 1), "big.json")
+    assert str(info.value).startswith("big.json: is 1,048,577 bytes")
 
 
 def test_missing_file(tmp_path):
@@ -130,22 +324,41 @@ def test_diff():
     assert "ports added: 5" in str(change)
 
 
-def test_cli_check_good():
-    result = run_cli("check", "-c", str(REPO / "config.json"))
+@pytest.mark.parametrize("how", [["-c", "{path}"], ["{path}"], ["{path}", "-c", "{path}"]])
+def test_cli_check_good(how):
+    path = str(REPO / "config.json")
+    result = run_cli("check", *(arg.format(path=path) for arg in how))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("OK: 3 apps, 12 ports, 7 targets")
+    assert result.stdout == f"{path}: OK: 3 apps, 12 ports, 7 targets\n"
+    assert result.stderr == ""
 
 
-def test_cli_check_bad(tmp_path):
+@pytest.mark.parametrize("how", [["-c", "{path}"], ["{path}"], ["-"], ["-c", "-"]])
+def test_cli_check_bad(tmp_path, how):
     path = tmp_path / "config.json"
-    path.write_text(doc(app(ports=[70000], targets=["x"])))
-    result = run_cli("check", "-c", str(path))
+    path.write_text(json.dumps({"Apps": [app(ports=[70000], targets=["x"])]}, indent=2))
+    result = run_cli("check", *(arg.format(path=path) for arg in how), input=path.read_text())
     assert result.returncode == 1
+    name = "<stdin>" if "-" in how else path
     assert result.stderr.splitlines() == [
-        f"{path}: Apps[0].Ports[0]: 70000 is greater than the maximum of 65535",
-        f"{path}: Apps[0].Targets[0]: 'x': not host:port",
+        f"{name}:6:9: Apps[0].Ports[0]: must be from 1 to 65535, not 70000",
+        f'{name}:9:9: Apps[0].Targets[0]: "x": not host:port',
     ]
-    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_check_warns_of_an_empty_apps_and_passes():
+    result = run_cli("check", "-", input='{"Apps": []}')
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "<stdin>:1:10: warning: Apps: is empty: the proxy would listen on no port\n"
+    assert result.stdout == "<stdin>: OK: 0 apps, 0 ports, 0 targets\n"
+
+
+def test_cli_check_takes_one_file(tmp_path):
+    result = run_cli("check", str(tmp_path / "a.json"), "-c", str(tmp_path / "b.json"))
+    assert result.returncode == 2
+    assert result.stderr == (f"flyproxy check: two files given ({tmp_path}/a.json, "
+                             f"{tmp_path}/b.json); check one at a time\n")
 
 
 # -- hostile input (found by an adversarial run): refused, bounded, quoted briefly ----------
@@ -154,12 +367,12 @@ def test_cli_check_bad(tmp_path):
 def test_a_port_written_as_a_float_is_refused_even_when_integral(ports):
     text = '{"Apps": [{"Name": "a", "Ports": %s, "Targets": ["127.0.0.1:1"]}]}' % ports
     (error,) = errors_of(text)
-    assert error.startswith("Apps[0].Ports[0]: ") and "is not of type 'integer'" in error
+    assert error == f"1:35: Apps[0].Ports[0]: must be a whole number (a port), not {ports[1:-1]}"
 
 
 def test_an_integral_float_cannot_take_a_port_from_another_app():
     text = doc(app("a", [7401]), app("b", [7401.0]))
-    assert any("Apps[1].Ports[0]" in e for e in errors_of(text))
+    assert any("Apps[1].Ports[0]" in e for e in unplaced(errors_of(text)))
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:٩٠٠٠", "127.0.0.1:９０００", "host:9０"])
@@ -170,7 +383,7 @@ def test_a_target_port_takes_ascii_digits_only(target):
 
 @pytest.mark.parametrize("name", ["a b", "\ud800x", "app/1", "-lead", "ünïcode", "x\n"])
 def test_app_names_are_restricted_to_a_sane_set(name):
-    (error,) = errors_of(json.dumps({"Apps": [app(name)]}))
+    (error,) = unplaced(errors_of(json.dumps({"Apps": [app(name)]})))
     assert error.startswith("Apps[0].Name: ") and "ASCII letters, digits" in error
 
 
@@ -195,6 +408,10 @@ def test_nan_and_infinity_are_not_json():
 def test_messages_quote_huge_input_briefly():
     errors = errors_of(doc(app("x" * 200_000, targets=["y" * 100_000 + ":1"])))
     assert errors and all(len(e) < 400 for e in errors), [len(e) for e in errors]
+    keys = errors_of(json.dumps({"Apps": [{**app(), "k" * 100_000 + "\n": 1}]}))
+    assert keys == [f"1:70: Apps[0]: unknown key '{'k' * 60}'... (100,001 characters); the keys "
+                    "here are Name, Ports, Targets, MaxConnections, ProxyProtocol, Balance, "
+                    "HealthCheck"]
 
 
 def test_thousands_of_errors_are_counted_not_all_listed():
@@ -242,14 +459,14 @@ def test_optional_keys_parse_and_the_challenge_format_needs_none():
 
 
 def test_optional_keys_bad_values_name_the_place():
-    errors = errors_of(doc({**app(), "ProxyProtocol": "v3", "Balance": "round-robin",
-                            "HealthCheck": {"Interval": 0, "Fall": 0, "Every": 3}}))
+    errors = unplaced(errors_of(doc({**app(), "ProxyProtocol": "v3", "Balance": "round-robin",
+                                     "HealthCheck": {"Interval": 0, "Fall": 0, "Every": 3}})))
     assert errors == [
-        "Apps[0].Balance: 'round-robin' is not one of ['random', 'least-connections']",
-        "Apps[0].HealthCheck: Additional properties are not allowed ('Every' was unexpected)",
-        "Apps[0].HealthCheck.Fall: 0 is less than the minimum of 1",
-        "Apps[0].HealthCheck.Interval: 0 is less than or equal to the minimum of 0",
-        "Apps[0].ProxyProtocol: 'v3' is not one of ['v1', 'v2']",
+        'Apps[0].ProxyProtocol: must be "v1" or "v2", not "v3"',
+        'Apps[0].Balance: must be "random" or "least-connections", not "round-robin"',
+        "Apps[0].HealthCheck.Interval: must be greater than 0, not 0",
+        "Apps[0].HealthCheck.Fall: must be from 1 to 100, not 0",
+        "Apps[0].HealthCheck: unknown key 'Every'; the keys here are Interval, Timeout, Rise, Fall",
     ]
 
 
@@ -267,3 +484,23 @@ def test_cli_check_lists_the_options_an_app_uses(tmp_path):
     result = run_cli("check", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["  pp: ProxyProtocol v2"]
+
+
+def test_one_message_per_mistake():
+    """A node that breaks two rules (or a rule and a semantic check) gets one message."""
+    assert unplaced(errors_of(doc(app(ports=[0, 0])))) == [
+        "Apps[0].Ports[0]: must be from 1 to 65535, not 0",
+        "Apps[0].Ports[1]: must be from 1 to 65535, not 0",
+    ]
+    assert unplaced(errors_of(doc(app("a b" * 30)))) == ["Apps[0].Name: must be at most 64 "
+                                                         "characters, not 90"]
+
+
+def test_keys_and_values_in_messages_are_escaped_onto_one_line():
+    errors = unplaced(errors_of(json.dumps({"Apps": [{**app("x\n"), "it's\n": 1}]})))
+    assert errors == [
+        "Apps[0].Name: \"x\\n\": an app name is ASCII letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit",
+        "Apps[0]: unknown key 'it\\'s\\n'; the keys here are Name, Ports, Targets, "
+        "MaxConnections, ProxyProtocol, Balance, HealthCheck",
+    ]

@@ -1,4 +1,5 @@
-"""The config loader, fuzzed: whatever the input, a Config or a clean ConfigError, never a crash."""
+"""The config loader, fuzzed: whatever the input, a Config or a clean ConfigError (one line per
+problem, each placed in the text), never a crash."""
 
 from __future__ import annotations
 
@@ -40,7 +41,15 @@ def check(data) -> None:
         result = config.loads(data, "fuzz.json")
     except config.ConfigError as e:
         assert e.errors and all(isinstance(x, str) and x for x in e.errors)
-        assert str(e).startswith("fuzz.json: ")
+        lines = (data if isinstance(data, str) else data.decode("utf-8", "replace")).split("\n")
+        for error in e.errors:  # one line each, placed in the text (the count of the rest aside)
+            assert "\n" not in error
+            if error.startswith("(and "):
+                continue
+            line, column = map(int, re.match(r"(\d+):(\d+): \S", error).groups())
+            assert 1 <= line <= len(lines) and 1 <= column <= len(lines[line - 1]) + 1, error
+            assert "Traceback" not in error and "is not of type" not in error
+        assert all(line.startswith("fuzz.json:") for line in str(e).split("\n"))
     else:
         assert isinstance(result, config.Config)
         assert len(result.routes) == len(result.ports)  # no port belongs to two apps

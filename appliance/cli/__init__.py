@@ -55,9 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--control", default=default, metavar="PATH",
                        help=f"the proxy's control socket (default {CONTROL_DEFAULT_TEXT})")
 
-    p = sub.add_parser("check", help="validate a config file")
-    config_arg(p)
-    p.set_defaults(func=commands.check)
+    p = sub.add_parser(
+        "check", help="validate a config file",
+        description="Validate a config file as serve and reload would: exit 0 if it can be "
+                    "served (warnings, if any, on standard error), else 1 with one line per "
+                    "problem, FILE:LINE:COLUMN: PATH: what is wrong.")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help=f"the config file, '-' for standard input (default {DEFAULT_CONFIG})")
+    p.add_argument("-c", "--config", metavar="FILE", help="the same as FILE")
+    p.set_defaults(func=commands.check, default_config=DEFAULT_CONFIG)
 
     p = sub.add_parser("serve", help="run the proxy")
     config_arg(p)

@@ -24,8 +24,24 @@ def _load_or_exit(path: str) -> configmod.Config:
 
 
 def check(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.config)
-    print(f"{args.config}: OK: {config.summary()}")
+    """``check [FILE]``, ``check -c FILE``; ``-`` reads standard input. Problems and warnings
+    go to stderr, one line each; the summary to stdout."""
+    if args.file and args.config and args.file != args.config:
+        print(f"flyproxy check: two files given ({args.file}, {args.config}); check one at a time",
+              file=sys.stderr)
+        return 2
+    path = args.file or args.config or args.default_config
+    try:
+        if path == "-":
+            config = configmod.loads(sys.stdin.buffer.read(configmod.MAX_BYTES + 1), "<stdin>")
+        else:
+            config = configmod.load(path)
+    except configmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        print(configmod.in_file(config.source, warning, "warning"), file=sys.stderr)
+    print(f"{config.source}: OK: {config.summary()}")
     for app in config.apps:
         if app.options():
             print(f"  {app.name}: {app.options()}")
