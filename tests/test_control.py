@@ -41,7 +41,7 @@ def test_reload_with_a_bad_config_fails_and_changes_nothing(tmp_path, start_prox
     cfg.write_text(json.dumps({"Apps": [{"Name": "a", "Ports": [port], "Targets": ["nope"]}]}))
     result = run_cli("reload", "-c", str(cfg), "--control", control, "--pin-dir", "")
     assert result.returncode == 1
-    assert f"{cfg}: Apps[0].Targets[0]: 'nope': not host:port" in result.stderr
+    assert 'Apps[0].Targets[0]: "nope": not host:port' in result.stderr and str(cfg) in result.stderr
     status = json.loads(run_cli("status", "--control", control, "--json").stdout)
     assert status["generation"] == 1
     assert greet(port) == "one"
@@ -103,7 +103,7 @@ def test_a_deeply_nested_config_fails_the_reload_with_a_reply_and_ready_again(
                    + "[" * 970 + "]" * 970 + "}]}")
     assert ask(control, b'{"command": "reload"}\n')["ok"] is False  # answered, not dropped
     proxy.notify.wait_for("READY", "1")  # and systemd is told the reload is over
-    assert "nested 973 levels deep" in proxy.output()
+    assert "nested more than 16 levels deep" in proxy.output()
     assert "still serving generation 1" in proxy.output()
     assert greet(port) == "one"
 

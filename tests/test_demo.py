@@ -77,7 +77,7 @@ def test_the_demo_serves_every_app_reloads_refuses_a_broken_config_and_leaves_no
         assert "reload failed" in notify.wait_for("READY", "1")["STATUS"]
         assert echoed(netns, 5999) == b"hello\n"
         output = log_path.read_text()
-        assert f"{config}: line 2 column 13: invalid JSON" in output, output
+        assert f"{config}:2:13: invalid JSON" in output, output
 
         held.sendall(b"after\n")
         held.shutdown(socket.SHUT_WR)

@@ -56,7 +56,7 @@ def test_invalid_reload_keeps_the_old_config_serving(tmp_path, start_proxy, make
         expected = "invalid JSON"
     elif breakage == "schema":
         cfg.write_text(json.dumps({"Apps": [{"Name": "a", "Ports": [port, 0], "Targets": ["x"]}]}))
-        expected = "Apps[0].Ports[1]: 0 is less than the minimum of 1"
+        expected = "Apps[0].Ports[1]: must be from 1 to 65535, not 0"
     else:
         blocker = socket.socket()
         blocker.bind(("127.0.0.1", other))

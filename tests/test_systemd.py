@@ -155,7 +155,7 @@ def test_bad_config_makes_reload_fail_and_changes_nothing(appliance):
     result = appliance.c.run(["systemctl", "reload", "flyproxy"], check=False)
     assert result.returncode != 0
     journal = appliance.c.run(["journalctl", "-u", "flyproxy", "--no-pager", "-n", "30"]).stdout
-    assert "Apps[0].Ports[0]: 0 is less than the minimum of 1" in journal
+    assert "Apps[0].Ports[0]: must be from 1 to 65535, not 0" in journal
     assert appliance.c.run(["systemctl", "show", "-P", "ActiveState", "flyproxy"]).stdout.strip() == "active"
     assert json.loads(appliance.c.run(["flyproxy", "bpf", "status", "--json"]).stdout)["ports"] == before
     assert appliance.greet(5200) == "five-thousand"

@@ -108,8 +108,8 @@ class Server(Service):
         self.install_signals(interrupt=self.channel is None)  # (a worker's Ctrl-C: see below)
         if self.channel is not None:  # Ctrl-C reaches the supervisor, which sends SIGTERM
             self.spawn(self._serve_channel())
-        where = (f"{len(self.sockets)} handed-in sockets" if self.sockets
-                 else f"{len(self.proxy.listening_ports)} ports")
+        where = (count(len(self.sockets), "handed-in socket") if self.sockets
+                 else count(len(self.proxy.listening_ports), "port"))
         log.info("serving %s on %s", self.proxy.config.summary(), where)
         return True
 
