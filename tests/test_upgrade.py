@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from held import Prober
 from helpers import (ProxyProcess, TaggedBackend, connect, copy_of_the_code, free_ports,
                      read_line, run_cli, run_from, wait_until, write_config)
 from netns import NetNS
@@ -72,37 +73,6 @@ class HoldingBackend:
         self.sock.close()
 
 
-class Prober:
-    """A new connection every 20 ms (each greeted, then closed) until stopped; counts
-    failures. Bounded: at most 3,000 probes."""
-
-    def __init__(self, port: int, tag: str, namespace=None):
-        self.port, self.tag, self.namespace = port, tag, namespace
-        self.ok, self.failed = 0, []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        for _ in range(3000):
-            if self.stop.wait(0.02):  # the probe rate, not a wait for an event
-                return
-            try:
-                with connect(self.port, namespace=self.namespace, timeout=10) as s:
-                    line = read_line(s)
-                if line == self.tag.encode():
-                    self.ok += 1
-                else:
-                    self.failed.append(f"greeted {line!r}")
-            except OSError as e:
-                self.failed.append(repr(e))
-
-    def finish(self) -> tuple[int, list[str]]:
-        self.stop.set()
-        self.thread.join(30)
-        return self.ok, self.failed
-
-
 def status(control: str) -> dict:
     out = run_cli("status", "--control", control, "--json")
     assert out.returncode == 0, out.stderr
@@ -113,6 +83,39 @@ def bump_version(root: Path, version: str) -> None:
     init = root / "appliance/__init__.py"
     init.write_text(re.sub(r'__version__ = "([^"]+)"', rf'__version__ = "\1+{version}"',
                            init.read_text()))
+
+
+class One:
+    """One app on one port to a tagged backend, and a supervised proxy with 2 workers run
+    from a copy of the package (``copy``), which the test may change as an upgrade would."""
+
+    def __init__(self, tmp_path: Path, make_backend):
+        self.tmp_path = tmp_path
+        self.backend = make_backend("b")
+        self.port, self.metrics_port = free_ports(2)
+        self.cfg = write_config(tmp_path / "config.json",
+                                {"a": ([self.port], [self.backend.address])})
+        self.control = str(tmp_path / "control.sock")
+        self.root: Path | None = None
+        self.proxy: ProxyProcess | None = None
+
+    def start(self, *args: str, copy: bool = True, metrics: bool = False) -> ProxyProcess:
+        more = ["--metrics", f"127.0.0.1:{self.metrics_port}"] if metrics else []
+        wrap = None
+        if copy:
+            self.root = copy_of_the_code(self.tmp_path)
+            wrap = run_from(self.root)
+        self.proxy = ProxyProcess(self.cfg, "--workers", "2", "--control", self.control,
+                                  *args, *more, wrap=wrap)
+        return self.proxy
+
+
+@pytest.fixture
+def lab1(tmp_path, make_backend):
+    one = One(tmp_path, make_backend)
+    yield one
+    if one.proxy is not None:
+        one.proxy.stop()
 
 
 def alive(pid: int) -> bool:
@@ -270,95 +273,77 @@ def test_an_upgrade_by_reload_keeps_every_connection(lab, tmp_path, mode):
     assert "worker generation 1 finished draining" in proxy.output()
 
 
-def test_a_broken_install_fails_the_reload_and_changes_nothing(tmp_path, make_backend):
-    backend = make_backend("b")
-    port, = free_ports(1)
-    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
-    root = copy_of_the_code(tmp_path)
-    control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, wrap=run_from(root))
-    try:
-        held = connect(port)
-        assert read_line(held) == b"b"
-        before = status(control)
-        relay = root / "appliance/dataplane/relay.py"
-        relay.write_text(relay.read_text() + "\nthis is not python (\n")
-        out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
-        assert out.returncode == 1
-        assert "upgrade refused" in out.stderr and "SyntaxError" in out.stderr, out.stderr
-        after = status(control)
-        assert after["generations"] == before["generations"]
-        assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in before["workers"]]
-        held.sendall(b"hi\n")
-        assert read_line(held) == b"hi"
-        held.close()
-    finally:
-        proxy.stop()
+def test_a_broken_install_fails_the_reload_and_changes_nothing(lab1):
+    lab1.start()
+    port, cfg, control = lab1.port, lab1.cfg, lab1.control
+    root = lab1.root
+    held = connect(port)
+    assert read_line(held) == b"b"
+    before = status(control)
+    relay = root / "appliance/dataplane/relay.py"
+    relay.write_text(relay.read_text() + "\nthis is not python (\n")
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 1
+    assert "upgrade refused" in out.stderr and "SyntaxError" in out.stderr, out.stderr
+    after = status(control)
+    assert after["generations"] == before["generations"]
+    assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in before["workers"]]
+    held.sendall(b"hi\n")
+    assert read_line(held) == b"hi"
+    held.close()
 
 
-def test_new_workers_on_unchanged_code_and_the_counters_stay_monotonic(tmp_path, make_backend):
+def test_new_workers_on_unchanged_code_and_the_counters_stay_monotonic(lab1):
     """``reload --new-workers``: a new generation on the same code; the old one's counts
     stay in the totals once it is gone."""
-    backend = make_backend("b")
-    port, metrics_port = free_ports(2)
-    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
-    control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control,
-                         "--metrics", f"127.0.0.1:{metrics_port}")
-    try:
-        for _ in range(20):
-            with connect(port) as s:
-                assert read_line(s) == b"b"
+    lab1.start(metrics=True, copy=False)
+    port, cfg, control = lab1.port, lab1.cfg, lab1.control
+    metrics_port = lab1.metrics_port
+    for _ in range(20):
+        with connect(port) as s:
+            assert read_line(s) == b"b"
 
-        def accepted() -> float:
-            import urllib.request
-            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                          timeout=10).read().decode()
-            return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-                       if line.startswith("flyproxy_connections_accepted_total{"))
-
-        wait_until(lambda: accepted() >= 20, "20 accepted connections counted")
-        old_pids = status(control)["generations"][-1]["pids"]
-        out = run_cli("reload", "--new-workers", "--control", control, "-c", str(cfg),
-                      "--pin-dir", "")
-        assert out.returncode == 0, out.stderr
-        wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone")
-        assert accepted() >= 20
-        generations = status(control)["generations"]
-        assert len(generations) == 1 and generations[0]["generation"] == 2
-    finally:
-        proxy.stop()
-
-
-def test_what_is_left_at_the_drain_deadline_is_closed_with_a_line_each(tmp_path, make_backend):
-    backend = make_backend("b")
-    port, metrics_port = free_ports(2)
-    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
-    control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--drain-time", "5",
-                         "--metrics", f"127.0.0.1:{metrics_port}")
-    try:
-        held = [connect(port) for _ in range(4)]
-        assert all(read_line(s) == b"b" for s in held)
-        old_pids = status(control)["generations"][-1]["pids"]
-        out = run_cli("reload", "--new-workers", "--control", control, "-c", str(cfg),
-                      "--pin-dir", "")
-        assert out.returncode == 0, out.stderr
+    def accepted() -> float:
+        import urllib.request
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                       timeout=10).read().decode()
-        assert 'flyproxy_generation_connections_active{generation="1"} 4.0' in body
-        assert 'flyproxy_generation_connections_active{generation="2"} 0.0' in body
-        wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone", 30)
-        for s in held:  # ended by the old workers at the deadline (a reset, as an abort is)
-            try:
-                assert s.recv(100) == b""
-            except ConnectionResetError:
-                pass
-            s.close()
-        assert proxy.output().count("closing at the drain deadline: app=a") == 4
-        assert [greet_one(port)] == ["b"]
-    finally:
-        proxy.stop()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                   if line.startswith("flyproxy_connections_accepted_total{"))
+
+    wait_until(lambda: accepted() >= 20, "20 accepted connections counted")
+    old_pids = status(control)["generations"][-1]["pids"]
+    out = run_cli("reload", "--new-workers", "--control", control, "-c", str(cfg),
+                  "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone")
+    assert accepted() >= 20
+    generations = status(control)["generations"]
+    assert len(generations) == 1 and generations[0]["generation"] == 2
+
+
+def test_what_is_left_at_the_drain_deadline_is_closed_with_a_line_each(lab1):
+    lab1.start("--drain-time", "5", metrics=True, copy=False)
+    port, cfg, control, proxy = lab1.port, lab1.cfg, lab1.control, lab1.proxy
+    metrics_port = lab1.metrics_port
+    held = [connect(port) for _ in range(4)]
+    assert all(read_line(s) == b"b" for s in held)
+    old_pids = status(control)["generations"][-1]["pids"]
+    out = run_cli("reload", "--new-workers", "--control", control, "-c", str(cfg),
+                  "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    assert 'flyproxy_generation_connections_active{generation="1"} 4.0' in body
+    assert 'flyproxy_generation_connections_active{generation="2"} 0.0' in body
+    wait_until(lambda: not any(map(alive, old_pids)), "the old generation gone", 30)
+    for s in held:  # ended by the old workers at the deadline (a reset, as an abort is)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+    assert proxy.output().count("closing at the drain deadline: app=a") == 4
+    assert [greet_one(port)] == ["b"]
 
 
 def greet_one(port: int) -> str:
@@ -366,72 +351,58 @@ def greet_one(port: int) -> str:
         return read_line(s).decode()
 
 
-def test_new_workers_that_die_while_starting_fail_the_upgrade_and_the_old_ones_serve(
-        tmp_path, make_backend):
-    backend = make_backend("b")
-    port, = free_ports(1)
-    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
-    root = copy_of_the_code(tmp_path)
-    control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, wrap=run_from(root))
-    try:
-        held = connect(port)
-        assert read_line(held) == b"b"
-        before = status(control)["generations"]
-        # the new code imports and loads the config (the preflight passes), but its
-        # workers die as they start
-        launch = root / "appliance/service/launch.py"
-        launch.write_text(launch.read_text().replace(
-            '    """A worker: the config in force comes from its supervisor',
-            '    import signal; os.kill(os.getpid(), signal.SIGKILL)\n'
-            '    """A worker: the config in force comes from its supervisor', 1))
-        bump_version(root, "broken")
-        out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
-        assert out.returncode == 1 and "upgrade to 0.3.0+broken failed" in out.stderr, out.stderr
-        after = status(control)["generations"]
-        assert [(g["generation"], g["pids"]) for g in after] == \
-            [(g["generation"], g["pids"]) for g in before]
-        assert proxy.proc.poll() is None
-        held.sendall(b"hi\n")
-        assert read_line(held) == b"hi"
-        assert [greet_one(port) for _ in range(10)] == ["b"] * 10
-        held.close()
-    finally:
-        proxy.stop()
+def test_new_workers_that_die_while_starting_fail_the_upgrade_and_the_old_ones_serve(lab1):
+    lab1.start()
+    port, cfg, control, proxy = lab1.port, lab1.cfg, lab1.control, lab1.proxy
+    root = lab1.root
+    held = connect(port)
+    assert read_line(held) == b"b"
+    before = status(control)["generations"]
+    # the new code imports and loads the config (the preflight passes), but its
+    # workers die as they start
+    launch = root / "appliance/service/launch.py"
+    launch.write_text(launch.read_text().replace(
+        '    """A worker: the config in force comes from its supervisor',
+        '    import signal; os.kill(os.getpid(), signal.SIGKILL)\n'
+        '    """A worker: the config in force comes from its supervisor', 1))
+    bump_version(root, "broken")
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 1 and "upgrade to 0.3.0+broken failed" in out.stderr, out.stderr
+    after = status(control)["generations"]
+    assert [(g["generation"], g["pids"]) for g in after] == \
+        [(g["generation"], g["pids"]) for g in before]
+    assert proxy.proc.poll() is None
+    held.sendall(b"hi\n")
+    assert read_line(held) == b"hi"
+    assert [greet_one(port) for _ in range(10)] == ["b"] * 10
+    held.close()
 
 
-def test_sigterm_during_an_upgrade_stops_every_generation_cleanly(tmp_path, make_backend):
-    backend = make_backend("b")
-    port, = free_ports(1)
-    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
-    root = copy_of_the_code(tmp_path)
-    control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--grace-period", "3",
-                         wrap=run_from(root))
+def test_sigterm_during_an_upgrade_stops_every_generation_cleanly(lab1):
+    lab1.start("--grace-period", "3")
+    port, cfg, control, proxy = lab1.port, lab1.cfg, lab1.control, lab1.proxy
+    root = lab1.root
+    held = connect(port)
+    assert read_line(held) == b"b"
+    pids = status(control)["generations"][-1]["pids"]
+    bump_version(root, "upgrade1")
+    done = []
+    reload = threading.Thread(target=lambda: done.append(run_cli(
+        "reload", "--control", control, "-c", str(cfg), "--pin-dir", "")), daemon=True)
+    reload.start()
+    wait_until(lambda: "re-executing the supervisor" in proxy.output(), "the re-exec")
+    proxy.signal(15)  # SIGTERM, blocked across the exec: delivered to the new image
+    assert proxy.wait(timeout=40) == 0
+    reload.join(40)
+    assert done and done[0].returncode == 1, done
+    assert not any(map(alive, pids))
+    # every worker of every generation is gone: no process of ours is left
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _ours(int(p), root)]
     try:
-        held = connect(port)
-        assert read_line(held) == b"b"
-        pids = status(control)["generations"][-1]["pids"]
-        bump_version(root, "upgrade1")
-        done = []
-        reload = threading.Thread(target=lambda: done.append(run_cli(
-            "reload", "--control", control, "-c", str(cfg), "--pin-dir", "")), daemon=True)
-        reload.start()
-        wait_until(lambda: "re-executing the supervisor" in proxy.output(), "the re-exec")
-        proxy.signal(15)  # SIGTERM, blocked across the exec: delivered to the new image
-        assert proxy.wait(timeout=40) == 0
-        reload.join(40)
-        assert done and done[0].returncode == 1, done
-        assert not any(map(alive, pids))
-        # every worker of every generation is gone: no process of ours is left
-        assert not [p for p in os.listdir("/proc") if p.isdigit() and _ours(int(p), root)]
-        try:
-            assert held.recv(10) == b""  # closed at the end of the grace period
-        except ConnectionResetError:
-            pass
-        held.close()
-    finally:
-        proxy.stop()
+        assert held.recv(10) == b""  # closed at the end of the grace period
+    except ConnectionResetError:
+        pass
+    held.close()
 
 
 def _ours(pid: int, root: Path) -> bool:
@@ -441,35 +412,28 @@ def _ours(pid: int, root: Path) -> bool:
         return False
 
 
-def test_a_worker_killed_after_an_upgrade_is_replaced_in_its_generation(tmp_path, make_backend):
+def test_a_worker_killed_after_an_upgrade_is_replaced_in_its_generation(lab1):
     """A new-generation worker that dies is started again on the new code; the draining
     generation is untouched (its workers are never restarted: they are on their way out)."""
-    backend = make_backend("b")
-    port, = free_ports(1)
-    cfg = write_config(tmp_path / "config.json", {"a": ([port], [backend.address])})
-    root = copy_of_the_code(tmp_path)
-    control = str(tmp_path / "control.sock")
-    proxy = ProxyProcess(cfg, "--workers", "2", "--control", control, "--drain-time", "60",
-                         wrap=run_from(root))
-    try:
-        held = connect(port)  # keeps the old generation draining
-        assert read_line(held) == b"b"
-        bump_version(root, "upgrade1")
-        out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
-        assert out.returncode == 0, out.stderr
-        old, new = status(control)["generations"]
-        os.kill(new["pids"][0], 9)
-        wait_until(lambda: (lambda g: len(g) == 2 and len(g[1]["pids"]) == 2
-                            and new["pids"][0] not in g[1]["pids"]
-                            and all(map(alive, g[1]["pids"])))(status(control)["generations"]),
-                   "the killed worker replaced in the new generation", 30)
-        gens = status(control)["generations"]
-        # the old generation: only its own workers (none restarted), the held one's still there
-        assert gens[0]["pids"] and set(gens[0]["pids"]) <= set(old["pids"])
-        assert gens[0]["active"] == 1 and gens[-1]["version"].endswith("upgrade1")
-        held.sendall(b"hi\n")
-        assert read_line(held) == b"hi"
-        assert greet_one(port) == "b"
-        held.close()
-    finally:
-        proxy.stop()
+    lab1.start("--drain-time", "60")
+    port, cfg, control = lab1.port, lab1.cfg, lab1.control
+    root = lab1.root
+    held = connect(port)  # keeps the old generation draining
+    assert read_line(held) == b"b"
+    bump_version(root, "upgrade1")
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    old, new = status(control)["generations"]
+    os.kill(new["pids"][0], 9)
+    wait_until(lambda: (lambda g: len(g) == 2 and len(g[1]["pids"]) == 2
+                        and new["pids"][0] not in g[1]["pids"]
+                        and all(map(alive, g[1]["pids"])))(status(control)["generations"]),
+               "the killed worker replaced in the new generation", 30)
+    gens = status(control)["generations"]
+    # the old generation: only its own workers (none restarted), the held one's still there
+    assert gens[0]["pids"] and set(gens[0]["pids"]) <= set(old["pids"])
+    assert gens[0]["active"] == 1 and gens[-1]["version"].endswith("upgrade1")
+    held.sendall(b"hi\n")
+    assert read_line(held) == b"hi"
+    assert greet_one(port) == "b"
+    held.close()
