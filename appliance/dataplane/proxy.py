@@ -65,6 +65,8 @@ class Proxy:
         self.load: dict[tuple[str, object], int] = {}
         self.down: dict[str, set] = {}  # app -> targets its active checks hold down
         self.metrics.track_active(self.active)
+        self.metrics.track_ejected(self.ejected)
+        self.metrics.configured(config)
         self._routes = config.routes
         self._owned: dict[int, Listener] = {}  # port -> listener, per-port mode
         self._handed: list[Listener] = []
@@ -179,6 +181,13 @@ class Proxy:
         limit // N (at least 1), so together they never exceed the limit (but for limits
         below N)."""
         return max(1, max_connections // self.settings.workers)
+
+    def ejected(self) -> dict[tuple[str, str], int]:
+        """(app, target) -> 1 while passive health tries the target last, else 0: for
+        every target of the config (the ejected-target metric)."""
+        ejected = self.health.ejected
+        return {(app.name, t.label): int(ejected(t)) for app in self.config.apps
+                for t in app.targets}
 
     # -- what the tunnels tell us (tunnel.Tunnel's owner) ----------------------------------
 
@@ -367,6 +376,7 @@ class Proxy:
         close the ports it removed."""
         self.config, self._routes = new, new.routes
         self.generation += 1
+        self.metrics.configured(new)
         self.resolver.track(new.names)
         if not self._handed:
             self._close_ports(change.removed_ports)
