@@ -24,6 +24,8 @@ class NullMetrics:
     checks = None  # () -> the health checks' state (a single process's own checker)
 
     def track_active(self, active: dict[str, int]) -> None: ...
+    def track_ejected(self, ejected) -> None: ...
+    def configured(self, config) -> None: ...
     def accepted(self, app: str) -> None: ...
     def rejected(self, app: str, reason: str) -> None: ...
     def connected(self, app: str, target, seconds: float, failures) -> None: ...
@@ -57,12 +59,43 @@ class Metrics(NullMetrics):
         self.resolver = None  # its names' state is read at scrape time
         self.dns_names: list[dict] = []  # ... or, summed from workers, given here
         self.fds: tuple[int, int] | None = None  # (open, per-process limit): read at scrape
+        self._ejected = None  # () -> {(app, target): 0 or 1}: passive health, read at scrape
+        self._ejected_sum: dict[tuple[str, str], int] = {}  # ... or, summed from workers
+        self.workers: list[tuple[int, int, int]] | None = None  # a supervisor's (index,
+        # generation, pid) of each live worker: the process metrics count them too
 
     # -- hooks, on the event loop's thread --------------------------------------------
 
     def track_active(self, active: dict[str, int]) -> None:
         """Report the proxy's per-app open-connection count (no second count kept here)."""
         self.active_n = active
+
+    def track_ejected(self, ejected) -> None:
+        """``ejected()`` -> {(app, target label): 1 while passive health tries the target
+        last (its connect just failed), else 0}: read at scrape time."""
+        self._ejected = ejected
+
+    @property
+    def ejected_n(self) -> dict[tuple[str, str], int]:
+        return self._ejected() if self._ejected is not None else self._ejected_sum
+
+    def configured(self, config) -> None:
+        """Every app's and target's series, at zero until something happens to them (so
+        a rate or an alert sees them from the start, not from their first connection)."""
+        zero_row = [0] * (len(CONNECT_BUCKETS_S) + 1) + [0.0]
+        for app in config.apps:
+            name = app.name
+            for d in (self.accepted_n, self.active_n, self.retries_n, self.all_down_n):
+                d.setdefault(name, 0)
+            self.closed_n.setdefault((name, "closed"), 0)
+            if app.max_connections is not None:
+                self.rejected_n.setdefault((name, "limit"), 0)
+            for target in app.targets:
+                t = target.label
+                self.attempts_n.setdefault((name, t), 0)
+                self.bytes_n.setdefault((name, t, "in"), 0)
+                self.bytes_n.setdefault((name, t, "out"), 0)
+                self.latency.setdefault((name, t), list(zero_row))
 
     def accepted(self, app: str) -> None:
         d = self.accepted_n
@@ -122,7 +155,7 @@ class Metrics(NullMetrics):
     # Reloads and the generation are not here: the supervisor counts those itself (one
     # reload is one, however many workers applied it).
     COUNTS = ("accepted_n", "active_n", "rejected_n", "closed_n", "attempts_n", "failures_n",
-              "retries_n", "all_down_n", "bytes_n", "latency", "dns_lookups_n")
+              "retries_n", "all_down_n", "bytes_n", "latency", "dns_lookups_n", "ejected_n")
 
     def snapshot(self) -> dict:
         """Every per-connection count as JSON (tuple keys become lists), for the supervisor."""
@@ -171,17 +204,23 @@ class Metrics(NullMetrics):
                 f.add_metric(list(key) if isinstance(key, tuple) else [key], value)
             return f
 
-        yield family(CounterMetricFamily, "flyproxy_connections_accepted", "Connections accepted",
-                     ["app"], self.accepted_n)
-        yield family(GaugeMetricFamily, "flyproxy_connections_active", "Connections open now",
-                     ["app"], self.active_n)
+        yield family(CounterMetricFamily, "flyproxy_connections_accepted",
+                     "Client connections accepted, by app", ["app"], self.accepted_n)
+        yield family(GaugeMetricFamily, "flyproxy_connections_active",
+                     "Client connections open now, by app", ["app"], self.active_n)
         yield family(CounterMetricFamily, "flyproxy_connections_rejected",
-                     "Connections closed at once", ["app", "reason"], self.rejected_n)
-        yield family(CounterMetricFamily, "flyproxy_connections_closed", "Connections ended, by how",
+                     "Client connections closed at once (no app on the port, the app at "
+                     "its MaxConnections, no fd or memory left), by app and reason",
+                     ["app", "reason"], self.rejected_n)
+        yield family(CounterMetricFamily, "flyproxy_connections_closed",
+                     "Client connections ended, by app and how (end: closed, idle, reset, "
+                     "client-reset, backend-reset, all-targets-down, shutdown ...)",
                      ["app", "end"], self.closed_n)
-        yield family(CounterMetricFamily, "flyproxy_connect_attempts", "Backend connect attempts",
+        yield family(CounterMetricFamily, "flyproxy_connect_attempts",
+                     "Connects to a target (each attempt counts), by app and target",
                      ["app", "target"], self.attempts_n)
-        yield family(CounterMetricFamily, "flyproxy_connect_failures", "Backend connect failures",
+        yield family(CounterMetricFamily, "flyproxy_connect_failures",
+                     "Connects to a target that failed, by app, target and reason",
                      ["app", "target", "reason"], self.failures_n)
         yield family(CounterMetricFamily, "flyproxy_retries",
                      "Connections that needed more than one attempt", ["app"], self.retries_n)
@@ -200,16 +239,24 @@ class Metrics(NullMetrics):
                 buckets.append((bound, cumulative))
             hist.add_metric(list(key), buckets, counts[-1])
         yield hist
-        yield family(CounterMetricFamily, "flyproxy_reloads", "Config reloads", ["result"],
-                     self.reloads_n)
-        gen = GaugeMetricFamily("flyproxy_config_generation", "Config generation in force")
+        yield family(GaugeMetricFamily, "flyproxy_target_ejected",
+                     "1 while passive health tries the target last, its connect having just "
+                     "failed (--eject); with workers, how many of them do",
+                     ["app", "target"], self.ejected_n)
+        yield family(CounterMetricFamily, "flyproxy_reloads",
+                     "Config reloads, by result (ok, failed)", ["result"], self.reloads_n)
+        gen = GaugeMetricFamily("flyproxy_config_generation", "Config generation in force (1 at start, "
+                                "one more at each reload applied)")
         gen.add_metric([], self.generation)
         yield gen
         yield family(CounterMetricFamily, "flyproxy_dns_lookups",
                      "Host-name lookups (A and AAAA of one name), by result", ["result"],
                      self.dns_lookups_n)
         names = self.names()
-        state = GaugeMetricFamily("flyproxy_dns_state", "Each host-name target's state (1)",
+        state = GaugeMetricFamily("flyproxy_dns_state", "1 for the state a host-name target "
+                                  "is in now: pending (never answered), fresh, refreshing "
+                                  "(past its TTL, asked again), stale (the resolver fails: "
+                                  "last addresses kept), down (no address)",
                                   labels=["name", "state"])
         count = GaugeMetricFamily("flyproxy_dns_addresses", "Addresses a host name has now",
                                   labels=["name"])
@@ -235,6 +282,11 @@ class Metrics(NullMetrics):
                                     "open (LimitNOFILE)")
         max_fds.add_metric([], limit)
         yield max_fds
+        from .process_metrics import families
+        if self.workers is not None:  # a supervisor: its own fds too
+            from .metrics_http import sampled_fds
+            used += sampled_fds()[0]
+        yield from families((used, limit), self.workers)
 
 
 

@@ -36,6 +36,13 @@ def worker_count(text: str) -> int:
     return int(text)
 
 
+def positive_int(text: str) -> int:
+    """A whole number, 1 or more (``--conn-log-sample``)."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a whole number, 1 or more")
+    return int(text)
+
+
 def option(default: Any, flag: str, help: str, *, metavar: str | None = None,
            env: str | None = None, type: Callable | None = None,
            choices: tuple | None = None) -> Any:
@@ -90,9 +97,22 @@ class Settings:
                                          "every this long (default 15)", metavar="SECONDS")
     keepalive_probes: int = option(4, "--keepalive-probes", "... and this many unanswered "
                                    "probes reset it (default 4)", metavar="N")
-    conn_log_level: str = option("debug", "--conn-log-level", "level of the one log line per "
-                                 "connection (default debug)", env="FLYPROXY_CONN_LOG_LEVEL",
-                                 choices=("debug", "info", "warning"))
+    conn_log_level: str = option("info", "--conn-log-level", "level of the access log: "
+                                 "a line per connection as it ends, and one every "
+                                 "--conn-log-interval while it lasts (default info; off: "
+                                 "none)", env="FLYPROXY_CONN_LOG_LEVEL",
+                                 choices=("debug", "info", "warning", "off"))
+    conn_log_interval_s: float = option(300.0, "--conn-log-interval", "a connection open "
+                                        "this long gets an access log line (bytes so far), "
+                                        "and another every this long (default 300; 0: "
+                                        "only when it ends)", metavar="SECONDS",
+                                        env="FLYPROXY_CONN_LOG_INTERVAL")
+    conn_log_sample: int = option(1, "--conn-log-sample", "write the closing line of 1 in N "
+                                  "connections that ended cleanly on their first target "
+                                  "(default 1: every one); one that ended otherwise (reset, "
+                                  "timeout, error, a retry) always gets its line",
+                                  metavar="N", env="FLYPROXY_CONN_LOG_SAMPLE",
+                                  type=positive_int)
     # -- host-name targets (dataplane/resolver.py) ---------------------------------------
     dns_min_ttl_s: float = option(1.0, "--dns-min-ttl", "keep a host name's answer at least "
                                   "this long (default 1)", metavar="SECONDS")
@@ -109,7 +129,10 @@ class Settings:
     dns_tries: int = 2  # c-ares tries per query (not an option)
 
     @property
-    def conn_log_levelno(self) -> int:
+    def conn_log_levelno(self) -> int | None:
+        """The access log's level, None when it is off."""
+        if self.conn_log_level == "off":
+            return None
         return logging.getLevelName(self.conn_log_level.upper())
 
     @classmethod

@@ -100,7 +100,8 @@ def test_every_setting_has_one_command_line_form_that_round_trips():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     changed = Settings(host="127.0.0.9", workers=3, connect_timeout_s=1.5, splice_after=7,
-                       keepalive_probes=9, dns_stale_s=12.0, conn_log_level="info",
+                       keepalive_probes=9, dns_stale_s=12.0, conn_log_level="off",
+                       conn_log_interval_s=60.0, conn_log_sample=10,
                        loop="asyncio")
     assert Settings.from_args(parser.parse_args(changed.to_argv())) == changed
     assert Settings.from_args(parser.parse_args([])) == Settings()

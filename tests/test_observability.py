@@ -59,22 +59,6 @@ def test_metrics_count_connections_bytes_failures_and_reloads(tmp_path, start_pr
     assert sample(text, "flyproxy_connections_closed_total", app="a", end="closed") == 1
 
 
-def test_one_log_line_per_connection(tmp_path, start_proxy, make_backend):
-    live = make_backend("live")
-    port, = free_ports(1)
-    cfg = write_config(tmp_path / "config.json", {"a": ([port], [live.address])})
-    proxy = start_proxy(cfg, "--conn-log-level", "info")
-    with connect(port) as s:
-        s.sendall(b"abc\n")
-        s.shutdown(socket.SHUT_WR)
-        assert recv_all(s) == b"live\nabc\nbye\n"
-    proxy.reload()  # a round trip through the proxy's loop: the close has been logged
-    lines = [l for l in proxy.output().splitlines() if "appliance.connections" in l]
-    assert len(lines) == 1, proxy.output()
-    assert re.search(rf"app=a port={port} client=127.0.0.1 target={live.address} attempts=1 "
-                     r"in=4 out=13 secs=[\d.]+ end=closed", lines[0]), lines[0]
-
-
 def test_repeated_errors_are_rate_limited(tmp_path, start_proxy):
     port, = free_ports(1)
     cfg = write_config(tmp_path / "config.json", {"down": ([port], [f"127.0.0.1:{dead_port()}"])})

@@ -93,6 +93,11 @@ class Health:
         if self.failed:
             self.failed.pop(target, None)
 
+    def ejected(self, target: Target) -> bool:
+        """Is ``target`` tried last now, its connect having failed within ``eject_s``?"""
+        failure = self.failed.get(target)
+        return failure is not None and time.monotonic() - failure[0] < self.eject_s
+
     def describe(self, target: Target) -> str:
         failure = self.failed.get(target)
         if failure is None:

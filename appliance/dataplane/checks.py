@@ -280,7 +280,7 @@ def check_families(rows: list[dict]):
 
     up = GaugeMetricFamily("flyproxy_target_up", "Active health check: 1 if the target is up",
                            labels=["app", "target"])
-    since = GaugeMetricFamily("flyproxy_target_state_since_seconds",
+    since = GaugeMetricFamily("flyproxy_target_state_since_timestamp_seconds",
                               "Unix time of the target's last up/down transition (or the "
                               "check's start)", labels=["app", "target"])
     for row in rows:

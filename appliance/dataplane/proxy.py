@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import socket
 import time
@@ -37,6 +38,19 @@ conn_log = logging.getLogger("appliance.connections")
 FD_WARNING = 0.9  # of RLIMIT_NOFILE: warn (rate-limited) when connections hold this share
 
 
+def peer_text(addr) -> str:
+    """A socket address as ``ip:port`` (``[ip]:port`` for IPv6); an IPv4 client of a
+    dual-stack socket as IPv4 (``192.0.2.1:80``, not ``::ffff:192.0.2.1``)."""
+    if not addr:
+        return "-"
+    host, port = addr[0], addr[1]
+    if ":" not in host:
+        return f"{host}:{port}"
+    if host.startswith("::ffff:") and "." in host:
+        return f"{host[7:]}:{port}"
+    return f"[{host}]:{port}"
+
+
 class Proxy:
     def __init__(self, config: Config, settings: Settings | None = None, *,
                  metrics: NullMetrics | None = None) -> None:
@@ -51,6 +65,8 @@ class Proxy:
         self.load: dict[tuple[str, object], int] = {}
         self.down: dict[str, set] = {}  # app -> targets its active checks hold down
         self.metrics.track_active(self.active)
+        self.metrics.track_ejected(self.ejected)
+        self.metrics.configured(config)
         self._routes = config.routes
         self._owned: dict[int, Listener] = {}  # port -> listener, per-port mode
         self._handed: list[Listener] = []
@@ -60,6 +76,10 @@ class Proxy:
         self._drained: asyncio.Future | None = None  # drain() waits on it: no tunnels left
         self._sweeper: asyncio.Task | None = None
         self._limited = RateLimited(log)
+        self._conn_log_level = self.settings.conn_log_levelno  # None: the access log is off
+        self._sample = self.settings.conn_log_sample  # 1 in this many clean ends is logged
+        self._unsampled = 0  # clean ends not logged since the last one that was
+        self.pid = os.getpid()  # in the access log: which worker
         self.accepting = False
 
     def __repr__(self) -> str:
@@ -82,7 +102,8 @@ class Proxy:
                 self._handed.append(self._serve(sock, None))
         else:
             self._open_ports(self.config.ports)
-        if self.settings.idle_timeout_s > 0 or self.settings.keepalive_idle_s > 0:
+        o = self.settings
+        if o.idle_timeout_s > 0 or o.keepalive_idle_s > 0 or self._log_interval_s() > 0:
             self._sweeper = self._loop.create_task(self._sweep_idle())
         self.accepting = True
 
@@ -161,6 +182,13 @@ class Proxy:
         below N)."""
         return max(1, max_connections // self.settings.workers)
 
+    def ejected(self) -> dict[tuple[str, str], int]:
+        """(app, target) -> 1 while passive health tries the target last, else 0: for
+        every target of the config (the ejected-target metric)."""
+        ejected = self.health.ejected
+        return {(app.name, t.label): int(ejected(t)) for app in self.config.apps
+                for t in app.targets}
+
     # -- what the tunnels tell us (tunnel.Tunnel's owner) ----------------------------------
 
     def connected(self, tunnel: Tunnel, seconds: float) -> None:
@@ -210,29 +238,66 @@ class Proxy:
         bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
         end = tunnel.end or "closed"
         self.metrics.closed(tunnel.app, tunnel.target, bytes_in, bytes_out, end)
-        if conn_log.isEnabledFor(self.settings.conn_log_levelno):
-            client = tunnel.client_addr
-            secs = time.monotonic() - tunnel.started
-            conn_log.log(self.settings.conn_log_levelno,
-                         "app=%s port=%s client=%s target=%s attempts=%d in=%d out=%d "
-                         "secs=%.3f end=%s", tunnel.app, tunnel.port, client and client[0],
-                         tunnel.target, tunnel.attempts, bytes_in, bytes_out, secs, end,
-                         extra={"APP": tunnel.app, "PORT": tunnel.port, "TARGET": tunnel.target,
-                                "BYTES_IN": bytes_in, "BYTES_OUT": bytes_out, "END": end})
+        level = self._conn_log_level
+        if level is not None and conn_log.isEnabledFor(level):
+            if end == "closed" and tunnel.attempts == 1 and self._sample > 1:
+                self._unsampled += 1  # a clean end: 1 in conn_log_sample gets its line
+                if self._unsampled < self._sample:
+                    level = None
+                else:
+                    self._unsampled = 0
+            if level is not None:
+                self._access_log(level, tunnel, time.monotonic(), end)
         if not self.tunnels and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def _sweep_idle(self) -> None:
-        """Close connections that moved no byte for ``idle_timeout_s`` (checked in steps),
-        and give backend sockets that lived a step their keepalive.
+    def _access_log(self, level: int, tunnel: Tunnel, now: float, end: str | None) -> None:
+        """The access log's line for ``tunnel``: as it closes (``end`` says why), or while
+        it lasts (``end`` None: the bytes so far). The same values go to the journal as
+        fields (CONN, CLIENT, APP, PORT, TARGET, BYTES_IN, BYTES_OUT, SECONDS, END,
+        ATTEMPTS; the journal adds _PID)."""
+        client = peer_text(tunnel.client_addr)
+        target = tunnel.target.label if tunnel.target is not None else "-"
+        bytes_in = tunnel.client.nbytes
+        bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
+        secs = now - tunnel.started
+        fields = {"CONN": "closed" if end else "open", "CLIENT": client, "APP": tunnel.app,
+                  "PORT": tunnel.port, "TARGET": target, "BYTES_IN": bytes_in,
+                  "BYTES_OUT": bytes_out, "SECONDS": round(secs, 3),
+                  "ATTEMPTS": tunnel.attempts}
+        if end:
+            fields["END"] = end
+            conn_log.log(level, "conn=closed client=%s app=%s port=%s target=%s in=%d out=%d "
+                         "secs=%.3f end=%s attempts=%d pid=%d", client, tunnel.app,
+                         tunnel.port, target, bytes_in, bytes_out, secs, end, tunnel.attempts,
+                         self.pid, extra=fields)
+        else:
+            conn_log.log(level, "conn=open client=%s app=%s port=%s target=%s in=%d out=%d "
+                         "secs=%.0f pid=%d", client, tunnel.app, tunnel.port, target,
+                         bytes_in, bytes_out, secs, self.pid, extra=fields)
 
-        Costs nothing per byte: a tunnel's byte counts are compared between sweeps. A
-        backend socket gets keepalive only once its connection has lived a step: no
-        system call for the short connections that never need a probe.
+    def _log_interval_s(self) -> float:
+        """How often a connection that lasts gets an access log line (0: never)."""
+        level = self._conn_log_level
+        if level is None or not conn_log.isEnabledFor(level):
+            return 0.0
+        return self.settings.conn_log_interval_s
+
+    async def _sweep_idle(self) -> None:
+        """Every step: close connections that moved no byte for ``idle_timeout_s``, give
+        backend sockets that lived a step their keepalive, and write the access log's line
+        for connections open ``conn_log_interval_s`` since their last one.
+
+        Costs nothing per byte and no timer per connection: a tunnel's byte counts are
+        compared between sweeps. A backend socket gets keepalive only once its connection
+        has lived a step: no system call for the short connections that never need a probe.
         """
         o = self.settings
         idle_s = o.idle_timeout_s
         step_s = min(idle_s / 4, 5.0) if idle_s > 0 else 5.0
+        log_every_s = self._log_interval_s()
+        if log_every_s > 0:
+            step_s = min(step_s, log_every_s)  # a line between 1 and 2 intervals late at most
         keepalive = o.keepalive_idle_s > 0
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         while True:
@@ -255,6 +320,9 @@ class Proxy:
                                             o.keepalive_interval_s, o.keepalive_probes)
                     except OSError:
                         pass  # closing meanwhile
+                if log_every_s > 0 and now - tunnel.logged_at >= log_every_s:
+                    tunnel.logged_at = now
+                    self._access_log(self._conn_log_level, tunnel, now, None)
                 if idle_s <= 0:
                     continue
                 moved = tunnel.client.nbytes + backend.nbytes
@@ -309,6 +377,7 @@ class Proxy:
         close the ports it removed."""
         self.config, self._routes = new, new.routes
         self.generation += 1
+        self.metrics.configured(new)
         self.resolver.track(new.names)
         if not self._handed:
             self._close_ports(change.removed_ports)
@@ -347,10 +416,9 @@ class Proxy:
         except TimeoutError:
             left = list(self.tunnels)
             for tunnel in left:  # one line each: the operator sees who was cut
-                client = tunnel.client_addr
                 log.warning("closing at the drain deadline: app=%s port=%s client=%s target=%s "
                             "in=%d out=%d secs=%.0f", tunnel.app, tunnel.port,
-                            client and client[0], tunnel.target, tunnel.client.nbytes,
+                            peer_text(tunnel.client_addr), tunnel.target, tunnel.client.nbytes,
                             tunnel.backend.nbytes if tunnel.backend else 0,
                             time.monotonic() - tunnel.started)
                 tunnel.abort("shutdown")

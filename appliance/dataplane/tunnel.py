@@ -34,10 +34,10 @@ class Tunnel:
     """
 
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
-                 "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i", "racing", "stagger",
-                 "attempt_started", "started", "end", "seen_bytes", "seen_at", "splice_after",
-                 "done", "keepalive", "survivor", "abort_timer", "proxy_protocol",
-                 "load_key")
+                 "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i",
+                 "racing", "stagger", "attempt_started", "started", "end", "seen_bytes",
+                 "seen_at", "logged_at", "splice_after", "done", "keepalive", "survivor",
+                 "abort_timer", "proxy_protocol", "load_key")
 
     def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
                  splice_after: int = 0, proxy_protocol: str | None = None) -> None:
@@ -62,6 +62,7 @@ class Tunnel:
         self.end: str | None = None  # why it ended ("idle", "reset", ...), if not plainly
         self.seen_bytes = 0  # for the idle sweep: bytes moved when last looked at ...
         self.seen_at = self.started  # ... and since when
+        self.logged_at = self.started  # the access log's last line for it (proxy's sweep)
         self.splice_after = splice_after or NEVER
         self.done = False
         self.keepalive = False  # the backend socket has its TCP keepalive (proxy's sweep)

@@ -105,6 +105,8 @@ class Gathered:
         total.active_by_generation = by_generation
         total.reloads_n = dict(self.reloads)  # one reload is one, however many workers
         total.generation = self.generation
+        total.workers = [(w.index, w.generation, w.proc.pid) for w in self.all_workers()
+                         if w.proc is not None and w.proc.returncode is None]
         return total
 
 
