@@ -379,3 +379,29 @@ def run_from(root: Path) -> list[str]:
     """A wrap for ProxyProcess: ``python -m appliance`` finds the package in the working
     directory first, so the proxy runs the code under ``root``."""
     return ["sh", "-c", f'cd "{root}" && exec "$@"', "sh"]
+
+
+def scrape(port: int) -> str:
+    """The metrics endpoint's text, fetched (bounded)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def sample(text: str, name: str, **labels) -> float:
+    """The value of the sample ``name`` with exactly these labels (in any order)."""
+    import re
+    for line in text.splitlines():
+        match = re.match(r"(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if match and match.group(1) == name:
+            have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            if have == {k: str(v) for k, v in labels.items()}:
+                return float(match.group(3))
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+
+
+def status_of(control: str) -> dict:
+    """`flyproxy status --json` of the proxy at ``control``."""
+    out = run_cli("status", "--control", control, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from helpers import dead_port, free_ports, greet, wait_until, write_config
-from test_observability import sample, scrape
-from test_workers import status
+from helpers import (dead_port, free_ports, greet, sample, scrape, status_of as status, wait_until,
+                     write_config)
 
 
 def config(path, port: int, live: str, down_port: int, dead: str):

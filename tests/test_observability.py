@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
-import urllib.request
 
 import pytest
 
 from helpers import (REPO, closed_by_peer, connect, dead_port, free_ports, greet, recv_all,
-                     run_cli, write_config)
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def sample(text: str, name: str, **labels) -> float:
-    """The value of the sample ``name`` with exactly these labels (in any order)."""
-    for line in text.splitlines():
-        match = re.match(r"(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if match and match.group(1) == name:
-            have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            if have == {k: str(v) for k, v in labels.items()}:
-                return float(match.group(3))
-    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+                     run_cli, sample, scrape, write_config)
 
 
 def test_metrics_count_connections_bytes_failures_and_reloads(tmp_path, start_proxy, make_backend):

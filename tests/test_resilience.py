@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (PYTHON, REPO, NotifySocket, closed_by_peer, connect, dead_port, free_ports,
-                     greet, pipes_of, read_line, recv_all, wait_until, write_config)
+from helpers import (PYTHON, REPO, closed_by_peer, connect, dead_port, free_ports, greet,
+                     NotifySocket, pipes_of, read_line, recv_all, sample, scrape, wait_until,
+                     write_config)
 from load import LoadGenerator
-from test_observability import sample, scrape
 
 
 def test_idle_connections_are_closed_and_busy_ones_are_not(tmp_path, start_proxy, make_backend):

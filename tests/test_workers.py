@@ -15,8 +15,7 @@ import threading
 import pytest
 
 from helpers import (WAIT_S, closed_by_peer, connect, free_ports, greet, read_line, run_cli,
-                     wait_until, write_config)
-from test_observability import sample, scrape
+                     sample, scrape, wait_until, write_config)
 
 N = 2
 
