@@ -52,10 +52,25 @@ def test_the_scale_report_has_a_column_per_proxy():
                "stop_s": 6.0, "start_s": 1.0, "outlived_restart": 0,
                "during_restart": {"tried": 500, "ok": 480, "errors": {"ECONNREFUSED": 20}},
                "reopened": 99_990,
-               "reopen_errors": {"timed out": 10}, "reopen_per_s": 7000.0}
+               "reopen_errors": {"timed out": 10}, "reopen_per_s": 7000.0,
+               "upgrade_s": 4.25, "held_at_upgrade": 99_990, "outlived_upgrade": 99_990,
+               "during_upgrade": {"tried": 900, "ok": 900, "errors": {}}, "old_gone_s": 3.5}
+    old = {k: v for k, v in figures.items()  # results from before the upgrade rows
+           if k not in ("upgrade_s", "held_at_upgrade", "outlived_upgrade", "during_upgrade",
+                        "old_gone_s")}
     text = "\n".join(bench.hold_report({"flyproxy": figures,
-                                        "HAProxy (2 threads)": {**figures, "rss_kib_per_conn": 3.0}}))
-    assert "| | flyproxy | HAProxy (2 threads) |" in text
+                                        "HAProxy (2 threads)": {**figures, "rss_kib_per_conn": 3.0},
+                                        "older": old}))
+    assert "| | flyproxy | HAProxy (2 threads) | older |" in text
+    assert "| upgrade with all open (s) | 4.2 | 4.2 | - |" in text
+    assert ("| held connections that outlived the upgrade | 99,990 of 99,990 | "
+            "99,990 of 99,990 | - |") in text
+    assert "| new connections during the upgrade (failed) | 900 (none) | 900 (none) | - |" in text
+    assert "| old processes gone once the held connections closed (s) | 3.5 |" in text
+    assert "tcp_migrate_req=1" in text and "ran on its own" not in text
+    run = {"date": "today", "kernel": "k", "duration_s": 600}
+    assert "This phase ran on its own on today, kernel k, in 600 s." in "\n".join(
+        bench.hold_report({"flyproxy": figures}, run))
     assert "| held at once (of connections opened) | 100,000 of 100,000 |" in text
     assert "| all reopened after the restart (failed) | 99,990 (10 timed out) |" in text
     assert "| new connections during the restart (failed) | 500 (20 ECONNREFUSED) |" in text
