@@ -7,11 +7,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 import bench  # noqa: E402
 import hold  # noqa: E402
 
 from helpers import free_ports, write_config  # noqa: E402
+from netns import NetNS  # noqa: E402
 
 N = 300
 
@@ -43,6 +46,44 @@ def test_held_connections_are_counted_and_lost_ones_noticed(tmp_path, start_prox
     finally:
         clients.stop()
         echo.stop()
+
+
+@pytest.mark.root
+def test_the_upgrade_step_keeps_what_is_held_and_waits_for_the_old_workers(tmp_path,
+                                                                          monkeypatch):
+    """The bench's upgrade with all open, small: flyproxy (2 workers, per-port) run from a
+    copy of the package as the bench runs it, 300 held, the copy's version bumped and
+    `flyproxy reload`; in a namespace of its own with tcp_migrate_req=1, as the bench's."""
+    monkeypatch.setattr(bench, "WORK", tmp_path, raising=False)
+    ns = NetNS("flyproxy-bup")
+    ns.exec(["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"], check=True)
+    echo = proxy = clients = None
+    try:
+        with ns.entered():  # every process started here lives in the namespace
+            echo = hold.EchoBackend(hold.backends(n=2), processes=1)
+            proxy = bench.FlyProxy(20000, workers="2")
+            proxy.hold_targets = [f"{h}:{p}" for h, p in hold.backends(n=2)]
+            proxy.code_root, proxy.grace = tmp_path / "code", 5
+            proxy.start()
+            proxy.ready()
+            before = proxy.status()
+            clients = hold.Clients(("127.0.0.1", proxy.front["idle"]), processes=1)
+            assert clients.call("open", N, timeout_s=60) == {"opened": N, "errors": {}}
+            upgraded = bench.upgrade_with_all_open(proxy, clients, N)
+            after = proxy.status()
+            assert clients.call("open", 10, timeout_s=60) == {"opened": 10, "errors": {}}
+    finally:
+        for thing in (clients, proxy, echo):
+            if thing is not None:
+                thing.stop()
+        ns.delete()
+    assert upgraded["held_at_upgrade"] == upgraded["outlived_upgrade"] == N
+    assert upgraded["during_upgrade"]["errors"] == {}
+    assert upgraded["during_upgrade"]["ok"] == upgraded["during_upgrade"]["tried"] > 0
+    assert after["version"] == before["version"] + "+bench1"  # the copy ran, upgraded
+    old_gen = before["generations"][-1]["generation"]
+    assert [g["generation"] for g in after["generations"]] == [old_gen + 1]  # the old gone
+    assert set(after["generations"][0]["pids"]).isdisjoint(before["generations"][-1]["pids"])
 
 
 def test_the_scale_report_has_a_column_per_proxy():

@@ -742,7 +742,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespace, BPF)", file=sys.stderr)
         return 1
-    for tool in ("haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD):
+    tools = ("haproxy",) if SCALE_ONLY else (
+        "haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD)
+    for tool in tools:
         if not shutil.which(tool) and not Path(tool).exists():
             print(f"make bench: {tool} is missing", file=sys.stderr)
             return 1
