@@ -56,6 +56,39 @@ def test_report_has_the_round_by_round_table_only_with_the_rival(with_rival):
     assert "| new connections/s (wrk, Connection: close) |" in text  # the main table
 
 
+def test_the_scale_phase_alone_replaces_only_the_scale_figures(tmp_path, monkeypatch):
+    """BENCH_ONLY=scale: the rounds' figures stay, the scale phase's (and its failures)
+    are replaced, and the report shows both."""
+    import json
+    meta = {"date": "today", "cpus": 2, "kernel": "k", "rounds": 3, "seconds": 4,
+            "idle_connections": 10, "duration_s": 1,
+            "failed": ["HAProxy, round 2: x", "flyproxy, scale phase: old failure"]}
+    summary = {"HAProxy": {"conn_per_s": 120.0}, "flyproxy": {"conn_per_s": 100.0}}
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"meta": meta, "summary": summary, "rounds": rounds(), "scale": {"flyproxy": {}}}))
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    figures = {"connections": 10, "opened": 10, "open_errors": {}, "held": 10,
+               "open_per_s": 70.0, "cpu_us_per_conn": 140.0, "rss_kib_per_conn": 1.5,
+               "kernel_kib_per_conn": 15.0, "reload_s": 0.3, "failed_on_reload": 0,
+               "stop_s": 6.0, "start_s": 1.0, "outlived_restart": 0,
+               "during_restart": {"tried": 5, "ok": 5, "errors": {}}, "reopened": 10,
+               "reopen_errors": {}, "reopen_per_s": 70.0, "upgrade_s": 2.0,
+               "held_at_upgrade": 10, "outlived_upgrade": 9,
+               "during_upgrade": {"tried": 50, "ok": 49, "errors": {"ECONNRESET": 1}},
+               "old_gone_s": 1.0}
+    text = bench.merge_scale({"flyproxy BPF": figures}, ["HAProxy, scale phase: new"], 42)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"] == summary and saved["rounds"] == rounds()
+    assert saved["scale"] == {"flyproxy BPF": figures}
+    assert saved["meta"]["failed"] == ["HAProxy, round 2: x", "HAProxy, scale phase: new"]
+    assert saved["meta"]["scale_run"]["duration_s"] == 42
+    assert (tmp_path / "results.md").read_text() == text
+    assert "| new connections/s (wrk, Connection: close) |" in text  # the rounds' table
+    assert "| held connections that outlived the upgrade | 9 of 10 |" in text
+    assert "| new connections during the upgrade (failed) | 50 (1 ECONNRESET) |" in text
+    assert "ran on its own" in text
+
+
 # -- trace_latency.py's arithmetic (the trace itself needs bcc and root; run by hand) ------
 
 def test_a_round_trip_is_split_by_the_cpus_its_events_ran_on():

@@ -12,13 +12,18 @@ processes' user+sys time) barely does, so both are reported.
 
 Then the scale phase (hold.py): HOLD (100,000) concurrent connections through flyproxy
 (per-port and BPF mode, as shipped) and HAProxy, one proxy after another: how many are held,
-the open rate, memory and CPU per connection, and a reload and a restart with all of them
-open.
+the open rate, memory and CPU per connection, and a reload, a restart and an upgrade
+with all of them open (flyproxy runs from a copy of its package whose version the bench
+bumps, then `flyproxy reload`; HAProxy's upgrade is its master-worker reload).
 
 Outputs docs/bench/results.md (absolute figures, ratios to HAProxy, and for each row in
 how many rounds each flyproxy column beat systemd-socket-proxyd), results.json
 (every round) and chart.png. Needs root (namespace, BPF). Bounded: each load lasts
 BENCH_SECONDS (default 4) and there are BENCH_ROUNDS rounds (default 5).
+
+BENCH_ONLY=scale runs the scale phase alone (BENCH_HOLD connections; its own size knob)
+and puts its table into the results already in BENCH_OUT (default docs/bench), leaving the
+rounds' figures as they were.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from pathlib import Path
 import hold
 
 REPO = Path(__file__).resolve().parents[2]
-OUT = REPO / "docs" / "bench"
+OUT = Path(os.environ.get("BENCH_OUT", REPO / "docs" / "bench"))
+SCALE_ONLY = os.environ.get("BENCH_ONLY", "") == "scale"
 PYTHON = os.environ.get("BENCH_PYTHON", "/usr/bin/python3")
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -206,6 +212,7 @@ class HAProxyHold(HAProxy):
     def __init__(self, base: int, threads: int, instances: int = 1, maxconn: int = 250_000):
         super().__init__(base, threads)
         self.instances, self.maxconn = instances, maxconn
+        self.retired: set[int] = set()  # workers that a reload told to finish
         if instances > 1:
             self.name += f" x {instances} processes"
 
@@ -251,7 +258,23 @@ listen idle
         for p in self.procs:
             os.kill(p.pid, signal.SIGUSR2)
         self.wait_workers(old)
+        self.retired |= old
         return time.monotonic() - started
+
+    def upgrade(self) -> float:
+        """HAProxy's documented reload without dropping connections is its upgrade too: on
+        SIGUSR2 the master re-executes the binary on disk and starts new workers; the old
+        ones stop accepting and keep their connections (no hard-stop-after here)."""
+        return self.reload()
+
+    def drained(self, timeout: float = 120) -> None:
+        """Every old worker has exited (their connections ended)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.workers() & self.retired:
+                return
+            time.sleep(0.1)  # polling other processes' state, bounded
+        raise RuntimeError(f"{self.name}: old workers still there after {timeout}s")
 
     def restart(self) -> tuple[float, float]:
         t0 = time.monotonic()
@@ -315,6 +338,10 @@ class FlyProxy(Proxy):
         self.target_host = target_host  # a host name: answered by the bench's resolver
         self.hold_targets: list[str] = []  # the scale phase: the idle app goes to these
         self.grace: float | None = None  # --grace-period (None: the shipped default)
+        # the scale phase: run from a copy of the package here, so an upgrade is a real
+        # change of the code on disk (as a package upgrade makes it)
+        self.code_root: Path | None = None
+        self.upgrades = 0
         # run under `ip netns exec`, which gives it the namespace's resolv.conf (see DNS)
         self.wrap = ["ip", "netns", "exec", NS] if netns_exec else []
 
@@ -333,8 +360,15 @@ class FlyProxy(Proxy):
         return ["--host", "127.0.0.1"]
 
     def start(self) -> None:
+        self.copy_code()
         self.write_config()
         self.serve()
+
+    def copy_code(self) -> None:
+        if self.code_root is not None:
+            shutil.rmtree(self.code_root, ignore_errors=True)
+            shutil.copytree(REPO / "appliance", self.code_root / "appliance",
+                            ignore=shutil.ignore_patterns("__pycache__"))
 
     def serve(self) -> None:
         grace = ["--grace-period", str(self.grace)] if self.grace is not None else []
@@ -344,7 +378,8 @@ class FlyProxy(Proxy):
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
                              # as shipped: metrics on (the appliance unit turns them on)
                              "--metrics", f"127.0.0.1:{self.front['http'] + 9}",
-                             *self.serve_args()], self.name.replace(" ", "-"), cwd=REPO,
+                             *self.serve_args()], self.name.replace(" ", "-"),
+                            cwd=self.code_root or REPO,  # `-m appliance` finds the copy first
                             pass_fds=self.pass_fds())]
 
     def pass_fds(self) -> tuple[int, ...]:
@@ -367,27 +402,58 @@ class FlyProxy(Proxy):
         super().ready()
         self.wait_workers()
 
+    def status(self) -> dict | None:
+        """`flyproxy status --json`, or None while it does not answer."""
+        out = subprocess.run([PYTHON, "-m", "appliance", "status", "--json", "--control",
+                              str(WORK / f"control-{self.front['http']}.sock")],
+                             cwd=REPO, capture_output=True, text=True)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
     def wait_workers(self, timeout: float = 30) -> None:
         """Every worker serving (the ports listen as soon as the first one has bound them)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run([PYTHON, "-m", "appliance", "status", "--json", "--control",
-                                  str(WORK / f"control-{self.front['http']}.sock")],
-                                 cwd=REPO, capture_output=True, text=True)
-            if out.returncode == 0 and all(w["ready"] for w in
-                                           json.loads(out.stdout).get("workers", [])):
+            status = self.status()
+            if status is not None and all(w["ready"] for w in status.get("workers", [])):
                 return
             time.sleep(0.1)  # polling another process's state, bounded
         raise RuntimeError(f"{self.name}: workers not ready after {timeout}s; logs in {WORK}")
 
     def reload(self, pin_dir: str = "") -> float:
+        return self._reload(pin_dir)[0]
+
+    def _reload(self, pin_dir: str) -> tuple[float, str]:
+        """`flyproxy reload`: (seconds it took, what it said)."""
         started = time.monotonic()
         result = subprocess.run([PYTHON, "-m", "appliance", "reload", "-c", str(self.config),
                                  "--control", str(WORK / f"control-{self.front['http']}.sock"),
                                  "--pin-dir", pin_dir], cwd=REPO, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{self.name}: reload failed: {result.stderr}")
-        return time.monotonic() - started
+        return time.monotonic() - started, result.stdout
+
+    def upgrade(self, pin_dir: str = "") -> float:
+        """New code on disk (the copy's ``__version__`` bumped), then `flyproxy reload`: a
+        new generation of workers serves, the old one drains. Seconds the reload took."""
+        self.upgrades += 1
+        init = self.code_root / "appliance" / "__init__.py"
+        init.write_text(re.sub(r'^__version__ = "([^"]+)"',
+                               rf'__version__ = "\1+bench{self.upgrades}"', init.read_text(),
+                               count=1, flags=re.M))
+        took, said = self._reload(pin_dir)
+        if "upgraded to" not in said:
+            raise RuntimeError(f"{self.name}: the reload did not upgrade: {said.strip()}")
+        return took
+
+    def drained(self, timeout: float = 120) -> None:
+        """Only the newest worker generation is left (the old ones' connections ended)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status is not None and len(status.get("generations", [])) == 1:
+                return
+            time.sleep(0.2)  # polling another process's state, bounded
+        raise RuntimeError(f"{self.name}: old worker generations left after {timeout}s")
 
 
 class FlyProxyBPF(FlyProxy):
@@ -407,6 +473,7 @@ class FlyProxyBPF(FlyProxy):
         return (self.listener.fileno(),)
 
     def start(self) -> None:
+        self.copy_code()
         # The listening socket is the bench's, as the appliance's is systemd's (its socket
         # unit): it outlives a restart of the proxy, and connections queue in it meanwhile.
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -432,6 +499,9 @@ class FlyProxyBPF(FlyProxy):
 
     def reload(self, pin_dir: str = "") -> float:
         return super().reload(str(self.pin_dir))
+
+    def upgrade(self, pin_dir: str = "") -> float:
+        return super().upgrade(str(self.pin_dir))
 
     def stop(self) -> None:
         super().stop()
@@ -575,6 +645,10 @@ def enter_namespace() -> None:
         raise OSError(ctypes.get_errno(), "setns")
     os.close(fd)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    # As the role sets it on the host: a connection queued on a listener that closes (an
+    # old worker generation's, in per-port mode) moves to another listener of its
+    # SO_REUSEPORT group instead of being reset. This namespace's own setting.
+    Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1")
 
 
 def start_backends() -> list[subprocess.Popen]:
@@ -668,10 +742,16 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespace, BPF)", file=sys.stderr)
         return 1
-    for tool in ("haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD):
+    tools = ("haproxy",) if SCALE_ONLY else (
+        "haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD)
+    for tool in tools:
         if not shutil.which(tool) and not Path(tool).exists():
             print(f"make bench: {tool} is missing", file=sys.stderr)
             return 1
+    if SCALE_ONLY and not (OUT / "results.json").exists():
+        print(f"make bench: BENCH_ONLY=scale adds to {OUT / 'results.json'}, which is missing: "
+              "run the whole bench first", file=sys.stderr)
+        return 1
     global WORK
     WORK = Path(tempfile.mkdtemp(prefix="flyproxy-bench-"))
     # SIGTERM (a timeout, Ctrl-C's cousin) unwinds like an exception: the finally blocks
@@ -688,7 +768,7 @@ def main() -> int:
     bpffs = WORK / "bpffs"
     bpffs.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
-    backends = start_backends()
+    backends = [] if SCALE_ONLY else start_backends()
     # One thread/worker each, as the issue compares them; then the shipped default (one
     # worker per CPU) beside HAProxy with one thread per CPU.
     proxies = [NoProxy(), HAProxy(21000), NginxStream(22000), SocketProxyd(23000),
@@ -702,7 +782,7 @@ def main() -> int:
     failed: list[str] = []  # "<proxy>, round N: why", for the report
     started = time.monotonic()
     try:
-        for n in range(ROUNDS):
+        for n in range(0 if SCALE_ONLY else ROUNDS):
             first = n % len(proxies)  # rotate: no proxy always runs right after the same one
             for proxy in proxies[first:] + proxies[:first]:
                 log(f"round {n + 1}/{ROUNDS}: {proxy.name}")
@@ -735,6 +815,9 @@ def main() -> int:
         log(f"logs of the failed rounds are in {WORK}")
     else:  # nothing to look into: leave no work directory behind
         shutil.rmtree(WORK, ignore_errors=True)
+    if SCALE_ONLY:
+        print(merge_scale(scaled, failed, round(time.monotonic() - started)))
+        return 0
     summary = {name: {**{k: median([r[k] for r in runs]) for k in (runs[0] if runs else {})
                          if k != "round"},
                       **extra[name]}
@@ -758,6 +841,22 @@ def main() -> int:
     chart(summary)
     print((OUT / "results.md").read_text())
     return 0
+
+
+def merge_scale(scaled: dict, failed: list[str], duration_s: int) -> str:
+    """BENCH_ONLY=scale: the scale phase's figures (and failures) replace those in the
+    results in OUT; the rounds' stay. Returns the new report."""
+    path = OUT / "results.json"
+    results = json.loads(path.read_text())
+    meta = results["meta"]
+    meta["failed"] = [f for f in meta.get("failed", []) if ", scale phase: " not in f] + failed
+    meta["scale_run"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "duration_s": duration_s,
+                         "kernel": os.uname().release}
+    results["scale"] = scaled
+    path.write_text(json.dumps(results, indent=1))
+    text = report(results["summary"], meta, results["rounds"], scaled)
+    (OUT / "results.md").write_text(text)
+    return text
 
 
 def scale_phase(bpffs: Path, failed: list[str]) -> dict:
@@ -831,7 +930,8 @@ def hold_phase(proxy: Proxy, n: int = HOLD) -> dict:
     """Open ``n`` connections through ``proxy`` (each echoing once), then echo once more on
     every one of them (held); the memory and CPU that cost; a reload with all of them open
     (all must still echo); a restart (they are ended: a restart stops the process) and all
-    ``n`` opened again through the new one."""
+    ``n`` opened again through the new one; an upgrade with those open (all must still
+    echo), then they are closed and the old processes must go."""
     clients = hold.Clients(("127.0.0.1", proxy.front["idle"]), hold.processes_for(n))
     try:
         pids = proxy.pids()
@@ -855,7 +955,7 @@ def hold_phase(proxy: Proxy, n: int = HOLD) -> dict:
         started = time.monotonic()
         reopened = clients.call("open", n)
         reopen_s = time.monotonic() - started
-        clients.call("close")
+        upgraded = upgrade_with_all_open(proxy, clients, reopened["opened"])
     finally:
         clients.stop()
     return {
@@ -868,7 +968,24 @@ def hold_phase(proxy: Proxy, n: int = HOLD) -> dict:
         "stop_s": stop_s, "start_s": start_s, "outlived_restart": outlived,
         "during_restart": during,
         "reopened": reopened["opened"], "reopen_errors": reopened["errors"],
-        "reopen_per_s": reopened["opened"] / reopen_s}
+        "reopen_per_s": reopened["opened"] / reopen_s, **upgraded}
+
+
+def upgrade_with_all_open(proxy: Proxy, clients: hold.Clients, held: int) -> dict:
+    """An upgrade with ``held`` connections open, a prober opening new ones meanwhile (until
+    every held one has been checked: the old processes stop accepting at the end of the
+    upgrade); then the held ones are closed and the old processes must be gone (bounded)."""
+    prober = hold.Prober(("127.0.0.1", proxy.front["idle"]))
+    try:
+        upgrade_s = proxy.upgrade()
+        outlived = clients.call("echo")["echoed"]
+    finally:
+        during = prober.stop()
+    clients.call("close")
+    started = time.monotonic()
+    proxy.drained()
+    return {"upgrade_s": upgrade_s, "held_at_upgrade": held, "outlived_upgrade": outlived,
+            "during_upgrade": during, "old_gone_s": time.monotonic() - started}
 
 
 def hold_proxies(bpffs: Path, n: int = HOLD) -> list[Proxy]:
@@ -883,12 +1000,14 @@ def hold_proxies(bpffs: Path, n: int = HOLD) -> list[Proxy]:
     ours = [FlyProxy(30000, workers=workers), FlyProxyBPF(30100, bpffs, workers=workers)]
     for proxy in ours:
         proxy.hold_targets, proxy.grace = targets, HOLD_GRACE_S
+        proxy.code_root = WORK / f"code-{proxy.front['http']}"  # upgraded by the bench
     instances = hold.processes_for(2 * n)
     maxconn = min(250_000, (hold.fd_limit() - hold.FD_MARGIN) // 2)  # HAProxy needs 2 fds each
     return [*ours, HAProxyHold(30200, threads=cpus, instances=instances, maxconn=maxconn)]
 
 
-def hold_report(held: dict) -> list[str]:
+def hold_report(held: dict, run: dict | None = None) -> list[str]:
+    """The scale phase's table; ``run``: when it ran on its own (BENCH_ONLY=scale)."""
     if not held:
         return []
     names = list(held)
@@ -896,6 +1015,9 @@ def hold_report(held: dict) -> list[str]:
 
     def errors(e: dict) -> str:
         return ", ".join(f"{v:,} {k}" for k, v in sorted(e.items())) or "none"
+
+    def upgraded(cell):  # results from before the upgrade rows have none
+        return lambda v: cell(v) if "upgrade_s" in v else "-"
 
     rows = [("held at once (of connections opened)", lambda v: f"{v['held']:,} of {v['connections']:,}"),
             ("connections that failed to open", lambda v: errors(v["open_errors"])),
@@ -911,7 +1033,14 @@ def hold_report(held: dict) -> list[str]:
             ("new connections during the restart (failed)",
              lambda v: f"{v['during_restart']['tried']:,} ({errors(v['during_restart']['errors'])})"),
             ("all reopened after the restart (failed)",
-             lambda v: f"{v['reopened']:,} ({errors(v['reopen_errors'])})")]
+             lambda v: f"{v['reopened']:,} ({errors(v['reopen_errors'])})"),
+            ("upgrade with all open (s)", upgraded(lambda v: f"{v['upgrade_s']:.1f}")),
+            ("held connections that outlived the upgrade",
+             upgraded(lambda v: f"{v['outlived_upgrade']:,} of {v['held_at_upgrade']:,}")),
+            ("new connections during the upgrade (failed)", upgraded(
+                lambda v: f"{v['during_upgrade']['tried']:,} ({errors(v['during_upgrade']['errors'])})")),
+            ("old processes gone once the held connections closed (s)",
+             upgraded(lambda v: f"{v['old_gone_s']:.1f}"))]
     lines = ["", f"Scale phase: {next(iter(held.values()))['connections']:,} concurrent "
              "connections through each proxy (16 client source addresses, 8 backend "
              "addresses, in the bench's namespace); flyproxy as shipped (one worker per "
@@ -920,7 +1049,19 @@ def hold_report(held: dict) -> list[str]:
              "held connections end with it, for every proxy; new connections meanwhile (one "
              f"every {hold.PROBE_EVERY_S * 1000:.0f} ms) wait in the listener's backlog where "
              "the listening socket outlives the process (flyproxy BPF: held by the bench, as "
-             "systemd's socket unit holds it) and are refused where it does not.", "",
+             "systemd's socket unit holds it) and are refused where it does not. An upgrade "
+             "(after the restart, all reopened): flyproxy runs from a copy of its package; "
+             "the bench bumps the copy's version (new code on disk, as a package upgrade "
+             "leaves it) and runs `flyproxy reload`: a new generation of workers on the new "
+             "code, the supervisor re-executed in place, the old generation drains "
+             "(net.ipv4.tcp_migrate_req=1 in the bench's namespace, as the role sets it: "
+             "per-port mode's old listeners hand their queued connections over); HAProxy's "
+             "upgrade is its reload (SIGUSR2 to the master: it re-executes the binary, new "
+             "workers start, the old ones keep their connections); the prober runs until "
+             "every held connection has been checked, and the old processes must be gone "
+             "once the held connections are closed."
+             + (f" (This phase ran on its own on {run['date']}, kernel {run['kernel']}, "
+                f"in {run['duration_s']} s.)" if run else ""), "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(held[name]) for name in names) + " |")
@@ -1022,7 +1163,7 @@ def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None) 
                       f"new conn/s {v['conn_per_s_names']:,.0f} with the target as a host name "
                       f"vs {v['conn_per_s_ip']:,.0f} as an IP literal "
                       f"({v['conn_per_s_names'] / v['conn_per_s_ip']:.2f}x)."]
-    lines += hold_report(scaled or {})
+    lines += hold_report(scaled or {}, meta.get("scale_run"))
     if meta.get("failed"):
         lines += ["", "Rounds that failed (that proxy's medians are over its other rounds): "
                   + "; ".join(meta["failed"]) + "."]
