@@ -490,6 +490,7 @@ class FlyProxyBPF(FlyProxy):
         self.wait_workers()  # then the workers' group exists too
         subprocess.run([PYTHON, "-m", "appliance", "bpf", "register", "--pid",
                         str(self.procs[0].pid), "--port", str(self.LISTEN), "--spread",
+                        "--control", str(WORK / f"control-{self.front['http']}.sock"),
                         "--pin-dir", str(self.pin_dir)],
                        cwd=REPO, check=True, capture_output=True)
 
