@@ -32,6 +32,8 @@ import socket
 import time
 from typing import Awaitable, Callable
 
+from .logs import RateLimited
+
 log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 8
@@ -120,6 +122,7 @@ class MetricsServer:
         self.refused = 0  # connections closed at once (slots all busy rendering, or fds short)
         self.evicted = 0  # connections closed to make room for a new one
         self._server: asyncio.AbstractServer | None = None
+        self._errors = RateLimited(log)  # a render that fails, once per 10 s per kind
 
     @property
     def clients(self) -> int:
@@ -218,4 +221,8 @@ class MetricsServer:
             return "405 Method Not Allowed", b"GET /metrics\n"
         if target.split("?", 1)[0] not in ("/metrics", "/"):
             return "404 Not Found", b"GET /metrics\n"
-        return "200 OK", await self.render()
+        try:
+            return "200 OK", await self.render()
+        except Exception as e:  # a bug: the scraper is told, and the log says what
+            self._errors.error(type(e).__name__, "rendering the metrics failed: %r", e)
+            return "500 Internal Server Error", b"the metrics could not be rendered\n"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -29,11 +30,11 @@ _boot_time: float | None = None
 
 
 def boot_time() -> float:
-    """The Unix time the host booted (``btime`` in /proc/stat)."""
+    """The Unix time the host booted: now less CLOCK_BOOTTIME (the unit's ProcSubset=pid
+    hides /proc/stat and its btime)."""
     global _boot_time
     if _boot_time is None:
-        with open("/proc/stat") as f:
-            _boot_time = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        _boot_time = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     return _boot_time
 
 

@@ -133,8 +133,12 @@ class Container:
     def run(self, cmd: list[str], check: bool = True, timeout: float = 120,
             input: str | None = None) -> subprocess.CompletedProcess:
         """Run ``cmd`` inside the container (all its namespaces), as root."""
+        # the host's test settings (FLYPROXY_CONTROL: a test's own socket) stay outside: in
+        # the container the appliance's defaults apply, as for an operator there
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLYPROXY_")}
         result = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "--", *cmd],
-                                capture_output=True, text=True, timeout=timeout, input=input)
+                                capture_output=True, text=True, timeout=timeout, input=input,
+                                env=env)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}:\n"
                                  f"{result.stdout}\n{result.stderr}")

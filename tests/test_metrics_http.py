@@ -235,3 +235,26 @@ def test_clients_that_do_not_take_their_answers_do_not_keep_a_scraper_out():
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_render_that_fails_is_answered_500_and_the_next_scrape_works():
+    """A bug while rendering (once: a file the unit's sandbox hides) must not look like a
+    dead endpoint: the scraper gets a 500, the log says why, the next scrape is served."""
+    calls = []
+
+    async def render() -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", "/proc/stat")
+        return b"ok 1\n"
+
+    async def main():
+        server, port = await _served(render)
+        try:
+            first = await _scrape(port)
+            assert first.startswith(b"HTTP/1.1 500") or first.startswith(b"HTTP/1.0 500"), first
+            assert (await _scrape(port)).endswith(b"ok 1\n")
+        finally:
+            server.close()
+
+    asyncio.run(main())
