@@ -179,7 +179,7 @@ class Metrics(NullMetrics):
         for snap in snapshots:
             for name in cls.COUNTS:
                 d = getattr(total, name)
-                for k, v in snap[name]:
+                for k, v in snap.get(name, ()):  # (an older version's snapshot: fewer)
                     key = tuple(k) if isinstance(k, list) else k
                     if isinstance(v, list):  # a histogram row
                         old = d.get(key)

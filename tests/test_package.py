@@ -135,7 +135,10 @@ def test_a_proxy_that_cannot_move_by_reload_is_restarted_by_an_upgrade(appliance
         install = c.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall "
                        f"/src/flyproxy/{upgraded_deb().relative_to(REPO)}", check=False,
                        timeout=300)
-        assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+        journal = c.run(["journalctl", "-u", "flyproxy.service", "--no-pager", "-n", "80"],
+                        check=False).stdout
+        assert install.returncode == 0, (install.stdout[-2000:] + install.stderr[-2000:]
+                                         + journal)
         said = install.stdout + install.stderr  # (apt passes dpkg's stderr on to stdout)
         assert "cannot move to" in said and "restarting it" in said, said[-3000:]
         wait_active(c, "flyproxy.service")

@@ -114,9 +114,13 @@ def reload(args: argparse.Namespace) -> int:
                   "loaded with another --pin-dir): the port map was not synced, so ports "
                   "this reload added are not steered to the proxy", file=sys.stderr)
     elif args.pin_dir:
+        import types
+
         from ..bpf.state import PinnedState, SteeringError
-        try:
-            with PinnedState(args.pin_dir) as state:
+        from .bpf import _locked
+        try:  # (one flyproxy bpf command at a time per pin dir: this sync is one)
+            with _locked(types.SimpleNamespace(func="sync", pin_dir=args.pin_dir)), \
+                    PinnedState(args.pin_dir) as state:
                 changed, removed = state.sync(config)
         except (SteeringError, OSError) as e:
             print(f"flyproxy reload: the proxy has the new config but the BPF port map "

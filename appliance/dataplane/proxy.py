@@ -337,7 +337,8 @@ class Proxy:
         """Have ``names`` (and only those) resolved; wait for first answers, bounded by the
         connect timeout (a name still unanswered is pending: tried last, when it answers)."""
         self.resolver.track(names)
-        pending = await self.resolver.settle(self.settings.connect_timeout_s)
+        # bounded well inside a supervisor's reload deadline (workers.RELOAD_TIMEOUT_S)
+        pending = await self.resolver.settle(min(self.settings.connect_timeout_s, 15.0))
         if pending:
             log.warning("%d host names not answered within %gs; tried once they are",
                         pending, self.settings.connect_timeout_s)

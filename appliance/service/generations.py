@@ -115,8 +115,8 @@ class Generations:
             oldest = self.old.pop(0)
             log.warning("more than %d worker generations: closing generation %d's %d workers "
                         "now", MAX_GENERATIONS, oldest.number, len(oldest.workers))
-            for w in oldest.workers:
-                self.spawn(self._drain(w, 0))
+            for w in oldest.workers:  # (its drain, under way, keeps its counts once)
+                self.spawn(self._hurry(w))
 
     async def _drain(self, w: Worker, drain_s: float) -> None:
         """Tell ``w`` to drain; its last counts are kept (counters never go back); then
@@ -136,6 +136,13 @@ class Generations:
                 if not g.workers:
                     self.old.remove(g)
                     log.info("worker generation %d finished draining", g.number)
+
+    async def _hurry(self, w: Worker) -> None:
+        """Close a draining worker's connections now (too many generations)."""
+        try:
+            await w.request("drain 0", PING_TIMEOUT_S + 15)
+        except WorkerGone:
+            pass  # gone already
 
     def _keep_counts(self, snapshot: dict) -> None:
         from ..metrics import Metrics
@@ -163,11 +170,16 @@ class Generations:
         the new generation and answers the reload; returns only if the exec failed."""
         self._quiet = True
         try:
+            return await self._reexec_quiet(new)
+        finally:  # (only reached when the exec did not happen)
+            self._quiet = False
+
+    async def _reexec_quiet(self, new: configmod.Config) -> tuple[bool, str]:
+        try:
             async with asyncio.timeout(5):  # answers under way (not drains: those go on)
                 while any(w.busy() for w in self.all_workers()):
                     await asyncio.sleep(0.01)  # (replies arrive on other tasks: poll them)
         except TimeoutError:
-            self._quiet = False
             return self.reload_failed("upgrade not started: a worker did not answer a "
                                        "request within 5s; nothing changed, try again")
         client = control.current_client.get()
@@ -178,7 +190,6 @@ class Generations:
         try:
             reexec.exec_self(reexec.save(state), code.package_parent())
         except OSError as e:
-            self._quiet = False
             return self.reload_failed(f"upgrade failed: cannot re-execute: {e}")
         raise AssertionError("unreachable")  # (exec_self returns only by raising)
 
@@ -188,9 +199,12 @@ class Generations:
             return reexec.inheritable(sock.fileno())
 
         def worker(w: Worker) -> dict:
-            return {"index": w.index, "generation": w.generation, "pid": w.proc.pid,
-                    "channel": reexec.inheritable(os.dup(w.channel_fd())), "ids": w.ids,
-                    "ready": w.ready, "draining": w.draining}
+            running = (w.proc is not None and w.proc.returncode is None
+                       and w.has_channel())
+            return {"index": w.index, "generation": w.generation,
+                    "pid": w.proc.pid if running else None,  # (down: the next image starts it)
+                    "channel": reexec.inheritable(os.dup(w.channel_fd())) if running else None,
+                    "ids": w.ids, "ready": w.ready and running, "draining": w.draining}
 
         return {
             "config_path": self.config_path, "config": self.config.raw.decode(),
@@ -202,7 +216,8 @@ class Generations:
             "metrics": fd(self.metrics_http.sock) if self.metrics_http is not None else None,
             "workers": [worker(w) for w in self.workers],
             "old": [{"number": g.number, "code": g.code, "since": g.since,
-                     "workers": [worker(w) for w in g.workers]} for g in self.old],
+                     "workers": [row for row in map(worker, g.workers) if row["pid"]]}
+                    for g in self.old],
             "upgrade": {"config": new.raw.decode(), "reply": reply_fd},
         }
 
@@ -231,11 +246,14 @@ class Generations:
         """Take over the workers of the image before this one (still our children)."""
         async def worker(row: dict) -> Worker:
             w = Worker(row["index"], row["generation"])
-            w.proc = reexec.Adopted(row["pid"])
             w.ids = row["ids"]
+            w.draining = row["draining"]
+            if row["pid"] is None:  # was down: _keep starts it
+                return w
+            w.proc = reexec.Adopted(row["pid"])
             w.attach(*await asyncio.open_connection(sock=socket.socket(fileno=row["channel"]),
                                                     limit=CHANNEL_LIMIT))
-            w.ready, w.draining = row["ready"], row["draining"]
+            w.ready = row["ready"]
             return w
 
         self.workers = [await worker(row) for row in state["workers"]]

@@ -141,7 +141,7 @@ class Supervisor(Generations, Gathered, Service):
         if self.resumed is not None and self.resumed.get("upgrade"):
             self.spawn(self._finish_upgrade(self.resumed["upgrade"]))
         self.start_watcher(lambda: self.config.digest)
-        pids = ", ".join(str(w.proc.pid) for w in self.workers)
+        pids = ", ".join(str(w.proc.pid) if w.proc else "-" for w in self.workers)
         log.info("serving %s with %d workers (pids %s)", self.config.summary(),
                  len(self.workers), pids)
         return True
@@ -259,13 +259,18 @@ class Supervisor(Generations, Gathered, Service):
             except TimeoutError:
                 pass
             w.retry_at = None
-            self.restarts += 1
             try:
                 async with self._reload_lock:  # on the config in force, not one half-applied
+                    if w.draining or self._stop.is_set():
+                        return  # an upgrade made it old meanwhile, or we are stopping
+                    self.restarts += 1
                     await self._start(w)
             except WorkerGone as e:
                 log.error("%s", e)
                 continue  # counted as an exit on the next pass
+            except Exception as e:  # fork or fds refused (EAGAIN, EMFILE): try again later
+                log.error("%s could not be started: %r", w, e)
+                continue
             if w.failing is not None:
                 log.info("%s started again after failing (%s)", w, w.failing)
             else:

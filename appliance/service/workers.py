@@ -127,6 +127,9 @@ class Worker:
         hours)?"""
         return any(ident not in self._drains for ident in self._pending)
 
+    def has_channel(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
     def channel_fd(self) -> int:
         return self._writer.get_extra_info("socket").fileno()
 
