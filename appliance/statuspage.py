@@ -107,11 +107,11 @@ def e(value) -> str:
 
 
 def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} TiB"
 
 
 def clock(unix: float | None, now: float) -> str:
@@ -135,6 +135,8 @@ def target_state(t: dict, names: dict[str, dict], tried: int, now: float) -> tup
     check, health = t.get("check"), str(t.get("health", "ok"))
     name = names.get(host_of(t["target"]))
     if name is not None and not name.get("addresses"):
+        if name.get("state") == "pending":
+            return "unknown", "DNS: its first answer is still out"
         return "no address", f"DNS: {name.get('error') or name.get('state')}"
     if check and check.get("state") == "down":
         return "down", (f"checks: {check.get('error') or 'failing'}, since "
@@ -222,9 +224,8 @@ def _workers(status: dict, now: float) -> str:
 
 
 def _apps(status: dict, counts, rates: dict, window: float, now: float) -> str:
-    per = f"/s over {window:.0f} s" if window else "/s (from the next view)"
-    head = ["app", "ports", "balance", "open", "accepted", "accepted" + per, "bytes in",
-            "in" + per, "bytes out", "out" + per, "rejected", "no target up"]
+    head = ["app", "ports", "balance", "open", "accepted", "accepted/s", "bytes in", "in/s",
+            "bytes out", "out/s", "rejected", "no target up"]
     rows = []
     for a in status.get("apps", []):
         name = a["name"]
@@ -240,6 +241,8 @@ def _apps(status: dict, counts, rates: dict, window: float, now: float) -> str:
                      _rate(rates, window, (name, "out"), True), rejected,
                      counts.all_down_n.get(name, 0)])
     out = _table(head, rows, "per app (bytes in: from clients, out: to clients)")
+    out += (f'<p class="dim">rates: per second over the last {window:.0f} s</p>' if window else
+            '<p class="dim">rates: from the next view on (two samples apart)</p>')
     names = {n["name"].lower(): n for n in status.get("names", [])}
     for a in status.get("apps", []):
         rows = []
