@@ -242,7 +242,7 @@ def _apps(status: dict, counts, rates: dict, window: float, now: float) -> str:
                      counts.all_down_n.get(name, 0)])
     out = _table(head, rows, "per app (bytes in: from clients, out: to clients)")
     out += (f'<p class="dim">rates: per second over the last {window:.0f} s</p>' if window else
-            '<p class="dim">rates: from the next view on (two samples apart)</p>')
+            '<p class="dim">rates: shown from the next view on (they need two samples)</p>')
     names = {n["name"].lower(): n for n in status.get("names", [])}
     for a in status.get("apps", []):
         rows = []
