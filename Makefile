@@ -5,11 +5,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 
 # Debian packages: what the product needs at run time, and what the tests drive (every
-# package a test needs: under CI=true a skip fails the run, tests/conftest.py).
+# package a test needs: under CI=true a skip fails the run, tests/conftest.py). chromium
+# (headless, with a font) renders the status page in tests/test_status_page.py.
 RUNTIME_DEBS := python3-jsonschema python3-systemd python3-prometheus-client python3-pycares
 BPF_DEBS := python3-bpfcc bpftool iproute2
 TEST_DEBS := python3-venv python3-pip python3-pytest python3-pytest-timeout python3-testinfra \
-	python3-uvloop \
+	python3-uvloop chromium fonts-dejavu-core \
 	python3-yaml python3-hypothesis python3-dnspython python3-setuptools python3-wheel netcat-openbsd systemd debootstrap systemd-container openssh-client \
 	ansible-core ansible-lint vagrant \
 	haproxy nginx-light libnginx-mod-stream

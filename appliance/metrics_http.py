@@ -15,8 +15,9 @@ data plane needs to accept. This one is a small HTTP/1.1 responder on asyncio:
   descriptors left (they are the data plane's: counted at most once per FDS_SAMPLE_S,
   as listing them costs time in proportion to their number), and accept() itself pauses
   on EMFILE (asyncio's own handling): never a busy loop;
-- GET (or HEAD) /metrics answers the text exposition format; anything else 404 or 405;
-  one request per connection (Connection: close).
+- GET (or HEAD) /metrics answers the text exposition format, GET / the status page
+  (statuspage.py: HTML, no script, reloaded by the browser every REFRESH_S); anything
+  else 404 or 405; one request per connection (Connection: close).
 
 The body comes from ``render``, a coroutine function: a single process renders its own
 counters; a supervisor first gathers its workers' (see service/supervisor.py).
@@ -33,6 +34,7 @@ import time
 from typing import Awaitable, Callable
 
 from .logs import RateLimited
+from .statuspage import REFRESH_S
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,12 @@ LINGER_S = 1.0  # after a 431: how long the rest of the request is read (and dis
 RESERVE_FDS = 64
 FDS_SAMPLE_S = 1.0  # fds_left() lists /proc/self/fd at most this often
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# the status page: HTML that runs no script and loads nothing (even a text the escaping
+# missed could not), read again every REFRESH_S
+PAGE_HEADERS = ("Content-Type: text/html; charset=utf-8\r\n"
+                f"Refresh: {REFRESH_S}\r\nCache-Control: no-store\r\n"
+                "X-Content-Type-Options: nosniff\r\nContent-Security-Policy: "
+                "default-src 'none'; style-src 'unsafe-inline'; img-src data:\r\n")
 
 
 class HeadTooLarge(Exception):
@@ -117,6 +125,7 @@ class MetricsServer:
     def __init__(self, sock: socket.socket, render: Callable[[], Awaitable[bytes]]) -> None:
         self.sock = sock
         self.render = render
+        self.page: Callable[[], Awaitable[bytes]] | None = None  # GET /: set by its owner
         self.reading: dict[asyncio.BaseTransport, None] = {}  # ordered: oldest first
         self.answering: dict[asyncio.BaseTransport, None] = {}
         self.refused = 0  # connections closed at once (slots all busy rendering, or fds short)
@@ -177,10 +186,9 @@ class MetricsServer:
                 return  # closed to make room while its last line was on its way
             del self.reading[transport]
             self.answering[transport] = None
-            status, body = await self._respond(head[0])
-            headers = (f"HTTP/1.1 {status}\r\nContent-Type: "
-                       f"{CONTENT_TYPE if status.startswith('200') else 'text/plain'}\r\n"
-                       f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            status, fields, body = await self._respond(head[0])
+            headers = (f"HTTP/1.1 {status}\r\n{fields}Content-Length: {len(body)}\r\n"
+                       f"Connection: close\r\n\r\n").encode()
             if head[0].startswith(b"HEAD "):
                 body = b""
             async with asyncio.timeout(WRITE_DEADLINE_S):
@@ -212,17 +220,23 @@ class MetricsServer:
             while await reader.read(65536):
                 pass
 
-    async def _respond(self, request_line: bytes) -> tuple[str, bytes]:
+    async def _respond(self, request_line: bytes) -> tuple[str, str, bytes]:
+        """(status, header lines, body) for one request."""
+        plain = "Content-Type: text/plain\r\n"
         try:
             method, target, _ = request_line.decode("latin-1").split(" ", 2)
         except ValueError:
-            return "400 Bad Request", b"bad request\n"
+            return "400 Bad Request", plain, b"bad request\n"
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", b"GET /metrics\n"
-        if target.split("?", 1)[0] not in ("/metrics", "/"):
-            return "404 Not Found", b"GET /metrics\n"
+            return "405 Method Not Allowed", plain, b"GET /metrics\n"
+        path = target.split("?", 1)[0]
         try:
-            return "200 OK", await self.render()
-        except Exception as e:  # a bug: the scraper is told, and the log says what
-            self._errors.error(type(e).__name__, "rendering the metrics failed: %r", e)
-            return "500 Internal Server Error", b"the metrics could not be rendered\n"
+            if path == "/metrics":
+                return "200 OK", f"Content-Type: {CONTENT_TYPE}\r\n", await self.render()
+            if path == "/" and self.page is not None:
+                return "200 OK", PAGE_HEADERS, await self.page()
+        except Exception as e:  # a bug: the client is told, and the log says what
+            self._errors.error(type(e).__name__, "rendering %s failed: %r", path, e)
+            return ("500 Internal Server Error", plain,
+                    b"the page could not be rendered; the log says why\n")
+        return "404 Not Found", plain, b"GET /metrics\n"

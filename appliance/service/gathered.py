@@ -35,7 +35,8 @@ class Gathered:
                   "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None,
                   "listeners": listeners.described(self.sockets),
                   "version": self.code["version"], "code": self.code["digest"],
-                  "generations": self._generations(everyone)}
+                  "generations": self._generations(everyone),
+                  "last_reload": self.last_reload}
         apps: dict[str, dict] = {}
         for w, r in replies:
             status["mode"] = r["mode"]

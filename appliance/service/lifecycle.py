@@ -5,7 +5,8 @@ supervisor (``supervisor.Supervisor``) have one lifecycle.
 signal handlers), READY=1 to systemd, wait for a stop signal, ``stop_accepting()``,
 STOPPING=1, ``shutdown()`` (drain, bounded), the exit status. SIGHUP reloads; the first SIGTERM/SIGINT stops
 gracefully, a second one calls ``stop_now()``. A reload's outcome is reported one way
-(:meth:`reloaded`, :meth:`reload_failed`): logged, counted, told to systemd.
+(:meth:`reloaded`, :meth:`reload_failed`): logged, counted, told to systemd, kept for
+status (``last_reload``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Callable
 
 from ..settings import Settings
@@ -31,6 +33,7 @@ class Service:
         self._signals = 0
         self._exit = 0
         self._tasks: set[asyncio.Task] = set()
+        self.last_reload: dict | None = None  # {"ok", "at" (Unix time), "message"}: status
         self.log = logging.getLogger(type(self).__module__)
 
     # -- what each shape says for itself ---------------------------------------------------
@@ -114,12 +117,14 @@ class Service:
 
     def reloaded(self, message: str) -> tuple[bool, str]:
         self.count_reload(True)
+        self.last_reload = {"ok": True, "at": time.time(), "message": message}
         self.log.info("%s", message)
         notify("READY=1", f"STATUS={self.status_line()}")
         return True, message
 
     def reload_failed(self, message: str) -> tuple[bool, str]:
         self.count_reload(False)
+        self.last_reload = {"ok": False, "at": time.time(), "message": message}
         self.log.error("%s", message)
         notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
         return False, message

@@ -27,6 +27,7 @@ from ..logs import RateLimited, count
 from .. import metrics_http
 from ..metrics import NullMetrics
 from ..settings import Settings
+from ..statuspage import StatusPage
 from . import control, target_state
 from .health import HostChecks
 from .lifecycle import Service
@@ -89,6 +90,7 @@ class Server(Service):
                       "targets": [target(a.name, t) for t in a.targets]} for a in p.config.apps],
             "names": p.resolver.status() if p.resolver is not None else [],
             "fds": dict(zip(("open", "limit"), metrics_http.fds())),
+            "last_reload": self.last_reload,
         }
 
     async def startup(self) -> bool:
@@ -103,6 +105,7 @@ class Server(Service):
         if self.control_path:
             self._control = await control.start(self, self.control_path)
         if self.metrics.http is not None:
+            self.metrics.http.page = StatusPage(self.status, lambda: self.metrics)  # GET /
             await self.metrics.http.start()
         self.start_watcher(lambda: self.proxy.config.digest)
         self.install_signals(interrupt=self.channel is None)  # (a worker's Ctrl-C: see below)

@@ -43,6 +43,7 @@ import time
 
 from .. import config as configmod
 from ..settings import Settings
+from ..statuspage import StatusPage
 from . import code, control, reexec
 from .gathered import Gathered
 from .generations import Generation, Generations
@@ -136,7 +137,8 @@ class Supervisor(Generations, Gathered, Service):
         if self.control_path:
             self.control_server = await control.start(self, self.control_path,
                                                       sock=self._handed("control"))
-        if self.metrics_http is not None:
+        if self.metrics_http is not None:  # (bound by serve_metrics, or handed over)
+            self.metrics_http.page = StatusPage(self.status, self.gather_metrics)  # GET /
             await self.metrics_http.start()
         if self.resumed is not None and self.resumed.get("upgrade"):
             self.spawn(self._finish_upgrade(self.resumed["upgrade"]))
