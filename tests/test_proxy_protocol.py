@@ -226,16 +226,19 @@ def test_byte_counts_are_the_clients_bytes_not_the_header(lab, tmp_path):
         with connect(app["Ports"][0], namespace=lab.entered) as s:
             s.sendall(request)
             assert b"hello" in recv_all(s)
-        with lab.entered():
-            text = b""
-            deadline = time.monotonic() + WAIT_S
-            while b'direction="in"' not in text and time.monotonic() < deadline:
+        def bytes_in() -> float:  # (every app's series is there from the start, at 0)
+            with lab.entered():
                 with socket.create_connection(("127.0.0.1", metrics_port), timeout=5) as m:
                     m.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                    text = recv_all(m)
-        line = next(ln for ln in text.decode().splitlines()
-                    if ln.startswith("flyproxy_bytes_total{") and 'direction="in"' in ln)
-        assert float(line.rsplit(" ", 1)[1]) == len(request)  # the client's, not the header's
+                    text = recv_all(m).decode()
+            for line in text.splitlines():
+                if (line.startswith("flyproxy_bytes_total{") and 'direction="in"' in line
+                        and f'app="{app["Name"]}"' in line):
+                    return float(line.rsplit(" ", 1)[1])
+            return 0.0
+
+        counted = wait_until(bytes_in, "the connection's bytes counted")
+        assert counted == len(request)  # the client's, not the header's
     finally:
         proxy.stop()
 
