@@ -24,6 +24,6 @@ def test_proxy_reported_ready(host):
 
 def test_the_unit_points_at_the_manual_and_runs_a_supervisor(host):
     props = host.service("flyproxy.service").systemd_properties
-    assert "man:flyproxy(8)" in props["Documentation"].split()
+    assert "man:flyproxy(8)" in [d.strip('"') for d in props["Documentation"].split()]
     assert "FLYPROXY_SUPERVISOR=yes" in props["Environment"].split()
     assert host.file("/usr/share/man/man8/flyproxy.8.gz").exists
