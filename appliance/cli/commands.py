@@ -158,7 +158,7 @@ def status(args: argparse.Namespace) -> int:
         for g in reply.get("generations", [])[:-1]:  # older generations, draining
             since = time.strftime("%H:%M:%S", time.localtime(g["draining_since"]))
             print(f"  generation {g['generation']} (version {g['version']}, code {g['code']}): "
-                  f"draining since {since}, {g['active']} connections, pids "
+                  f"draining since {since}, {count(g['active'], 'connection')}, pids "
                   + " ".join(map(str, g["pids"])))
     elif reply.get("fds"):
         print(_fds(reply["fds"]))
