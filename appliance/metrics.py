@@ -88,8 +88,11 @@ class Metrics(NullMetrics):
             for d in (self.accepted_n, self.active_n, self.retries_n, self.all_down_n):
                 d.setdefault(name, 0)
             self.closed_n.setdefault((name, "closed"), 0)
-            if app.max_connections is not None:
-                self.rejected_n.setdefault((name, "limit"), 0)
+            for reason, limit in (("max_connections", app.max_connections),
+                                  ("client_connections", app.max_per_client),
+                                  ("client_rate", app.rate_per_client), ("rate", app.rate)):
+                if limit is not None:
+                    self.rejected_n.setdefault((name, reason), 0)
             for target in app.targets:
                 t = target.label
                 self.attempts_n.setdefault((name, t), 0)
@@ -209,8 +212,8 @@ class Metrics(NullMetrics):
         yield family(GaugeMetricFamily, "flyproxy_connections_active",
                      "Client connections open now, by app", ["app"], self.active_n)
         yield family(CounterMetricFamily, "flyproxy_connections_rejected",
-                     "Client connections closed at once (no app on the port, the app at "
-                     "its MaxConnections, no fd or memory left), by app and reason",
+                     "Client connections closed at once (no app on the port, over one of "
+                     "the app's limits, no fd or memory left), by app and reason",
                      ["app", "reason"], self.rejected_n)
         yield family(CounterMetricFamily, "flyproxy_connections_closed",
                      "Client connections ended, by app and how (end: closed, idle, reset, "

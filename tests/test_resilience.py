@@ -63,7 +63,7 @@ def test_app_connection_limit(tmp_path, start_proxy, make_backend):
     proxy.reload()
     assert greet(port) == "b"
     second.close()
-    assert "at its limit of 2 connections" in proxy.output()
+    assert "closed: at its limit of 2 open connections" in proxy.output()
 
 
 def test_failed_target_is_tried_last_for_a_while(tmp_path, start_proxy, make_backend):

@@ -212,7 +212,7 @@ def test_app_limit_is_shared_between_workers(tmp_path, start_proxy, make_backend
         if read_line(s) == b"one":
             served += 1
         conns.append(s)
-    assert 2 <= served <= 4  # each worker takes 4 // 2; never more than the limit in all
+    assert served == 4  # host-wide: counted over both workers, however the kernel spread them
     for s in conns:
         s.close()
 

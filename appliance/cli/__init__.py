@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--resume-fd", type=int, help=argparse.SUPPRESS)  # a re-exec'd supervisor
     p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--limits", help=argparse.SUPPRESS)  # FD:COLUMN of the limits table
     p.set_defaults(func=commands.serve)
 
     p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")

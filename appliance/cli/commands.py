@@ -57,7 +57,8 @@ def serve(args: argparse.Namespace) -> int:
             sockets = launch.sockets_for(None, args.fd)
             return launch.serve_worker(args.config, args.config_fd, args.worker_channel,
                                        settings, sockets, generation=args.generation,
-                                       collect_metrics=args.collect_metrics)
+                                       collect_metrics=args.collect_metrics,
+                                       limits=args.limits)
         if args.resume_fd is not None:  # a supervisor, re-executed by an upgrade
             return launch.resume(args.resume_fd, settings, control_path=args.control,
                                  log_level=args.log_level, watch=args.watch,

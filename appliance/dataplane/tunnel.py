@@ -13,7 +13,7 @@ import time
 
 from . import proxy_protocol as pp
 from .engine import EPOLLERR, EPOLLHUP, RESOURCE_ERRNOS, Engine
-from .relay import NEVER, End
+from .relay import NEVER, End, PacedEnd
 
 _Socket = _socket.socket  # the C type: no Python-level __init__ per connection
 _NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -37,10 +37,11 @@ class Tunnel:
                  "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i",
                  "racing", "stagger", "attempt_started", "started", "end", "seen_bytes",
                  "seen_at", "logged_at", "splice_after", "done", "keepalive", "survivor",
-                 "abort_timer", "proxy_protocol", "load_key")
+                 "abort_timer", "proxy_protocol", "load_key", "held", "pace", "stale")
 
     def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
-                 splice_after: int = 0, proxy_protocol: str | None = None) -> None:
+                 splice_after: int = 0, proxy_protocol: str | None = None,
+                 pace: int | None = None) -> None:
         self.engine = engine
         self.owner = owner
         self.client_addr = addr
@@ -70,6 +71,15 @@ class Tunnel:
         self.abort_timer = None
         self.proxy_protocol = proxy_protocol  # "v1"/"v2": a header goes first to the backend
         self.load_key = None  # (app, target) while counted for least-connections (proxy.py)
+        self.held = ()  # the limits table's entries it is counted in (proxy.py, limits.py)
+        self.stale = False  # its target or port is gone; closed at the app's DrainTimeout
+        # BytesPerSecond: each direction read no faster (relay.PacedEnd); never spliced
+        self.pace = pace
+        if pace is not None:
+            self.splice_after = NEVER
+            self.client = PacedEnd(self, sock)
+            self.client.update()
+            return
         self.client = End(self, sock)
         self.client.update()  # read what the client sends while the backend connects
 
@@ -141,7 +151,7 @@ class Tunnel:
                 continue
             err = sock.connect_ex(sockaddr)
             if err == errno.EINPROGRESS or not err:
-                end = End(self, sock)
+                end = End(self, sock) if self.pace is None else PacedEnd(self, sock)
                 end.connecting = True
                 self.racing.append(end)
                 end.reading = False

@@ -87,6 +87,7 @@ class Generations:
             await asyncio.gather(*(w.proc.wait() for w in fresh if w.proc is not None))
             for w in fresh:
                 w.close_channel()
+                self._free_column(w)
             self.config, self.generation = old_config, self.generation - 1
             why = "stopping" if not errors else str(errors[0])
             return self.reload_failed(f"upgrade to {ran['version']} failed, still serving "
@@ -130,6 +131,7 @@ class Generations:
         if w.proc is not None:
             await w.proc.wait()
         w.close_channel()
+        self._free_column(w)
         for g in list(self.old):
             if w in g.workers:
                 g.workers.remove(w)
@@ -204,7 +206,8 @@ class Generations:
             return {"index": w.index, "generation": w.generation,
                     "pid": w.proc.pid if running else None,  # (down: the next image starts it)
                     "channel": reexec.inheritable(os.dup(w.channel_fd())) if running else None,
-                    "ids": w.ids, "ready": w.ready and running, "draining": w.draining}
+                    "ids": w.ids, "ready": w.ready and running, "draining": w.draining,
+                    "column": w.column}
 
         return {
             "config_path": self.config_path, "config": self.config.raw.decode(),
@@ -219,6 +222,7 @@ class Generations:
                      "workers": [row for row in map(worker, g.workers) if row["pid"]]}
                     for g in self.old],
             "upgrade": {"config": new.raw.decode(), "reply": reply_fd},
+            "limits": reexec.inheritable(self.limits.fd) if self.limits is not None else None,
         }
 
     def resume(self, state: dict) -> None:
@@ -231,6 +235,8 @@ class Generations:
         self.code, self.reloads, self.restarts = state["code"], state["reloads"], state["restarts"]
         self.retired = Metrics.merged(state["retired"]) if state["retired"] else None
         self.group = [listeners.from_fd(fd) for fd in state["group"]]
+        if state.get("limits") is not None:  # (an image from before limits had none)
+            self._open_limits(state["limits"])
         if state["metrics"] is not None:
             from ..metrics_http import MetricsServer
             self.metrics_http = MetricsServer(socket.socket(fileno=state["metrics"]),
@@ -248,6 +254,9 @@ class Generations:
             w = Worker(row["index"], row["generation"])
             w.ids = row["ids"]
             w.draining = row["draining"]
+            if row.get("column") is not None and self.limits is not None:
+                w.column = row["column"]
+                self._free_columns.discard(w.column)
             if row["pid"] is None:  # was down: _keep starts it
                 return w
             w.proc = reexec.Adopted(row["pid"])

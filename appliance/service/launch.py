@@ -94,7 +94,8 @@ def resume(state_fd: int, settings: Settings, *, control_path: str | None, log_l
 
 
 def serve_worker(config_path: str, config_fd: int, channel_fd: int, settings: Settings,
-                 sockets: list[socket.socket], *, generation: int, collect_metrics: bool) -> int:
+                 sockets: list[socket.socket], *, generation: int, collect_metrics: bool,
+                 limits: str | None = None) -> int:
     """A worker: the config in force comes from its supervisor (an anonymous file), its
     counts go to the supervisor over its channel, which serves them."""
     code.import_all()
@@ -108,6 +109,14 @@ def serve_worker(config_path: str, config_fd: int, channel_fd: int, settings: Se
     server = Server(config_path, config, settings, sockets=sockets, metrics=collector,
                     channel=channel)
     server.proxy.generation = generation
+    if limits:  # the host's connection limits' table, and our column in it
+        from ..dataplane.limits import LimitsError, Table
+
+        fd, column = limits.split(":")
+        try:
+            server.proxy.share_limits(Table(int(fd), int(column)))
+        except (LimitsError, OSError, ValueError) as e:
+            raise LaunchError(f"--limits {limits}: {e}") from None
     return _run_server(server, settings)
 
 

@@ -21,7 +21,7 @@ import socket
 
 from .. import config as configmod
 from ..dataplane import listeners
-from ..dataplane.checks import apply_changes, decode_changes
+from ..dataplane.checks import decode_changes
 from ..dataplane.proxy import Proxy
 from ..logs import RateLimited, count
 from .. import metrics_http
@@ -157,7 +157,7 @@ class Server(Service):
                                 f": {exc!r}" if exc else "")
 
     def _checks_changed(self, changes) -> None:
-        apply_changes(self.proxy.down, changes)
+        self.proxy.health_changed(changes)
 
     async def _serve_channel(self) -> None:
         await control.serve_channel(self, self.channel, self._channel_tasks)
@@ -180,9 +180,7 @@ class Server(Service):
                 return {"ok": False, "error": "'health' is a supervisor's command to its "
                                               "workers, not a control command"}
             reset, changes = decode_changes(command)
-            if reset:
-                self.proxy.down.clear()
-            apply_changes(self.proxy.down, changes)
+            self.proxy.health_changed(changes, reset)
             return {"ok": True}
         if command.startswith(("prepare ", "commit", "abort")):  # a supervisor's reload
             if self.channel is None:

@@ -46,7 +46,8 @@ from ..settings import Settings
 from ..statuspage import StatusPage
 from . import code, control, reexec
 from .gathered import Gathered
-from .generations import Generation, Generations
+from ..dataplane import limits
+from .generations import MAX_GENERATIONS, Generation, Generations
 from .health import HostChecks
 from .lifecycle import Service
 from .systemd import notify
@@ -91,6 +92,10 @@ class Supervisor(Generations, Gathered, Service):
         self._reload_lock = asyncio.Lock()
         self.resumed: dict | None = None  # the state a previous image handed over
         self._quiet = False  # about to re-exec: no new request to a worker
+        # The connection limits' counts, shared by every worker (dataplane/limits.py): a
+        # column each, for as many workers as MAX_GENERATIONS generations can hold
+        self.limits: limits.Table | None = None
+        self._free_columns: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<Supervisor {self.config_path} workers={len(self.workers)}>"
@@ -204,8 +209,34 @@ class Supervisor(Generations, Gathered, Service):
         return [sys.executable, *flags, "-c", _BOOT, code.package_parent(), *self.worker_argv,
                 "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
 
+    def _open_limits(self, fd: int | None = None) -> None:
+        """The limits table: made now, or the one a previous image handed over (``fd``)."""
+        columns = MAX_GENERATIONS * len(self.workers)
+        if fd is None:
+            fd = limits.create(columns)
+        self.limits = limits.Table(fd, 0)
+        self._free_columns = set(range(self.limits.columns))
+
+    def _column(self, w: Worker) -> None:
+        """Give ``w`` a column of the limits table (kept across its restarts), zeroed: what
+        a previous process counted there died with it."""
+        if self.limits is None:
+            self._open_limits()
+        if w.column is None:
+            w.column = min(self._free_columns)  # (never empty: MAX_GENERATIONS bounds workers)
+            self._free_columns.discard(w.column)
+        self.limits.clear(w.column)
+
+    def _free_column(self, w: Worker) -> None:
+        """``w`` is gone for good: its column is zeroed and free for another."""
+        if w.column is not None and self.limits is not None:
+            self.limits.clear(w.column)
+            self._free_columns.add(w.column)
+            w.column = None
+
     async def _start(self, w: Worker) -> None:
-        await w.start(self._worker_args(w), self._fds(w), self.config.raw)
+        self._column(w)
+        await w.start(self._worker_args(w), self._fds(w), self.config.raw, self.limits.fd)
         try:
             await w.request("status", STARTUP_TIMEOUT_S)
             if self.checks is not None:  # a replacement: what is down now, all of it
@@ -234,6 +265,8 @@ class Supervisor(Generations, Gathered, Service):
                 status = await w.proc.wait()
                 if self._stop.is_set() or w.draining:
                     return  # (a draining worker's end is _drain's)
+                if self.limits is not None:  # its connections died with it
+                    self.limits.clear(w.column)
                 w.close_channel()
                 log.error("%s exited with status %s", w, status)
             now = time.monotonic()

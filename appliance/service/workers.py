@@ -82,6 +82,7 @@ class Worker:
         self.exits: collections.deque[float] = collections.deque()  # recent exits (monotonic)
         self.failing: str | None = None  # why it cannot start, while it cannot
         self.retry_at: float | None = None  # when it is started again (monotonic)
+        self.column: int | None = None  # its column in the connection limits' table
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = 0  # the last request id sent
@@ -93,7 +94,8 @@ class Worker:
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
 
-    async def start(self, argv: list[str], fds: list[int], config: bytes) -> None:
+    async def start(self, argv: list[str], fds: list[int], config: bytes,
+                    limits_fd: int | None = None) -> None:
         """Start the worker on ``config`` (the bytes in force, not the file: it may hold an
         edit not yet reloaded, or a broken one), handed over in an anonymous file."""
         mine, theirs = socket.socketpair()
@@ -102,7 +104,9 @@ class Worker:
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, "--worker-channel", str(theirs.fileno()), "--config-fd", str(config_fd),
-                pass_fds=[*fds, theirs.fileno(), config_fd], env=env,
+                *(["--limits", f"{limits_fd}:{self.column}"] if limits_fd is not None else []),
+                pass_fds=[*fds, theirs.fileno(), config_fd,
+                          *([limits_fd] if limits_fd is not None else [])], env=env,
                 stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             mine.close()
