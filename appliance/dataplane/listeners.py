@@ -10,6 +10,10 @@ import socket
 import sys
 
 BACKLOG = 4096  # connections; the kernel caps it at net.core.somaxconn
+# With handed-in sockets, a supervisor's workers accept in this many lanes (an SO_REUSEPORT
+# group each) that the BPF program steers apps to: an accept queue per app, up to LANES
+# apps (bpf/steer.c FLYPROXY_LANES)
+LANES = 16
 
 
 class ListenerError(Exception):

@@ -32,7 +32,9 @@ class Gathered:
         status = {"config": self.config_path, "digest": self.config.digest,
                   "generation": self.generation, "mode": "per-port", "active": 0,
                   "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
-                  "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None,
+                  "group": ("[%s]:%d" % self.lanes[0][0].getsockname()[:2]) if self.lanes
+                  else None,
+                  "lanes": len(self.lanes),
                   "listeners": listeners.described(self.sockets),
                   "version": self.code["version"], "code": self.code["digest"],
                   "generations": self._generations(everyone),

@@ -214,7 +214,8 @@ class Generations:
             "generation": self.generation, "worker_generation": self.worker_generation,
             "code": self.code, "reloads": self.reloads, "restarts": self.restarts,
             "retired": self._retired_counts(),
-            "sockets": [fd(s) for s in self.sockets], "group": [fd(s) for s in self.group],
+            "sockets": [fd(s) for s in self.sockets],
+            "lanes": [[fd(s) for s in lane] for lane in self.lanes],
             "control": fd(self.control_server.sockets[0]) if self.control_server else None,
             "metrics": fd(self.metrics_http.sock) if self.metrics_http is not None else None,
             "workers": [worker(w) for w in self.workers],
@@ -234,7 +235,10 @@ class Generations:
         self.generation, self.worker_generation = state["generation"], state["worker_generation"]
         self.code, self.reloads, self.restarts = state["code"], state["reloads"], state["restarts"]
         self.retired = Metrics.merged(state["retired"]) if state["retired"] else None
-        self.group = [listeners.from_fd(fd) for fd in state["group"]]
+        lanes = state.get("lanes")
+        if lanes is None:  # an image from before lanes: its one group
+            lanes = [state["group"]] if state.get("group") else []
+        self.lanes = [[listeners.from_fd(fd) for fd in lane] for lane in lanes]
         if state.get("limits") is not None:  # (an image from before limits had none)
             self._open_limits(state["limits"])
         if state["metrics"] is not None:

@@ -13,12 +13,15 @@ worker (``workers.py``) with those sockets:
 - per-port mode: every worker binds every port with SO_REUSEPORT and the kernel spreads
   new connections over them by hash;
 - handed-in sockets are shared: every worker accepts on them. They alone would balance
-  badly (whichever worker wakes first takes a whole burst), so the supervisor also makes
-  a *group*: one listening socket per worker, bound together with SO_REUSEPORT on an
-  ephemeral port. ``flyproxy bpf register --spread`` puts a member in the BPF program's
-  group map; the kernel then picks the member (the worker) by a hash of each connection.
-  The supervisor keeps every member open, so a restarted worker gets its member back and
-  connections hashed to it wait in its queue meanwhile;
+  badly (whichever worker wakes first takes a whole burst), and one queue for every app
+  lets a flood on one fill it for all. So the supervisor also makes *lanes*
+  (listeners.LANES of them): each a group of one listening socket per worker, bound
+  together with SO_REUSEPORT on an ephemeral port. ``flyproxy bpf register --spread``
+  puts a member of each in the BPF program's lanes map, and the program sends an app's
+  connections to lane (app index % LANES): each app has accept queues of its own, and the
+  kernel picks the member (the worker) by a hash of each connection. The supervisor keeps
+  every member open, so a restarted worker gets its members back and connections hashed
+  to it wait in its queues meanwhile;
 - the control socket, SIGHUP and the metrics endpoint fan out over the workers' channels:
   a reload reads and validates the file once and sends those bytes to every worker,
   prepared everywhere, then committed (any failure aborts all); status and metrics are
@@ -82,7 +85,8 @@ class Supervisor(Generations, Gathered, Service):
                             *settings.to_argv(), *(["--collect-metrics"] if metrics_address
                                                    else [])]
         self.sockets = sockets
-        self.group: list[socket.socket] = []  # one per worker, with handed-in sockets
+        # with handed-in sockets: lanes[lane][worker index], a listening socket each
+        self.lanes: list[list[socket.socket]] = []
         self.control_path = control_path
         self.control_server: asyncio.AbstractServer | None = None
         self.metrics_address = metrics_address
@@ -103,18 +107,29 @@ class Supervisor(Generations, Gathered, Service):
     # -- lifecycle ---------------------------------------------------------------------
 
     def make_group(self) -> None:
-        """With handed-in sockets: one SO_REUSEPORT listener per worker on an ephemeral port
-        (dual-stack on every address, as the BPF program assigns both families to it;
-        connections that reach it directly find no app for its port and are closed)."""
+        """With handed-in sockets: the lanes, each one SO_REUSEPORT listener per worker on
+        an ephemeral port (dual-stack on every address, as the BPF program assigns both
+        families to it; connections that reach one directly find no app for its port and
+        are closed)."""
         from ..dataplane import listeners
 
-        if not self.sockets or len(self.workers) < 2:
+        if not self.sockets:
             return
-        first = listeners.bind(0, None, reuse_port=True)
-        host, port = first.getsockname()[:2]
-        self.group = [first] + [listeners.bind(port, host, reuse_port=True)
-                                for _ in self.workers[1:]]
-        log.info("worker group on [%s]:%d (spread by flyproxy bpf register --spread)", host, port)
+        made: list[list[socket.socket]] = []
+        try:
+            for _ in range(listeners.LANES):
+                first = listeners.bind(0, None, reuse_port=True)
+                host, port = first.getsockname()[:2]
+                made.append([first] + [listeners.bind(port, host, reuse_port=True)
+                                       for _ in self.workers[1:]])
+        except BaseException:
+            for lane in made:
+                for s in lane:
+                    s.close()
+            raise
+        self.lanes = made
+        log.info("%d lanes of %d listeners each, the first on [%s]:%d (spread by flyproxy bpf "
+                 "register --spread)", len(made), len(self.workers), *made[0][0].getsockname()[:2])
 
     async def startup(self) -> bool:
         self.install_signals()
@@ -155,8 +170,9 @@ class Supervisor(Generations, Gathered, Service):
 
     def stop_accepting(self) -> None:
         self.checks.close()
-        for member in self.group:  # once the workers close theirs, the group is gone and
-            member.close()  # the BPF program sends new connections to the listener
+        for lane in self.lanes:  # once the workers close theirs, the lanes are gone and
+            for member in lane:  # the BPF program sends new connections to the listener
+                member.close()
         if self.control_server is not None:
             self.control_server.close()
             control.remove(self.control_path)
@@ -199,8 +215,8 @@ class Supervisor(Generations, Gathered, Service):
     # -- workers ---------------------------------------------------------------------
 
     def _fds(self, w: Worker) -> list[int]:
-        """The sockets worker ``w`` serves: every handed-in one, and its group member."""
-        own = [self.group[w.index].fileno()] if self.group else []
+        """The sockets worker ``w`` serves: every handed-in one, and its member of each lane."""
+        own = [lane[w.index].fileno() for lane in self.lanes]
         return [s.fileno() for s in self.sockets] + own
 
     def _worker_args(self, w: Worker) -> list[str]:
