@@ -172,6 +172,8 @@ def _refused(port: int) -> bool:
             return closed_by_peer(s)
     except ConnectionRefusedError:
         return True
+    except TimeoutError:  # a SYN queued on a listener as it closed is dropped: try again
+        return False
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(workers):
@@ -208,8 +210,11 @@ def test_app_limit_is_shared_between_workers(tmp_path, start_proxy, make_backend
     start_proxy(cfg, "--workers", str(N))
     conns, served = [], 0
     for _ in range(12):
-        s = connect(port)
-        if read_line(s) == b"one":
+        try:
+            s = connect(port)
+        except ConnectionResetError:  # refused: a reset, here before connect() returned
+            continue
+        if not closed_by_peer(s):  # (refused: a reset at once; served: its greeting)
             served += 1
         conns.append(s)
     assert served == 4  # host-wide: counted over both workers, however the kernel spread them

@@ -51,7 +51,9 @@ READ_SIZE = 256 * 1024  # the shared read buffer: one recv_into
 BIG_PIPE_SIZE = 1 << 20
 PIPE_SIZE = 256 * 1024
 BIG_PIPE_SHARE = 8  # a process's 1 MiB pipes take at most 1/8 of the user's pipe quota
-ACCEPT_BATCH = 64  # accepts per listener event, so one busy port cannot starve the others
+# Accepts per listener event, so one busy port cannot starve the others: under a flood on
+# one app's listener, another app's connection waits for at most this many of the flood's
+ACCEPT_BATCH = 16
 ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener for this long
 
 RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

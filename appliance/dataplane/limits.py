@@ -132,6 +132,9 @@ class Table:
         self.counts = struct.Struct(f"<{columns}I")
         self.untracked = 0  # clients admitted without an entry (their window was full)
         self._apps: dict[str, bytes] = {}
+        # app -> until when its whole bucket is surely empty (monotonic): under a flood
+        # most connections are refused here, without the lock or a look at the table
+        self._empty_until: dict[str, float] = {}
 
     def __repr__(self) -> str:
         kind = f"shared fd={self.fd} column={self.column}/{self.columns}" if self.shared \
@@ -203,6 +206,8 @@ class Table:
         """May a new connection from ``host`` to ``app`` open? (None, the entries it is
         counted in: give them to :meth:`release` when it closes) or (the reason it may not,
         ())."""
+        if app.rate is not None and now < self._empty_until.get(app.name, 0.0):
+            return "rate", ()  # (a token cannot have come yet, in any worker)
         key = self._apps.get(app.name)
         if key is None:
             key = self._apps[app.name] = app_id(app.name)
@@ -229,6 +234,8 @@ class Table:
                             self.open_count(whole) >= app.max_connections:
                         return "max_connections", ()
                     if app.rate is not None and not self._token(whole, app.rate, now):
+                        tokens = TOKENS.unpack_from(self.map, whole + TOKENS_AT)[0]
+                        self._empty_until[app.name] = now + (1.0 - tokens) / app.rate
                         return "rate", ()
             # admitted: counted (in our column) and charged a token, in both
             if client >= 0:

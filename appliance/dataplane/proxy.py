@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import socket
+import struct
 import time
 
 from ..config import Config, ConfigDiff, diff
@@ -37,6 +38,7 @@ from .tunnel import Tunnel
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("appliance.connections")
 FD_WARNING = 0.9  # of RLIMIT_NOFILE: warn (rate-limited) when connections hold this share
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 def peer_text(addr) -> str:
@@ -190,14 +192,18 @@ class Proxy:
 
     def _refuse(self, sock, addr, app, reason: str) -> None:
         """Close a new connection over one of ``app``'s limits (before any backend
-        connect): counted by app and reason, and a log line at most every 10 s per app and
-        reason that says who and why."""
+        connect) with a reset: counted by app and reason, and a log line at most every 10 s
+        per app and reason that says who and why."""
         n = {"max_connections": app.max_connections, "client_connections": app.max_per_client,
              "client_rate": app.rate_per_client, "rate": app.rate}[reason]
         self._limited.warning(f"limit:{app.name}:{reason}", "app %s: connection from %s closed: "
                               "%s", app.name, peer_text(addr),
                               limits.REASONS[reason].format(n=n))
         self.metrics.rejected(app.name, reason)
+        try:  # a reset, as HAProxy's "tcp-request connection reject": no TIME_WAIT left here
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass
         sock.close()
 
     def ejected(self) -> dict[tuple[str, str], int]:

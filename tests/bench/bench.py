@@ -44,11 +44,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import flood
 import hold
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("BENCH_OUT", REPO / "docs" / "bench"))
 SCALE_ONLY = os.environ.get("BENCH_ONLY", "") == "scale"
+FLOOD_ONLY = os.environ.get("BENCH_ONLY", "") == "flood"  # the noisy-neighbour phase alone
 PYTHON = os.environ.get("BENCH_PYTHON", "/usr/bin/python3")
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -743,14 +745,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespace, BPF)", file=sys.stderr)
         return 1
-    tools = ("haproxy",) if SCALE_ONLY else (
+    tools = ("haproxy",) if SCALE_ONLY else ("haproxy", "nginx", "wrk") if FLOOD_ONLY else (
         "haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD)
     for tool in tools:
         if not shutil.which(tool) and not Path(tool).exists():
             print(f"make bench: {tool} is missing", file=sys.stderr)
             return 1
-    if SCALE_ONLY and not (OUT / "results.json").exists():
-        print(f"make bench: BENCH_ONLY=scale adds to {OUT / 'results.json'}, which is missing: "
+    if (SCALE_ONLY or FLOOD_ONLY) and not (OUT / "results.json").exists():
+        print(f"make bench: BENCH_ONLY={os.environ['BENCH_ONLY']} adds to {OUT / 'results.json'}, which is missing: "
               "run the whole bench first", file=sys.stderr)
         return 1
     global WORK
@@ -783,7 +785,7 @@ def main() -> int:
     failed: list[str] = []  # "<proxy>, round N: why", for the report
     started = time.monotonic()
     try:
-        for n in range(0 if SCALE_ONLY else ROUNDS):
+        for n in range(0 if SCALE_ONLY or FLOOD_ONLY else ROUNDS):
             first = n % len(proxies)  # rotate: no proxy always runs right after the same one
             for proxy in proxies[first:] + proxies[:first]:
                 log(f"round {n + 1}/{ROUNDS}: {proxy.name}")
@@ -808,7 +810,8 @@ def main() -> int:
                     log(f"{proxy.name}: round {n + 1} failed ({e}); logs in {WORK}")
                 finally:
                     proxy.stop()
-        scaled = scale_phase(bpffs, failed) if HOLD else {}
+        scaled = scale_phase(bpffs, failed) if HOLD and not FLOOD_ONLY else {}
+        flooding = {} if SCALE_ONLY else flood.run(sys.modules[__name__], bpffs, failed)
     finally:
         subprocess.run(["umount", str(bpffs)], capture_output=True)
         tear_down(backends)
@@ -818,6 +821,9 @@ def main() -> int:
         shutil.rmtree(WORK, ignore_errors=True)
     if SCALE_ONLY:
         print(merge_scale(scaled, failed, round(time.monotonic() - started)))
+        return 0
+    if FLOOD_ONLY:
+        print(merge_flood(flooding, failed, round(time.monotonic() - started)))
         return 0
     summary = {name: {**{k: median([r[k] for r in runs]) for k in (runs[0] if runs else {})
                          if k != "round"},
@@ -837,8 +843,9 @@ def main() -> int:
             "cpus": os.cpu_count(), "duration_s": round(time.monotonic() - started),
             "failed": failed}
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "summary": summary,
-                                                  "rounds": rounds, "scale": scaled}, indent=1))
-    (OUT / "results.md").write_text(report(summary, meta, rounds, scaled))
+                                                  "rounds": rounds, "scale": scaled,
+                                                  "flood": flooding}, indent=1))
+    (OUT / "results.md").write_text(report(summary, meta, rounds, scaled, flooding))
     chart(summary)
     print((OUT / "results.md").read_text())
     return 0
@@ -855,7 +862,23 @@ def merge_scale(scaled: dict, failed: list[str], duration_s: int) -> str:
                          "kernel": os.uname().release}
     results["scale"] = scaled
     path.write_text(json.dumps(results, indent=1))
-    text = report(results["summary"], meta, results["rounds"], scaled)
+    text = report(results["summary"], meta, results["rounds"], scaled, results.get("flood"))
+    (OUT / "results.md").write_text(text)
+    return text
+
+
+def merge_flood(flooding: dict, failed: list[str], duration_s: int) -> str:
+    """BENCH_ONLY=flood: the noisy-neighbour phase's figures (and failures) replace those
+    in the results in OUT; the rest stay. Returns the new report."""
+    path = OUT / "results.json"
+    results = json.loads(path.read_text())
+    meta = results["meta"]
+    meta["failed"] = [f for f in meta.get("failed", []) if ", flood phase" not in f] + failed
+    meta["flood_run"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "duration_s": duration_s,
+                         "kernel": os.uname().release}
+    results["flood"] = flooding
+    path.write_text(json.dumps(results, indent=1))
+    text = report(results["summary"], meta, results["rounds"], results.get("scale"), flooding)
     (OUT / "results.md").write_text(text)
     return text
 
@@ -1105,7 +1128,8 @@ def rounds_ahead(rounds: dict, name: str, key: str, higher: bool) -> tuple[int, 
     return ahead, n
 
 
-def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None) -> str:
+def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None,
+           flooding: dict | None = None) -> str:
     names = list(summary)
     base = summary.get("HAProxy", {})
     lines = [f"# flyproxy benchmark ({meta['date']})", "",
@@ -1165,6 +1189,7 @@ def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None) 
                       f"vs {v['conn_per_s_ip']:,.0f} as an IP literal "
                       f"({v['conn_per_s_names'] / v['conn_per_s_ip']:.2f}x)."]
     lines += hold_report(scaled or {}, meta.get("scale_run"))
+    lines += flood.report(flooding or {}, meta.get("flood_run"))
     if meta.get("failed"):
         lines += ["", "Rounds that failed (that proxy's medians are over its other rounds): "
                   + "; ".join(meta["failed"]) + "."]
