@@ -68,7 +68,27 @@ once in the whole file. \fBTargets\fR: \fIhost\fR:\fIport\fR, \fIip\fR:\fIport\f
 [\fIipv6\fR]:\fIport\fR. A file is at most 1 MiB. Optional keys per app:
 .TP
 \fBMaxConnections\fR \fIn\fR
-at most \fIn\fR open connections for the app; more are closed at once.
+at most \fIn\fR open connections for the app, counted over every worker of the host; more
+are closed at once (a reset, before any backend connect).
+.TP
+\fBMaxConnectionsPerClient\fR \fIn\fR
+at most \fIn\fR open connections to the app from one client address.
+.TP
+\fBMaxConnectionRatePerClient\fR \fIr\fR
+at most \fIr\fR new connections per second to the app from one client address (a token
+bucket: bursts of about \fIr\fR).
+.TP
+\fBMaxConnectionRate\fR \fIr\fR
+at most \fIr\fR new connections per second to the app from all clients together.
+.TP
+\fBBytesPerSecond\fR \fIn\fR
+each connection's bandwidth, each direction: the proxy reads no faster, so TCP holds the
+sender back (nothing is buffered beyond one read).
+.TP
+\fBDrainTimeout\fR \fIs\fR
+connections left on a port or to a target that a reload removed, or to a target the health
+checks took down, are closed \fIs\fR seconds later, each with a log line (absent: they are
+left to finish).
 .TP
 \fBProxyProtocol\fR "v1" | "v2"
 a PROXY protocol header first on every backend connection (the client's address and the
