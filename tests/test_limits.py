@@ -302,3 +302,47 @@ def test_shared_table_counts_over_processes_and_a_dead_workers_column_is_cleared
     assert one.admit(a, "::1", now)[0] is None
     with pytest.raises(limits.LimitsError, match="column 4 is not in the table's 0..3"):
         limits.Table(fd, 4)
+
+
+def test_a_flooded_app_sheds_before_its_backend_and_another_app_is_served(
+        tmp_path, start_proxy, make_backend):
+    """A flood of connections to app A from 500 addresses: A's backend sees no more than
+    its MaxConnectionRate lets through (the rest are reset before any backend connect),
+    and app B, on the same workers, serves every one of its connections meanwhile."""
+    a_backend, b_backend = make_backend("a"), make_backend("b")
+    port_a, port_b = free_ports(2)
+    cfg = configure(tmp_path / "c.json",
+                    app("a", port_a, [a_backend.address], MaxConnectionRate=50),
+                    app("b", port_b, [b_backend.address]))
+    start_proxy(cfg, *WORKERS)
+    stop = threading.Event()
+    flood = {"tried": 0}
+
+    def flooder():
+        for i in range(3000):  # bounded in count, and by the test's end
+            if stop.is_set():
+                break
+            try:
+                s = socket.socket()
+                s.bind((f"127.1.{i % 500 // 250}.{i % 250 + 1}", 0))
+                s.settimeout(2)
+                s.connect(("127.0.0.1", port_a))
+                s.close()
+            except OSError:
+                pass
+            flood["tried"] += 1
+
+    threads = [threading.Thread(target=flooder, daemon=True) for _ in range(2)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        b_served = sum(served(open_from(port_b)) for _ in range(100))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert b_served == 100
+    allowed = 50 * (time.monotonic() - started) + 50  # the rate's worth, and its burst
+    assert flood["tried"] > allowed  # (a flood indeed: more than A lets through)
+    assert 0 < a_backend.connections <= allowed, (a_backend.connections, allowed)

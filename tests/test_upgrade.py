@@ -24,7 +24,7 @@ import pytest
 
 from held import Prober
 from helpers import (ProxyProcess, TaggedBackend, connect, copy_of_the_code, free_ports,
-                     read_line, run_cli, run_from, wait_until, write_config)
+                     read_line, refused, run_cli, run_from, wait_until, write_config)
 from netns import NetNS
 
 pytestmark = pytest.mark.root
@@ -437,3 +437,26 @@ def test_a_worker_killed_after_an_upgrade_is_replaced_in_its_generation(lab1):
     assert read_line(held) == b"hi"
     assert greet_one(port) == "b"
     held.close()
+
+
+def test_limits_count_every_generation_and_survive_the_re_exec(lab1):
+    """MaxConnections is the host's, across an upgrade: the supervisor re-executes with the
+    limits table in hand, the draining generation's connections still count, and once they
+    end the new generation may open as many."""
+    lab1.cfg.write_text(json.dumps({"Apps": [{"Name": "a", "Ports": [lab1.port],
+                                              "Targets": [lab1.backend.address],
+                                              "MaxConnections": 3}]}))
+    proxy = lab1.start()
+    held = [connect(lab1.port) for _ in range(3)]
+    assert [read_line(s) for s in held] == [b"b"] * 3
+    pid = proxy.pid
+    bump_version(lab1.root, "upgrade1")
+    out = run_cli("reload", "--control", lab1.control, "-c", str(lab1.cfg), "--pin-dir", "")
+    assert out.returncode == 0 and "upgraded to" in out.stdout, out.stdout + out.stderr
+    assert status(lab1.control)["generations"][0]["active"] == 3  # draining, still open
+    assert proxy.pid == pid  # (the same supervisor, re-executed)
+    assert refused(lab1.port)  # the old generation's 3 count for the new one
+    held.pop().close()
+    wait_until(lambda: not refused(lab1.port), "a new connection served once one ended")
+    for s in held:
+        s.close()
