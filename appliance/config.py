@@ -17,6 +17,7 @@ for a reload.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import decimal
 import difflib
 import hashlib
@@ -166,13 +167,13 @@ class App:
     bytes_per_second: int | None = None  # "BytesPerSecond", per connection and direction
     drain_timeout_s: float | None = None  # "DrainTimeout"
 
-    @property
+    @functools.cached_property  # (asked for every connection: computed once)
     def limited(self) -> bool:
         """Does a new connection to this app have a limit to pass (limits.py)?"""
         return (self.max_connections is not None or self.max_per_client is not None or
                 self.rate_per_client is not None or self.rate is not None)
 
-    @property
+    @functools.cached_property
     def per_client(self) -> bool:
         return self.max_per_client is not None or self.rate_per_client is not None
 
