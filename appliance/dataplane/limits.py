@@ -36,6 +36,7 @@ import os
 import socket
 import struct
 import zlib
+from typing import Iterator
 
 from ..config import App
 
@@ -255,20 +256,39 @@ class Table:
         for off in held:
             self._add(off, -1)
 
+    def _slots(self) -> Iterator[int]:
+        """The offsets of the slots that may be in use: only those in pages the table has
+        written (a shared table asks the memfd where its data is; reading the rest through
+        the map would make the kernel allocate every page of it)."""
+        size, end = self.entry_size, HEADER_SIZE + self.capacity * self.entry_size
+        ranges = [(HEADER_SIZE, end)]
+        if self.shared:
+            ranges, at = [], 0
+            while at < end:
+                try:
+                    start = os.lseek(self.fd, at, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data past ``at``
+                    break
+                at = os.lseek(self.fd, start, os.SEEK_HOLE)
+                ranges.append((max(start, HEADER_SIZE), min(at, end)))
+        for start, stop in ranges:
+            first = max(0, (start - HEADER_SIZE) // size)
+            last = min(self.capacity, (stop - HEADER_SIZE + size - 1) // size)
+            for i in range(first, last):
+                yield HEADER_SIZE + i * size
+
     def clear(self, column: int) -> None:
         """Zero ``column`` everywhere: its worker is gone, and so are its connections."""
-        m, size = self.map, self.entry_size
+        m, zero = self.map, bytes(4)
         self._lock()
         try:
-            at = HEADER_SIZE + COUNTS_AT + 4 * column
-            zero = bytes(4)
-            for i in range(self.capacity):
-                off = at + i * size
-                if m[off:off + 4] != zero:
-                    m[off:off + 4] = zero
+            for off in self._slots():
+                at = off + COUNTS_AT + 4 * column
+                if m[at:at + 4] != zero:
+                    m[at:at + 4] = zero
         finally:
             self._unlock()
 
     def entries(self) -> int:
         """Slots in use (status)."""
-        return sum(1 for i in range(self.capacity) if self.map[HEADER_SIZE + i * self.entry_size])
+        return sum(1 for off in self._slots() if self.map[off])
