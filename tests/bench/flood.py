@@ -1,6 +1,6 @@
 """`make bench`'s noisy-neighbour phase: one app flooded, another under a light load.
 
-App A gets a connection flood from many source addresses (FLOOD_PROCESSES generators, each
+App A gets a connection flood from many source addresses (FLOOD_PROCESSES generators at nice 19, each
 keeping FLOOD_INFLIGHT connects in flight from 4,000 loopback addresses, every connection
 reset as soon as it is established), well past what a proxy on this machine accepts. App B
 gets a probe: a new connection every 1/PROBE_RATE s, timed from connect() to the first byte
@@ -218,7 +218,10 @@ def accepted_a(proxy) -> float:
 def flooded(b, proxy) -> dict:
     """B's probe alone, then with A flooded: the figures."""
     out = {"unloaded": probe(proxy.front["b"])}
-    gens = [subprocess.Popen([sys.executable, __file__, "gen", str(proxy.front["http"]),
+    # The generators run at nice 19: on an edge host a flood's cost of making connections is
+    # not the host's; here they would otherwise take the CPU from the proxies under test.
+    gens = [subprocess.Popen(["nice", "-n", "19", sys.executable, __file__, "gen",
+                              str(proxy.front["http"]),
                               str(PROBE_SECONDS + 2), str(i)], stdout=subprocess.PIPE, text=True)
             for i in range(FLOOD_PROCESSES)]
     time.sleep(1)  # the flood is under way before B's probe starts (a warm-up, not a wait on an event)
@@ -293,7 +296,7 @@ def report(results: dict, run: dict | None = None) -> list[str]:
     alone = (f" (run on its own, {run['date']}, kernel {run['kernel']}, took "
              f"{run['duration_s']} s)") if run else ""
     lines = ["", f"## Noisy neighbour: app A flooded, app B under a light load{alone}", "",
-             f"A gets {FLOOD_PROCESSES} flood generators ({FLOOD_INFLIGHT} connects in flight "
+             f"A gets {FLOOD_PROCESSES} flood generators at nice 19 ({FLOOD_INFLIGHT} connects in flight "
              "each, from 4,000 source addresses, every connection reset once established); B "
              f"gets a new connection every {1000 / PROBE_RATE:g} ms for {PROBE_SECONDS} s, timed "
              "from connect() to the backend's first byte (bound "
