@@ -122,7 +122,8 @@ class ServeConfig:
                          "reload`, as the unit does)", action="store_true")
     log_level: str = option("info", "--log-level", "log messages at this level and above "
                             "(default info, or $FLYPROXY_LOG_LEVEL); also after the command",
-                            env="FLYPROXY_LOG_LEVEL", choices=LOG_LEVELS, scope="global")
+                            env="FLYPROXY_LOG_LEVEL", choices=LOG_LEVELS, type=str.lower,
+                            scope="global")
     # -- where and how --------------------------------------------------------------------
     host: str | None = option(None, "--host", "address to bind the configured ports on "
                               "(default: every address, IPv4 and IPv6)")
@@ -165,7 +166,7 @@ class ServeConfig:
     conn_log_level: str = option("info", "--conn-log-level", "level of the access log: "
                                  "a line per connection as it ends, and one every "
                                  "--conn-log-interval while it lasts (default info; off: "
-                                 "none)", env="FLYPROXY_CONN_LOG_LEVEL",
+                                 "none)", env="FLYPROXY_CONN_LOG_LEVEL", type=str.lower,
                                  choices=("debug", "info", "warning", "off"))
     conn_log_interval_s: float = option(300.0, "--conn-log-interval", "a connection open "
                                         "this long gets an access log line (bytes so far), "
@@ -241,7 +242,8 @@ class ServeConfig:
         return argv
 
 
-# The data plane's name for it (dataplane/proxy.py)
+# The name dataplane/proxy.py imports it by (being changed on another branch: rename there
+# once it lands)
 Settings = ServeConfig
 
 
@@ -258,7 +260,14 @@ def add_argument(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     meta = f.metadata
     default = f.default
     if meta["env"] and os.environ.get(meta["env"]):
-        default = meta["type"](os.environ[meta["env"]])
+        text = os.environ[meta["env"]]
+        try:
+            default = meta["type"](text)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            parser.error(f"${meta['env']}={text!r}: {e}")
+        if meta["choices"] and default not in meta["choices"]:
+            parser.error(f"${meta['env']}={text!r}: expected one of "
+                         + ", ".join(meta["choices"]))
     elif meta["cli_default"] is not None:
         default = meta["cli_default"]()
     flags = [meta["short"], meta["flag"]] if meta["short"] else [meta["flag"]]

@@ -127,6 +127,32 @@ def test_every_serve_option_has_one_command_line_form_that_round_trips(monkeypat
     assert len(flags) == len(set(flags))
 
 
+@pytest.mark.parametrize("variable, value, why", [
+    ("FLYPROXY_LOG_LEVEL", "bogus", "expected one of debug, info, warning, error"),
+    ("FLYPROXY_CONN_LOG_SAMPLE", "0", "0: expected a whole number, 1 or more"),
+    ("FLYPROXY_CONN_LOG_INTERVAL", "soon", "could not convert string to float")])
+def test_a_bad_environment_variable_is_one_clear_line(monkeypatch, capsys, variable, value,
+                                                      why):
+    from appliance.cli import build_parser
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        build_parser()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"${variable}='{value}': " in err and why in err, err
+    assert "Traceback" not in err
+
+
+def test_a_level_in_capitals_is_a_level(monkeypatch):
+    from appliance.cli import build_parser
+
+    monkeypatch.setenv("FLYPROXY_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("FLYPROXY_CONN_LOG_LEVEL", "OFF")
+    args = build_parser().parse_args(["serve"])
+    assert (args.log_level, args.conn_log_level) == ("debug", "off")
+
+
 def test_a_wheel_built_from_pyproject_is_complete(tmp_path):
     source = tmp_path / "src"  # a copy: an in-tree build/ could hold files of older builds
     shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(

@@ -100,7 +100,8 @@ def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
     for action in parser._subparsers._group_actions if parser._subparsers else ():
         for sub in action.choices.values():
             if not any("--log-level" in a.option_strings for a in sub._actions):
-                sub.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                sub.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
+                                 default=argparse.SUPPRESS,
                                  help="as before the command")
             _log_level_everywhere(sub)
 
