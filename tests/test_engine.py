@@ -32,7 +32,7 @@ from appliance.dataplane.proxy import Proxy
 from appliance.dataplane.relay import End
 from appliance.dataplane.resolver import Name, Resolver
 from appliance.dataplane.tunnel import Tunnel
-from appliance.settings import Settings
+from appliance.settings import ServeConfig
 
 
 @pytest.fixture(params=["engine-selector", "nested"])
@@ -335,7 +335,7 @@ def test_a_closed_connection_is_freed_at_once_not_left_to_the_garbage_collector(
              "Targets": [f"127.0.0.1:{dead}", f"127.0.0.1:{live}"]},
             {"Name": "down", "Ports": [front_down.getsockname()[1]],
              "Targets": [f"127.0.0.1:{dead}"]}]}))
-        proxy = Proxy(cfg, Settings(splice_after=64 * 1024))
+        proxy = Proxy(cfg, ServeConfig(splice_after=64 * 1024))
         await proxy.start([front, front_down])  # handed in: routed by the port dialled
 
         async def client(sock_addr, payload=b"", reset=False):

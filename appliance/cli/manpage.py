@@ -8,6 +8,7 @@ import argparse
 import datetime
 
 from .. import __version__
+from ..settings import ServeConfig
 
 
 def _esc(text: str) -> str:
@@ -164,9 +165,7 @@ the control socket \fBserve\fR opens and every client uses (else
 .TP
 \fBFLYPROXY_LOG_LEVEL\fR
 the log level (\fB\-\-log\-level\fR).
-.TP
-\fBFLYPROXY_WORKERS\fR, \fBFLYPROXY_SUPERVISOR\fR, \fBFLYPROXY_LOOP\fR, \fBFLYPROXY_CONN_LOG_LEVEL\fR
-defaults of the \fBserve\fR options of those names.
+{environment}
 .SH EXIT STATUS
 0: success. 1: an error (a bad config, a proxy that is not running, a reload that failed:
 the config in force keeps serving). 2: a command line that is wrong, or \fBreload \-c\fR
@@ -186,6 +185,18 @@ flyproxy bpf status
 """
 
 
+def _environment(written: str) -> list[str]:
+    """The variables of the serve options not described above: each the default of its
+    option (settings.py)."""
+    out = []
+    for f in ServeConfig.options("serve", "global"):
+        env = f.metadata["env"]
+        if env and f"\\fB{env}\\fR\n" not in written:
+            out += [".TP", f"\\fB{_esc(env)}\\fR",
+                    f"the default of \\fB{_esc(f.metadata['flag'])}\\fR."]
+    return out
+
+
 def render(parser: argparse.ArgumentParser) -> str:
     serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
                  ).choices["serve"]
@@ -196,6 +207,7 @@ def render(parser: argparse.ArgumentParser) -> str:
             "\\fIcommand\\fR [\\fIoptions\\fR]", ".PP", "Global options:", ".RS",
             *_options(parser), ".RE"]
     body = (TEXT.replace("{commands}", "\n".join(_commands(parser)))
+            .replace("{environment}", "\n".join(_environment(TEXT)))
             .replace("{serve}", "\n".join(_options(serve)))
             .replace("{config}", CONFIG.strip()))
     return "\n".join(head) + body

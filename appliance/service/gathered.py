@@ -84,8 +84,8 @@ class Gathered:
         """Bind the metrics endpoint (before :meth:`serve`, so a bad address fails early)."""
         from .. import metrics as metricsmod
 
-        if self.metrics_address:
-            self.metrics_http = metricsmod.endpoint(self.metrics_address, self.render_metrics)
+        if self.settings.metrics:
+            self.metrics_http = metricsmod.endpoint(self.settings.metrics, self.render_metrics)
 
     async def render_metrics(self) -> bytes:
         """A scrape: every worker's counts, gathered now and summed (a worker that does not

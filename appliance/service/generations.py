@@ -21,6 +21,7 @@ is an *upgrade*:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -64,7 +65,8 @@ class Generations:
         The code is tried in a child first; any failure leaves the old generation serving,
         untouched."""
         try:
-            ran = await asyncio.to_thread(code.preflight, new.raw, self.config_path)
+            ran = await asyncio.to_thread(code.preflight, new.raw, self.config_path,
+                                          ["serve", *self.settings.to_argv()])
         except code.PreflightError as e:
             return self.reload_failed(f"upgrade refused, still serving generation "
                                        f"{self.generation} (code {self.code['version']}):\n{e}")
@@ -189,8 +191,11 @@ class Generations:
                             else None)
         log.info("upgrading: re-executing the supervisor (pid %d) on the code on disk",
                  os.getpid())
+        # the new image: this supervisor's options, its sockets from the state
+        again = dataclasses.replace(self.settings, fd=(), listen=None,
+                                    resume_fd=reexec.save(state))
         try:
-            reexec.exec_self(reexec.save(state), code.package_parent())
+            reexec.exec_self(code.command(["serve", *again.to_argv()]))
         except OSError as e:
             return self.reload_failed(f"upgrade failed: cannot re-execute: {e}")
         raise AssertionError("unreachable")  # (exec_self returns only by raising)

@@ -26,7 +26,7 @@ from ..dataplane.proxy import Proxy
 from ..logs import RateLimited, count
 from .. import metrics_http
 from ..metrics import NullMetrics
-from ..settings import Settings
+from ..settings import ServeConfig
 from ..statuspage import StatusPage
 from . import control, target_state
 from .health import HostChecks
@@ -37,14 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class Server(Service):
-    def __init__(self, config_path: str, config: configmod.Config,
-                 settings: Settings | None = None, *,
+    def __init__(self, config: configmod.Config, settings: ServeConfig, *,
                  sockets: list[socket.socket] | None = None, metrics: NullMetrics | None = None,
-                 control_path: str | None = None, channel: socket.socket | None = None,
-                 watch: bool = False) -> None:
-        super().__init__(config_path, settings or Settings(), watch)
+                 channel: socket.socket | None = None) -> None:
+        super().__init__(settings)
         self.checks: HostChecks | None = None  # active health checks (a single process's own)
-        self.control_path = control_path
         self.channel = channel  # set in a worker: its supervisor's requests come here
         self._control = None
         self.metrics = metrics or NullMetrics()
@@ -102,8 +99,8 @@ class Server(Service):
             self.checks = HostChecks(self.settings, self._checks_changed, self.proxy.resolver)
             self.checks.apply(self.proxy.config)
             self.metrics.checks = self.checks.state
-        if self.control_path:
-            self._control = await control.start(self, self.control_path)
+        if self.settings.control:
+            self._control = await control.start(self, self.settings.control)
         if self.metrics.http is not None:
             self.metrics.http.page = StatusPage(self.status, lambda: self.metrics)  # GET /
             await self.metrics.http.start()
@@ -122,7 +119,7 @@ class Server(Service):
         self.proxy.stop_accepting()
         if self._control is not None:
             self._control.close()
-            control.remove(self.control_path)
+            control.remove(self.settings.control)
         if self.metrics.http is not None:
             self.metrics.http.close()
 

@@ -38,14 +38,14 @@ worker (``workers.py``) with those sockets:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
-import sys
 import time
 
 from .. import config as configmod
-from ..settings import Settings
+from ..settings import ServeConfig
 from ..statuspage import StatusPage
 from . import code, control, reexec
 from .gathered import Gathered
@@ -61,16 +61,12 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 60.0  # a worker binds every port (thousands, per-port mode) and imports
 HEARTBEAT_S = 1.0  # each worker is pinged this often; one that misses PING_TIMEOUT_S is replaced
-_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-         "from appliance.cli import main; sys.exit(main())")
 
 
 class Supervisor(Generations, Gathered, Service):
-    def __init__(self, config_path: str, config: configmod.Config, settings: Settings,
-                 sockets: list[socket.socket], *, control_path: str | None = None,
-                 metrics_address: str | None = None, log_level: str = "info",
-                 watch: bool = False) -> None:
-        super().__init__(config_path, settings, watch)  # (serve --watch: one for all)
+    def __init__(self, config: configmod.Config, settings: ServeConfig,
+                 sockets: list[socket.socket]) -> None:
+        super().__init__(settings)  # (serve --watch: one for all)
         self.checks: HostChecks | None = None  # one set for the host, told to every worker
         self.config = config
         self.generation = 1  # of the config
@@ -80,16 +76,10 @@ class Supervisor(Generations, Gathered, Service):
         self.image = self.code  # what this process imported (re-exec when it is stale)
         self.old: list[Generation] = []  # older generations, draining
         self.retired = None  # the counts of workers that finished draining (Metrics)
-        # a worker is `flyproxy serve` with exactly our settings (settings.py)
-        self.worker_argv = ["--log-level", log_level, "serve", "-c", config_path,
-                            *settings.to_argv(), *(["--collect-metrics"] if metrics_address
-                                                   else [])]
         self.sockets = sockets
         # with handed-in sockets: lanes[lane][worker index], a listening socket each
         self.lanes: list[list[socket.socket]] = []
-        self.control_path = control_path
         self.control_server: asyncio.AbstractServer | None = None
-        self.metrics_address = metrics_address
         self.metrics_http = None  # the /metrics endpoint, bound by serve_metrics()
         self.reloads = {"ok": 0, "failed": 0}
         self.restarts = 0
@@ -154,8 +144,8 @@ class Supervisor(Generations, Gathered, Service):
         for w in self.workers:
             self.spawn(self._keep(w))
             self.spawn(self._heartbeat(w))
-        if self.control_path:
-            self.control_server = await control.start(self, self.control_path,
+        if self.settings.control:
+            self.control_server = await control.start(self, self.settings.control,
                                                       sock=self._handed("control"))
         if self.metrics_http is not None:  # (bound by serve_metrics, or handed over)
             self.metrics_http.page = StatusPage(self.status, self.gather_metrics)  # GET /
@@ -175,7 +165,7 @@ class Supervisor(Generations, Gathered, Service):
                 member.close()
         if self.control_server is not None:
             self.control_server.close()
-            control.remove(self.control_path)
+            control.remove(self.settings.control)
         if self.metrics_http is not None:
             self.metrics_http.close()
         for w in self.all_workers():  # each stops accepting at once, then drains
@@ -219,11 +209,15 @@ class Supervisor(Generations, Gathered, Service):
         own = [lane[w.index].fileno() for lane in self.lanes]
         return [s.fileno() for s in self.sockets] + own
 
-    def _worker_args(self, w: Worker) -> list[str]:
-        flags = ["-I"] if sys.flags.isolated else []
-        fds = [str(fd) for fd in self._fds(w)]
-        return [sys.executable, *flags, "-c", _BOOT, code.package_parent(), *self.worker_argv,
-                "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
+    def _worker_settings(self, w: Worker) -> ServeConfig:
+        """Worker ``w`` is ``flyproxy serve`` with exactly our options (settings.py), but
+        for what only the supervisor does (the control socket, the metrics endpoint:
+        the worker collects, --watch) and the sockets it hands over."""
+        return dataclasses.replace(
+            self.settings, fd=tuple(self._fds(w)), listen=None, control=None, metrics=None,
+            watch=False, collect_metrics=bool(self.settings.metrics),
+            generation=self.generation, resume_fd=None,
+            limits=f"{self.limits.fd}:{w.column}" if self.limits is not None else None)
 
     def _open_limits(self, fd: int | None = None) -> None:
         """The limits table: made now, or the one a previous image handed over (``fd``)."""
@@ -252,7 +246,7 @@ class Supervisor(Generations, Gathered, Service):
 
     async def _start(self, w: Worker) -> None:
         self._column(w)
-        await w.start(self._worker_args(w), self._fds(w), self.config.raw, self.limits.fd)
+        await w.start(self._worker_settings(w), self.config.raw)
         try:
             await w.request("status", STARTUP_TIMEOUT_S)
             if self.checks is not None:  # a replacement: what is down now, all of it

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import os
 import signal
 import socket
+
+from ..settings import ServeConfig
+from . import code
 
 # Deadlines for a worker's answer. Each is shorter than what waits on it: a reload's
 # (control.REQUEST_TIMEOUT_S, 80 s, for the whole reload) and a scrape's (Prometheus
@@ -67,6 +71,11 @@ def _anonymous_file(data: bytes) -> int:
     return fd
 
 
+def _limits_fd(settings) -> list[int]:
+    """The limits table's fd a worker inherits (``--limits FD:COLUMN``), if it has one."""
+    return [int(settings.limits.split(":")[0])] if settings.limits else []
+
+
 class Worker:
     """One worker process and its channel; replies are matched to requests by id."""
 
@@ -94,19 +103,20 @@ class Worker:
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
 
-    async def start(self, argv: list[str], fds: list[int], config: bytes,
-                    limits_fd: int | None = None) -> None:
-        """Start the worker on ``config`` (the bytes in force, not the file: it may hold an
-        edit not yet reloaded, or a broken one), handed over in an anonymous file."""
+    async def start(self, settings: ServeConfig, config: bytes) -> None:
+        """Start the worker with ``settings`` (its sockets: ``settings.fd``) on ``config``
+        (the bytes in force, not the file: it may hold an edit not yet reloaded, or a
+        broken one), handed over in an anonymous file."""
         mine, theirs = socket.socketpair()
         config_fd = _anonymous_file(config)
         try:
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+            argv = dataclasses.replace(settings, worker_channel=theirs.fileno(),
+                                       config_fd=config_fd).to_argv()
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, "--worker-channel", str(theirs.fileno()), "--config-fd", str(config_fd),
-                *(["--limits", f"{limits_fd}:{self.column}"] if limits_fd is not None else []),
-                pass_fds=[*fds, theirs.fileno(), config_fd,
-                          *([limits_fd] if limits_fd is not None else [])], env=env,
+                *code.command(["serve", *argv]),
+                pass_fds=[*settings.fd, theirs.fileno(), config_fd, *_limits_fd(settings)],
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             mine.close()
