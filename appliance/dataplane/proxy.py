@@ -96,7 +96,8 @@ class Proxy:
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Start accepting: on the given sockets, or on every configured port."""
         self._loop = asyncio.get_running_loop()
-        self.engine = Engine(self._loop, self.settings.connect_timeout_s)
+        self.engine = Engine(self._loop, self.settings.connect_timeout_s,
+                             Tunnel.connect_timed_out)
         self.resolver = Resolver(self._loop, self.settings, self.metrics)
         self.metrics.track_resolver(self.resolver)
         await self.resolve(self.config.names)
@@ -236,7 +237,7 @@ class Proxy:
                               "the only target" if n == 1 else f"all {n} targets",
                               balancer.describe(failures + skipped) or "no targets")
         self.metrics.all_down(tunnel.app, failures)
-        tunnel.end = "all-targets-down"
+        tunnel.close_reason = "all-targets-down"
         tunnel.close()
 
     def no_resources(self, tunnel: Tunnel, exc: OSError) -> None:
@@ -245,7 +246,7 @@ class Proxy:
         self._limited.error("resources", "cannot connect app %s: out of system resources (%s); "
                             "closing new connections until there are", tunnel.app, exc.strerror)
         self.metrics.rejected(tunnel.app, "resources")
-        tunnel.end = "no-resources"
+        tunnel.close_reason = "no-resources"
         tunnel.close()
 
     def closed(self, tunnel: Tunnel) -> None:
@@ -262,7 +263,7 @@ class Proxy:
                 del self.load[key]
         bytes_in = tunnel.client.nbytes
         bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
-        end = tunnel.end or "closed"
+        end = tunnel.close_reason or "closed"
         self.metrics.closed(tunnel.app, tunnel.target, bytes_in, bytes_out, end)
         level = self._conn_log_level
         if level is not None and conn_log.isEnabledFor(level):

@@ -34,7 +34,8 @@ import termios
 import time
 from typing import TYPE_CHECKING
 
-from .engine import BIG_PIPE_SIZE, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_SIZE
+from .engine import BIG_PIPE_SIZE, READ_SIZE
+from .epoll import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -97,9 +98,9 @@ class End:
         old = self.events
         if new != old:
             if not old:
-                self.engine.watch(self.fd, new, self.ready)  # (not kept here: no cycle)
+                self.engine.register(self.fd, new, self)
             elif not new:
-                self.engine.unwatch(self.fd)
+                self.engine.unregister(self.fd)
             else:
                 self.engine.modify(self.fd, new)
             self.events = new
@@ -119,6 +120,11 @@ class End:
                 self.read(events)
         elif events & (EPOLLERR | EPOLLHUP) and not events & EPOLLOUT:
             tunnel.fail(self)  # an error reported while we neither read nor write: do not spin
+
+    def crashed(self) -> None:
+        """ready() raised (a bug): reset the connection (the engine logged it)."""
+        if self.tunnel is not None:  # (None: closed already)
+            self.tunnel.abort("error")
 
     # -- reading -------------------------------------------------------------------
 
