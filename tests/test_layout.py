@@ -72,6 +72,32 @@ def test_no_import_cycles():
     assert cycles == []
 
 
+def every_import(path: Path) -> set[str]:
+    """The modules ``path`` names in any import, anywhere (in functions, under
+    TYPE_CHECKING), as written (``.tunnel``, ``..metrics``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+    return found
+
+
+@pytest.mark.parametrize("module, below", [
+    ("dataplane/epoll.py", ()),  # the constants: a leaf
+    ("dataplane/engine.py", (".tunnel", ".relay", ".proxy")),  # fds and handlers only
+    ("dataplane/relay.py", (".proxy",)),  # (a tunnel's type, for the annotations)
+    ("metrics.py", (".dataplane", "appliance.dataplane")),  # counts; the data plane calls it
+])
+def test_the_data_plane_imports_downward_only(module, below):
+    """Lower layers never reach up, not even in a function or for a type: the epoll
+    constants import nothing of ours, the engine knows no connection, metrics no checks."""
+    imported = every_import(PACKAGE / module)
+    ours = {m for m in imported if m.startswith(".") or m.startswith("appliance")}
+    assert (ours if not below else {m for m in ours if m.startswith(below)}) == set()
+
+
 def test_the_proxy_imports_nothing_privileged():
     """What `flyproxy serve` imports (the single process, the supervisor, a worker) has no
     bcc and none of the BPF control plane's modules (loader, state, syscalls, commands)."""

@@ -78,14 +78,6 @@ def from_fd(fd: int) -> socket.socket:
     return sock
 
 
-def channel_from_fd(fd: int) -> socket.socket:
-    """Adopt an inherited Unix stream socket (a worker's channel to its supervisor)."""
-    sock = _adopt(fd)
-    if sock.family != socket.AF_UNIX:
-        raise ListenerError(f"fd {fd} is not a Unix socket")
-    return sock
-
-
 def _adopt(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)

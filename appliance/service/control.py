@@ -154,6 +154,19 @@ async def _answer(server: Commands, line: bytes | None) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
+def channel_from_fd(fd: int) -> socket.socket:
+    """Adopt a worker's channel to its supervisor: the inherited end of a Unix stream
+    socketpair (workers.py makes it)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise ControlError(f"--worker-channel {fd}: not a socket: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX:
+        raise ControlError(f"--worker-channel {fd}: not a Unix socket")
+    sock.setblocking(False)
+    return sock
+
+
 async def serve_channel(server: Commands, sock: socket.socket,
                         running: set[asyncio.Task] | None = None) -> None:
     """Answer requests on a worker's channel to its supervisor (a socketpair, one JSON

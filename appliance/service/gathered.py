@@ -144,5 +144,5 @@ class _GatheredMetrics:
                                     f"{MAX_BACKOFF_S:g} s while the others serve)")
         failing.add_metric([], sum(w.failing is not None for w in sup.workers))
         yield failing
-        from ..dataplane.checks import check_families
+        from ..metrics import check_families
         yield from check_families(sup.checks.state())

@@ -100,7 +100,7 @@ def serve_worker(settings: ServeConfig) -> int:
             config = configmod.loads(f.read(), settings.config)
         except configmod.ConfigError as e:
             raise LaunchError(str(e)) from None
-    channel = listeners.channel_from_fd(settings.worker_channel)
+    channel = control.channel_from_fd(settings.worker_channel)
     collector = metricsmod.Metrics() if settings.collect_metrics else metricsmod.NullMetrics()
     server = Server(config, settings, sockets=sockets, metrics=collector, channel=channel)
     server.proxy.generation = settings.generation
