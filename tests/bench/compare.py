@@ -11,6 +11,10 @@ right after the other), against the bench's backends in its network namespace. E
 measures throughput through one and eight iperf3 streams with the proxy's CPU per GB, and
 new connections per second (wrk, ``Connection: close``) with its CPU per connection.
 Prints every round (to see the machine's noise) and the medians; writes nothing.
+
+Mind the harness's own bias: identical code in the checkout and in a copy under /tmp
+differed by about 4 % in CPU per connection over 10 rounds (docs/performance.md, step 23);
+put both trees in the same place, or run twice with the places swapped.
 """
 
 from __future__ import annotations
