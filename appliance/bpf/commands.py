@@ -10,6 +10,7 @@ bpf() calls.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import socket
@@ -75,6 +76,8 @@ def listening_sockets_of(pid: int, fd: int | None) -> list[socket.socket]:
         try:
             sock = socket.socket(fileno=sc.pidfd_getfd(pid, n))
         except OSError as e:
+            if fd is None and e.errno == errno.EBADF:
+                continue  # closed since we listed it (a health check's, a worker's channel)
             raise SteeringError(f"cannot take fd {n} of process {pid}: {e.strerror}") from None
         try:
             listeners.check_listening_tcp(sock, f"fd {n} of process {pid}")
