@@ -35,7 +35,7 @@ help:
 	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
 	@echo "make bench  - measure flyproxy against HAProxy, nginx and systemd-socket-proxyd"
 	@echo "make appliance-test - provision a Debian 12 container with Ansible, check it with testinfra"
-	@echo "make fleet-test - three appliances behind one address, rolled out under traffic (about N min)"
+	@echo "make fleet-test - three appliances behind one address, rolled out under traffic (about 40 min)"
 	@echo "make vagrant-test - vagrant up the project's Vagrantfile in a libvirt VM, check it (about 30 min)"
 	@echo "make deb    - build the Debian package into build/ and lint it"
 	@echo "make install - build the Debian package and install it (apt-get: its dependencies too)"

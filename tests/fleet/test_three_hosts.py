@@ -11,6 +11,7 @@ build/fleet/test_three_hosts.md (docs/testing.md quotes it).
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -103,7 +104,7 @@ def test_a_host_failing_the_port_check_stops_the_rollout_after_its_batch(fleet):
     fault = fleet.containers["fleet2"]
     # (the local table's rule, first at preference 0, moved behind the one that refuses)
     fault.sh("ip rule add pref 100 lookup local; ip rule del pref 0; "
-             "ip rule add pref 10 ipproto tcp dport 5003 prohibit")
+             "ip rule add pref 10 ipproto 6 dport 5003 prohibit")
     try:
         result, seen = fleet.under_traffic(
             "a host fails the port check (fleet2 of 3)",
@@ -121,8 +122,12 @@ def test_a_host_failing_the_port_check_stops_the_rollout_after_its_batch(fleet):
     assert after["fleet1"][0] == after["fleet2"][0] != before["fleet1"][0]  # new config
     assert after["fleet3"] == before["fleet3"]  # untouched
     assert "5003" in shown
+    try:  # (the task's result, as JSON after "=>"): its stderr says which port and why
+        why = json.loads(failed[0].split(" => ", 1)[1]).get("stderr", failed[0])
+    except (IndexError, ValueError):
+        why = failed[0]
     fleet.notes.append(f"The port check's failure, as ansible-playbook printed it:\n\n"
-                       f"    {failed[0][:400]}\n\nfleet2's state then (`flyproxy status`, "
+                       f"    fatal: [fleet2]: {why[:400]}\n\nfleet2's state then (`flyproxy status`, "
                        f"and the rule that blocks the port):\n\n"
                        + "\n".join("    " + line for line in shown.splitlines()))
     assert_nobody_noticed(seen)
