@@ -17,6 +17,7 @@ for a reload.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import decimal
 import difflib
 import hashlib
@@ -160,12 +161,37 @@ class App:
     proxy_protocol: str | None = None  # "ProxyProtocol": "v1" or "v2"
     balance: str = "random"  # "Balance": "random" or "least-connections"
     health_check: HealthCheck | None = None  # "HealthCheck"
+    max_per_client: int | None = None  # "MaxConnectionsPerClient"
+    rate_per_client: float | None = None  # "MaxConnectionRatePerClient", connections/s
+    rate: float | None = None  # "MaxConnectionRate", connections/s
+    bytes_per_second: int | None = None  # "BytesPerSecond", per connection and direction
+    drain_timeout_s: float | None = None  # "DrainTimeout"
+
+    @functools.cached_property  # (asked for every connection: computed once)
+    def limited(self) -> bool:
+        """Does a new connection to this app have a limit to pass (limits.py)?"""
+        return (self.max_connections is not None or self.max_per_client is not None or
+                self.rate_per_client is not None or self.rate is not None)
+
+    @functools.cached_property
+    def per_client(self) -> bool:
+        return self.max_per_client is not None or self.rate_per_client is not None
 
     def options(self) -> str:
         """The extensions this app uses, as `flyproxy check` prints them ("" for none)."""
         parts = []
         if self.max_connections is not None:
             parts.append(f"MaxConnections {self.max_connections}")
+        if self.max_per_client is not None:
+            parts.append(f"MaxConnectionsPerClient {self.max_per_client}")
+        if self.rate_per_client is not None:
+            parts.append(f"MaxConnectionRatePerClient {self.rate_per_client:g}/s")
+        if self.rate is not None:
+            parts.append(f"MaxConnectionRate {self.rate:g}/s")
+        if self.bytes_per_second is not None:
+            parts.append(f"BytesPerSecond {self.bytes_per_second}")
+        if self.drain_timeout_s is not None:
+            parts.append(f"DrainTimeout {self.drain_timeout_s:g}s")
         if self.proxy_protocol:
             parts.append(f"ProxyProtocol {self.proxy_protocol}")
         if self.balance != "random":
@@ -260,7 +286,9 @@ def diff(old: Config, new: Config) -> ConfigDiff:
 
 
 def _options(app: App) -> tuple:
-    return (app.max_connections, app.proxy_protocol, app.balance, app.health_check)
+    return (app.max_connections, app.proxy_protocol, app.balance, app.health_check,
+            app.max_per_client, app.rate_per_client, app.rate, app.bytes_per_second,
+            app.drain_timeout_s)
 
 
 def json_path(parts: Iterable[Any]) -> str:
@@ -357,10 +385,17 @@ def loads(data: bytes | str, source: str = "<config>") -> Config:
     apps = tuple(App(a["Name"], tuple(int(p) for p in a["Ports"]),
                      tuple(Target.parse(t) for t in a["Targets"]), a.get("MaxConnections"),
                      a.get("ProxyProtocol"), a.get("Balance", "random"),
-                     HealthCheck.parse(a["HealthCheck"]) if "HealthCheck" in a else None)
+                     HealthCheck.parse(a["HealthCheck"]) if "HealthCheck" in a else None,
+                     a.get("MaxConnectionsPerClient"), _number(a.get("MaxConnectionRatePerClient")),
+                     _number(a.get("MaxConnectionRate")), a.get("BytesPerSecond"),
+                     _number(a.get("DrainTimeout")))
                  for a in doc["Apps"])
     return Config(apps, source, hashlib.sha256(raw).hexdigest(), raw,
                   tuple(_placed(text, warnings)))
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
 
 
 # A problem: (JSON path of the node, the key it is about or None, message)

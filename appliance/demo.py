@@ -16,7 +16,7 @@ from pathlib import Path
 from . import config as configmod
 from . import echo
 from .service.server import Server
-from .settings import Settings
+from .settings import ServeConfig
 
 BAD_TARGET = "bad.target.for.testing:6003"  # never resolves; the proxy routes around it
 
@@ -54,7 +54,7 @@ async def run(workdir: str | None = None, host: str = "127.0.0.1") -> int:
         path.write_text(json.dumps(document, indent=2) + "\n")
         config = configmod.load(path)
         await echo.start(echo_addresses(document))
-        server = Server(str(path), config, Settings(host=host, grace_period_s=2.0))
+        server = Server(config, ServeConfig(config=str(path), host=host, grace_period_s=2.0))
         print(f"""
 flyproxy demo: {config.summary()}, echo targets on 127.0.0.1:15001-17002
 config: {path}{" (removed when the demo stops)" if made else ""}

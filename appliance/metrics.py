@@ -35,6 +35,10 @@ class NullMetrics:
     def track_resolver(self, resolver) -> None: ...
     def dns_lookup(self, result: str) -> None: ...
 
+    def snapshot(self) -> dict | None:
+        """The counts for a supervisor (Metrics.snapshot); None: nothing is counted."""
+        return None
+
 
 def _add(d: dict, key, n: int = 1) -> None:
     d[key] = d.get(key, 0) + n
@@ -88,8 +92,11 @@ class Metrics(NullMetrics):
             for d in (self.accepted_n, self.active_n, self.retries_n, self.all_down_n):
                 d.setdefault(name, 0)
             self.closed_n.setdefault((name, "closed"), 0)
-            if app.max_connections is not None:
-                self.rejected_n.setdefault((name, "limit"), 0)
+            for reason, limit in (("max_connections", app.max_connections),
+                                  ("client_connections", app.max_per_client),
+                                  ("client_rate", app.rate_per_client), ("rate", app.rate)):
+                if limit is not None:
+                    self.rejected_n.setdefault((name, reason), 0)
             for target in app.targets:
                 t = target.label
                 self.attempts_n.setdefault((name, t), 0)
@@ -209,8 +216,8 @@ class Metrics(NullMetrics):
         yield family(GaugeMetricFamily, "flyproxy_connections_active",
                      "Client connections open now, by app", ["app"], self.active_n)
         yield family(CounterMetricFamily, "flyproxy_connections_rejected",
-                     "Client connections closed at once (no app on the port, the app at "
-                     "its MaxConnections, no fd or memory left), by app and reason",
+                     "Client connections closed at once (no app on the port, over one of "
+                     "the app's limits, no fd or memory left), by app and reason",
                      ["app", "reason"], self.rejected_n)
         yield family(CounterMetricFamily, "flyproxy_connections_closed",
                      "Client connections ended, by app and how (end: closed, idle, reset, "
@@ -271,7 +278,6 @@ class Metrics(NullMetrics):
         yield count
         yield age
         if self.checks is not None:
-            from .dataplane.checks import check_families
             yield from check_families(self.checks())
         used, limit = self.open_fds()
         open_fds = GaugeMetricFamily("flyproxy_open_fds", "File descriptors open (summed over "
@@ -300,6 +306,22 @@ def merged_names(per_worker: list[list[dict]]) -> list[dict]:
             if old is None or age < (old["age_s"] if old["age_s"] is not None else float("inf")):
                 best[row["name"]] = row
     return [best[name] for name in sorted(best)]
+
+
+def check_families(rows: list[dict]):
+    """Prometheus families for the active health checks' state (``checks.Checker.state``)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    up = GaugeMetricFamily("flyproxy_target_up", "Active health check: 1 if the target is up",
+                           labels=["app", "target"])
+    since = GaugeMetricFamily("flyproxy_target_state_since_timestamp_seconds",
+                              "Unix time of the target's last up/down transition (or the "
+                              "check's start)", labels=["app", "target"])
+    for row in rows:
+        up.add_metric([row["app"], row["target"]], 1 if row["state"] == "up" else 0)
+        since.add_metric([row["app"], row["target"]], row["since"])
+    yield up
+    yield since
 
 
 def exposition(collector) -> bytes:

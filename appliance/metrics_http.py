@@ -128,7 +128,6 @@ class MetricsServer:
         self.page: Callable[[], Awaitable[bytes]] | None = None  # GET /: set by its owner
         self.reading: dict[asyncio.BaseTransport, None] = {}  # ordered: oldest first
         self.answering: dict[asyncio.BaseTransport, None] = {}
-        self.refused = 0  # connections closed at once (slots all busy rendering, or fds short)
         self.evicted = 0  # connections closed to make room for a new one
         self._server: asyncio.AbstractServer | None = None
         self._errors = RateLimited(log)  # a render that fails, once per 10 s per kind
@@ -170,8 +169,7 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         transport = writer.transport
-        if not self._admit():
-            self.refused += 1
+        if not self._admit():  # every slot busy rendering, or fds short: closed at once
             transport.abort()
             return
         self.reading[transport] = None

@@ -1,11 +1,18 @@
 """Every option of ``flyproxy serve``, in one place: its default, its environment variable,
 its command-line form and its help.
 
-:class:`Settings` is the one object the running proxy reads them from (the data plane, the
-resolver, the server, the supervisor). The command line is built from it
-(:func:`add_arguments`), parsed back into it (:meth:`Settings.from_args`), and a worker
-gets exactly the supervisor's settings as arguments (:meth:`Settings.to_argv`): a new
-option is one field here, and no place can forget to pass it on.
+:class:`ServeConfig` is the one object a running proxy reads them from: the process's
+(config file, control socket, metrics address, --watch, log level, handed-in sockets),
+the data plane's, the resolver's, the supervisor's. The command line is built from it
+(:func:`add_arguments`, which also reads each option's environment variable: the one place
+argv and environment become options), parsed back into it (:meth:`ServeConfig.from_args`),
+and a worker, or a supervisor re-executed by an upgrade, is started with exactly these
+options as its arguments (:meth:`ServeConfig.to_argv`): a new option is one field here,
+and no place can forget to pass it on.
+
+The dataclass's defaults are a proxy built in code (no control socket, no metrics: the
+demo, tests); the command line's defaults are the same but for the environment and
+``--control``, which has a socket by default (:func:`default_control`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,27 @@ import os
 from typing import Any, Callable
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_CONFIG = "/etc/flyproxy/config.json"  # the unit's
+CONTROL_DEFAULT_TEXT = ("$FLYPROXY_CONTROL, else /run/flyproxy/control.sock as root, else "
+                        "$XDG_RUNTIME_DIR/flyproxy.sock")
+
+
+def default_config() -> str:
+    """The config file every command reads unless told: $FLYPROXY_CONFIG, else the unit's."""
+    return os.environ.get("FLYPROXY_CONFIG") or DEFAULT_CONFIG
+
+
+def default_control() -> str:
+    """Where ``serve`` opens its control socket and every client command looks for it:
+    $FLYPROXY_CONTROL; else /run/flyproxy/control.sock for root (the unit's); else
+    $XDG_RUNTIME_DIR/flyproxy.sock; else /tmp/flyproxy-UID.sock."""
+    if os.environ.get("FLYPROXY_CONTROL"):
+        return os.environ["FLYPROXY_CONTROL"]
+    if os.geteuid() == 0:
+        return "/run/flyproxy/control.sock"
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "flyproxy.sock")
+    return f"/tmp/flyproxy-{os.geteuid()}.sock"
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -43,13 +71,26 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def path_or_none(text: str) -> str | None:
+    """``--control``, ``--metrics``: '' is none (so an argv can turn off a default)."""
+    return text or None
+
+
 def option(default: Any, flag: str, help: str, *, metavar: str | None = None,
            env: str | None = None, type: Callable | None = None,
-           choices: tuple | None = None) -> Any:
-    """A Settings field: ``default``, set with ``flag`` (or environment variable ``env``)."""
+           choices: tuple | None = None, short: str | None = None,
+           cli_default: Callable[[], Any] | None = None, action: str | None = None,
+           scope: str = "serve") -> Any:
+    """A ServeConfig field: ``default``, set with ``flag`` (or ``short``), or environment
+    variable ``env``. ``cli_default``: the command line's default when ``env`` is not set
+    (computed when the parser is built). ``action``: ``store_true`` (a switch) or
+    ``append`` (repeatable: a tuple). ``scope``: ``serve`` (an option of ``serve``),
+    ``global`` (``flyproxy --log-level``: before any command, or after it) or ``internal``
+    (set by a supervisor for its workers, undocumented)."""
     return dataclasses.field(default=default, metadata={
-        "flag": flag, "help": help, "metavar": metavar, "env": env,
-        "type": type or builtin_type(default), "choices": choices})
+        "flag": flag, "short": short, "help": help, "metavar": metavar, "env": env,
+        "type": type or builtin_type(default), "choices": choices,
+        "cli_default": cli_default, "action": action, "scope": scope})
 
 
 def builtin_type(default: Any) -> Callable:
@@ -57,7 +98,32 @@ def builtin_type(default: Any) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class ServeConfig:
+    # -- the process ----------------------------------------------------------------------
+    config: str = option(DEFAULT_CONFIG, "--config", "config file (default "
+                         "$FLYPROXY_CONFIG, else " + DEFAULT_CONFIG + ")", short="-c",
+                         env="FLYPROXY_CONFIG")
+    fd: tuple[int, ...] = option((), "--fd", "serve on this inherited listening socket "
+                                 "instead of binding ports (repeatable; systemd's LISTEN_FDS "
+                                 "are used automatically)", type=int, action="append")
+    listen: str | None = option(None, "--listen", "handed-in mode on a socket bound here: "
+                                "route every connection steered to it by the port the client "
+                                "dialled (use with flyproxy bpf)", metavar="HOST:PORT")
+    control: str | None = option(None, "--control", "open the control socket here (default "
+                                 f"{CONTROL_DEFAULT_TEXT}; '' for none)", metavar="PATH",
+                                 env="FLYPROXY_CONTROL", type=path_or_none,
+                                 cli_default=default_control)
+    metrics: str | None = option(None, "--metrics", "serve Prometheus metrics and the status "
+                                 "page here (default: off; the unit uses 127.0.0.1:9464)",
+                                 metavar="HOST:PORT", env="FLYPROXY_METRICS",
+                                 type=path_or_none)
+    watch: bool = option(False, "--watch", "reload when the config file changes (inotify on "
+                         "its directory; default: off, reload on SIGHUP or `flyproxy "
+                         "reload`, as the unit does)", action="store_true")
+    log_level: str = option("info", "--log-level", "log messages at this level and above "
+                            "(default info, or $FLYPROXY_LOG_LEVEL); also after the command",
+                            env="FLYPROXY_LOG_LEVEL", choices=LOG_LEVELS, type=str.lower,
+                            scope="global")
     # -- where and how --------------------------------------------------------------------
     host: str | None = option(None, "--host", "address to bind the configured ports on "
                               "(default: every address, IPv4 and IPv6)")
@@ -100,7 +166,7 @@ class Settings:
     conn_log_level: str = option("info", "--conn-log-level", "level of the access log: "
                                  "a line per connection as it ends, and one every "
                                  "--conn-log-interval while it lasts (default info; off: "
-                                 "none)", env="FLYPROXY_CONN_LOG_LEVEL",
+                                 "none)", env="FLYPROXY_CONN_LOG_LEVEL", type=str.lower,
                                  choices=("debug", "info", "warning", "off"))
     conn_log_interval_s: float = option(300.0, "--conn-log-interval", "a connection open "
                                         "this long gets an access log line (bytes so far), "
@@ -127,6 +193,18 @@ class Settings:
     dns_timeout_s: float = option(2.0, "--dns-timeout", "DNS query timeout per try, doubling "
                                   "on the second (default 2)", metavar="SECONDS")
     dns_tries: int = 2  # c-ares tries per query (not an option)
+    # -- set by a supervisor for its workers (supervisor.py, workers.py), and for the new
+    # image of itself an upgrade executes (reexec.py) -------------------------------------
+    worker_channel: int | None = option(None, "--worker-channel", "", type=int,
+                                        scope="internal")
+    config_fd: int | None = option(None, "--config-fd", "", type=int, scope="internal")
+    generation: int = option(1, "--generation", "", scope="internal")
+    collect_metrics: bool = option(False, "--collect-metrics", "", action="store_true",
+                                   scope="internal")
+    resume_fd: int | None = option(None, "--resume-fd", "", type=int, scope="internal")
+    # FD:COLUMN: the host's connection limits' table (dataplane/limits.py) and the worker's
+    # column in it
+    limits: str | None = option(None, "--limits", "", scope="internal")
 
     @property
     def conn_log_levelno(self) -> int | None:
@@ -136,30 +214,73 @@ class Settings:
         return logging.getLevelName(self.conn_log_level.upper())
 
     @classmethod
-    def options(cls) -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
+    def options(cls, *scopes: str) -> list[dataclasses.Field]:
+        """The fields that are options (of these scopes; default: all)."""
+        return [f for f in dataclasses.fields(cls) if "flag" in f.metadata
+                and (not scopes or f.metadata["scope"] in scopes)]
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Settings:
-        return cls(**{f.name: getattr(args, f.name) for f in cls.options()})
+    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
+        values = {}
+        for f in cls.options():
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value or ()) if f.metadata["action"] == "append" else value
+        return cls(**values)
 
     def to_argv(self) -> list[str]:
-        """These settings as ``serve`` arguments (every option, explicitly): a worker's."""
+        """These options as ``serve`` arguments, every one explicitly (so neither the
+        environment nor a default of other code can change them): a worker's, or a
+        re-executed supervisor's."""
         argv = []
         for f in self.options():
-            value = getattr(self, f.name)
-            if value is not None:
-                argv += [f.metadata["flag"], str(value)]
+            meta, value = f.metadata, getattr(self, f.name)
+            if meta["action"] == "append":
+                argv += [a for item in value for a in (meta["flag"], str(item))]
+            elif meta["action"] == "store_true":
+                argv += [meta["flag"]] if value else []
+            elif value is not None:
+                argv += [meta["flag"], str(value)]
+            elif meta["env"] or meta["cli_default"]:  # none, against a default that is not
+                argv += [meta["flag"], ""]
         return argv
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every Settings option as an argument of ``parser`` (dest: the field's name); an
-    option's environment variable, if it has one, gives its default."""
-    for f in Settings.options():
-        meta = f.metadata
-        default = f.default
-        if meta["env"] and os.environ.get(meta["env"]):
-            default = meta["type"](os.environ[meta["env"]])
-        parser.add_argument(meta["flag"], dest=f.name, default=default, type=meta["type"],
-                            choices=meta["choices"], metavar=meta["metavar"], help=meta["help"])
+# The name dataplane/proxy.py imports it by (being changed on another branch: rename there
+# once it lands)
+Settings = ServeConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser, *scopes: str) -> None:
+    """Every ServeConfig option of ``scopes`` (default: ``serve``'s own and the internal
+    ones) as an argument of ``parser`` (dest: the field's name). Its default: its
+    environment variable's value if that is set, else its command-line default
+    (``cli_default``), else the field's."""
+    for f in ServeConfig.options(*(scopes or ("serve", "internal"))):
+        add_argument(parser, f)
+
+
+def add_argument(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    meta = f.metadata
+    default = f.default
+    if meta["env"] and os.environ.get(meta["env"]):
+        text = os.environ[meta["env"]]
+        try:
+            default = meta["type"](text)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            parser.error(f"${meta['env']}={text!r}: {e}")
+        if meta["choices"] and default not in meta["choices"]:
+            parser.error(f"${meta['env']}={text!r}: expected one of "
+                         + ", ".join(meta["choices"]))
+    elif meta["cli_default"] is not None:
+        default = meta["cli_default"]()
+    flags = [meta["short"], meta["flag"]] if meta["short"] else [meta["flag"]]
+    help = argparse.SUPPRESS if meta["scope"] == "internal" else meta["help"]
+    if meta["action"] == "store_true":
+        parser.add_argument(*flags, dest=f.name, action="store_true", default=default,
+                            help=help)
+    elif meta["action"] == "append":  # (default None: argparse appends to a copy of it)
+        parser.add_argument(*flags, dest=f.name, action="append", type=meta["type"],
+                            metavar=meta["metavar"], help=help)
+    else:
+        parser.add_argument(*flags, dest=f.name, default=default, type=meta["type"],
+                            choices=meta["choices"], metavar=meta["metavar"], help=help)

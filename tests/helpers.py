@@ -227,6 +227,17 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
+def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Does the proxy close (or reset) a new connection to ``port`` at once, as over a
+    limit? (A reset may come before connect() returns, on loopback.)"""
+    try:
+        s = connect(port, host)
+    except ConnectionResetError:
+        return True
+    with s:
+        return closed_by_peer(s)
+
+
 def recv_all(sock: socket.socket) -> bytes:
     chunks = []
     while chunk := sock.recv(65536):

@@ -89,6 +89,35 @@ def test_the_scale_phase_alone_replaces_only_the_scale_figures(tmp_path, monkeyp
     assert "ran on its own" in text
 
 
+def test_the_access_log_phase_alone_adds_its_table_with_ratios_to_the_log_off(tmp_path,
+                                                                              monkeypatch):
+    """BENCH_ONLY=access-log: its figures are added, the rounds' and the scale phase's stay,
+    and the table gives each variant's rate and CPU as ratios to the access log off."""
+    import json
+    meta = {"date": "today", "cpus": 2, "kernel": "k", "rounds": 3, "seconds": 4,
+            "idle_connections": 10, "duration_s": 1,
+            "failed": ["flyproxy, access log phase: old", "flyproxy, scale phase: kept"]}
+    summary = {"HAProxy": {"conn_per_s": 120.0}, "flyproxy": {"conn_per_s": 100.0}}
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"meta": meta, "summary": summary, "rounds": rounds(), "scale": {}}))
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    figures = {"conn_per_s_on": 800.0, "cpu_us_per_conn_on": 150.0, "lines_per_conn_on": 1.0,
+               "conn_per_s_sampled": 950.0, "cpu_us_per_conn_sampled": 110.0,
+               "lines_per_conn_sampled": 0.1, "conn_per_s_off": 1000.0,
+               "cpu_us_per_conn_off": 100.0, "lines_per_conn_off": 0.0}
+    text = bench.merge_phase("access-log", figures, [], 99)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["access_log"] == figures and saved["summary"] == summary
+    assert saved["meta"]["failed"] == ["flyproxy, scale phase: kept"]
+    assert "| on (the default: a line per connection) | 800 (0.80x) | 150 (1.50x) | 1.00 |" \
+        in text
+    assert "| sampled (--conn-log-sample 10) | 950 (0.95x) | 110 (1.10x) | 0.10 |" in text
+    assert "| off (--conn-log-level off) | 1,000 (1.00x) | 100 (1.00x) | 0.00 |" in text
+    assert "ran on its own" in text and "in 99 s" in text
+    assert "| new connections/s (wrk, Connection: close) |" in text  # the rounds' table
+    assert "Access log" not in bench.report(summary, meta, rounds())  # (no figures: none)
+
+
 # -- trace_latency.py's arithmetic (the trace itself needs bcc and root; run by hand) ------
 
 def test_a_round_trip_is_split_by_the_cpus_its_events_ran_on():

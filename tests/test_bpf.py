@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.demo import demo_document
-from helpers import PYTHON, REPO, ProxyProcess, read_line, run_cli
+from helpers import PYTHON, REPO, ProxyProcess, read_line, run_cli, status_of, wait_until
 from netns import NetNS
 from steering import LISTEN_PORT, Steered
 
@@ -248,8 +248,8 @@ def test_workers_share_connections_evenly_through_their_group(steered, tmp_path)
                            "--control", control, host=None, wrap=s.ns.command([]))
     out = s.bpf("register", "--pid", str(s.proxy.pid), "--port", str(LISTEN_PORT),
                 "--spread").stdout
-    assert "spread over the workers' group" in out
-    assert s.status()["group_cookie"] is not None
+    assert "spread over the workers' groups in 16 lanes" in out
+    assert s.status()["group_cookie"] is not None and len(s.status()["lane_cookies"]) == 16
 
     def workers() -> list[dict]:
         result = run_cli("status", "--control", control, "--json")
@@ -269,7 +269,7 @@ def test_workers_share_connections_evenly_through_their_group(steered, tmp_path)
     assert all(s.greet(6001) == "six-thousand" for _ in range(20))
 
     assert "worker group cleared" in s.bpf("unspread").stdout  # what the unit's ExecStop runs
-    assert s.status()["group_cookie"] is None
+    assert s.status()["group_cookie"] is None and s.status()["lane_cookies"] == []
     assert s.greet(7001) == "seven-thousand"  # the listener takes everything again
     assert "no worker group" in s.bpf("unspread").stdout  # idempotent (after a crash)
 
@@ -327,3 +327,41 @@ def test_two_bpf_commands_never_change_one_pin_dir_at_once(steered):
                                         "FLYPROXY_BPF_LOCK_WAIT": "0"})
         assert busy.returncode == 1 and "another flyproxy bpf command is changing" in busy.stderr
     s.bpf("sync", "-c", str(s.cfg))
+
+
+def test_each_app_queues_in_a_lane_of_its_own(steered, tmp_path):
+    """A flood on one app fills that app's accept queues, never another's: with the workers
+    stopped (nothing accepts), connections to two apps wait in two different lanes' listening
+    sockets, and are all served once the workers go on."""
+    s = steered()
+    s.start_backends()
+    s.load()
+    control = str(tmp_path / "control.sock")
+    s.proxy = ProxyProcess(s.cfg, "--listen", f"[::]:{LISTEN_PORT}", "--workers", "2",
+                           "--control", control, host=None, wrap=s.ns.command([]))
+    assert "in 16 lanes" in s.bpf("register", "--pid", str(s.proxy.pid), "--port",
+                                  str(LISTEN_PORT), "--spread").stdout
+    pids = [w["pid"] for w in status_of(control)["workers"]]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        held = [s.connect(5001) for _ in range(3)] + [s.connect(6001) for _ in range(2)]
+
+        def queued() -> dict[int, int]:  # listening port -> connections waiting in its queue
+            out = s.ns.exec(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+            waiting: dict[int, int] = {}
+            for line in out.splitlines():
+                _, recv_q, _, local = line.split()[:4]
+                port = int(local.rsplit(":", 1)[1])
+                waiting[port] = waiting.get(port, 0) + int(recv_q)
+            return {port: n for port, n in waiting.items() if n}
+
+        # (the handshake is the kernel's: each connect returned once queued)
+        wait_until(lambda: sorted(queued().values()) == [2, 3], "two lanes holding 3 and 2")
+        assert LISTEN_PORT not in queued()  # not the shared listener: the apps' own lanes
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert [read_line(c) for c in held] == [b"five-thousand"] * 3 + [b"six-thousand"] * 2
+    for c in held:
+        c.close()

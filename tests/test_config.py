@@ -118,6 +118,10 @@ def in_check(text: str) -> str:
     return in_app(A + ', "HealthCheck": {%s}' % text)
 
 
+# the optional per-app keys, in the order an "unknown key" message lists them
+APP_KEYS = ("MaxConnections, MaxConnectionsPerClient, MaxConnectionRatePerClient, "
+            "MaxConnectionRate, BytesPerSecond, DrainTimeout, ProxyProtocol, Balance, HealthCheck")
+
 SCHEMA_MESSAGES = [
     # the document
     ("»[]", "(top level): must be an object {...} (flyproxy configuration), not a list"),
@@ -134,7 +138,7 @@ SCHEMA_MESSAGES = [
     (in_app(A + ', »"MaxConnection": 5'),
      "Apps[0]: unknown key 'MaxConnection'; did you mean 'MaxConnections'?"),
     (in_app(A + ', »"Extra": 1'), "Apps[0]: unknown key 'Extra'; the keys here are Name, Ports, "
-                                 "Targets, MaxConnections, ProxyProtocol, Balance, HealthCheck"),
+                                 "Targets, " + APP_KEYS),
     ('{"Apps": [»{"Name": "a"}]}', "Apps[0]: missing required keys 'Ports' and 'Targets'"),
     ('{"Apps": [»{"Name": "a", "Ports": [1]}]}', "Apps[0]: missing required key 'Targets'"),
     # Name
@@ -171,6 +175,26 @@ SCHEMA_MESSAGES = [
     # the optional keys
     (in_app(A + ', "MaxConnections": »"10"'), 'Apps[0].MaxConnections: must be a whole number, not "10"'),
     (in_app(A + ', "MaxConnections": »0'), "Apps[0].MaxConnections: must be at least 1, not 0"),
+    (in_app(A + ', "MaxConnectionsPerClient": »"2"'),
+     'Apps[0].MaxConnectionsPerClient: must be a whole number, not "2"'),
+    (in_app(A + ', "MaxConnectionsPerClient": »0'),
+     "Apps[0].MaxConnectionsPerClient: must be at least 1, not 0"),
+    (in_app(A + ', "MaxConnectionRatePerClient": »"5/s"'),
+     'Apps[0].MaxConnectionRatePerClient: must be a number (connections per second), not "5/s"'),
+    (in_app(A + ', "MaxConnectionRatePerClient": »0'),
+     "Apps[0].MaxConnectionRatePerClient: must be greater than 0, not 0"),
+    (in_app(A + ', "MaxConnectionRatePerClient": »1e7'),
+     "Apps[0].MaxConnectionRatePerClient: must be at most 1000000, not 1e7"),
+    (in_app(A + ', "MaxConnectionRate": »[]'),
+     "Apps[0].MaxConnectionRate: must be a number (connections per second), not a list"),
+    (in_app(A + ', "MaxConnectionRate": »-1'), "Apps[0].MaxConnectionRate: must be greater than 0, not -1"),
+    (in_app(A + ', "MaxConnectionRate": »2000000'),
+     "Apps[0].MaxConnectionRate: must be at most 1000000, not 2000000"),
+    (in_app(A + ', "BytesPerSecond": »1.5'), "Apps[0].BytesPerSecond: must be a whole number, not 1.5"),
+    (in_app(A + ', "BytesPerSecond": »0'), "Apps[0].BytesPerSecond: must be at least 1, not 0"),
+    (in_app(A + ', "DrainTimeout": »"30s"'), 'Apps[0].DrainTimeout: must be a number (seconds), not "30s"'),
+    (in_app(A + ', "DrainTimeout": »-1'), "Apps[0].DrainTimeout: must be from 0 to 31536000, not -1"),
+    (in_app(A + ', "DrainTimeout": »1e9'), "Apps[0].DrainTimeout: must be from 0 to 31536000, not 1e9"),
     (in_app(A + ', "ProxyProtocol": »"v3"'), 'Apps[0].ProxyProtocol: must be "v1" or "v2", not "v3"'),
     (in_app(A + ', "ProxyProtocol": »null'), 'Apps[0].ProxyProtocol: must be "v1" or "v2", not null'),
     (in_app(A + ', "Balance": »"round-robin"'),
@@ -410,8 +434,7 @@ def test_messages_quote_huge_input_briefly():
     assert errors and all(len(e) < 400 for e in errors), [len(e) for e in errors]
     keys = errors_of(json.dumps({"Apps": [{**app(), "k" * 100_000 + "\n": 1}]}))
     assert keys == [f"1:70: Apps[0]: unknown key '{'k' * 60}'... (100,001 characters); the keys "
-                    "here are Name, Ports, Targets, MaxConnections, ProxyProtocol, Balance, "
-                    "HealthCheck"]
+                    "here are Name, Ports, Targets, " + APP_KEYS]
 
 
 def test_thousands_of_errors_are_counted_not_all_listed():
@@ -501,6 +524,5 @@ def test_keys_and_values_in_messages_are_escaped_onto_one_line():
     assert errors == [
         "Apps[0].Name: \"x\\n\": an app name is ASCII letters, digits, '.', '_' and '-', "
         "starting with a letter or digit",
-        "Apps[0]: unknown key 'it\\'s\\n'; the keys here are Name, Ports, Targets, "
-        "MaxConnections, ProxyProtocol, Balance, HealthCheck",
+        "Apps[0]: unknown key 'it\\'s\\n'; the keys here are Name, Ports, Targets, " + APP_KEYS,
     ]

@@ -32,7 +32,7 @@ from appliance.dataplane.proxy import Proxy
 from appliance.dataplane.relay import End
 from appliance.dataplane.resolver import Name, Resolver
 from appliance.dataplane.tunnel import Tunnel
-from appliance.settings import Settings
+from appliance.settings import ServeConfig
 
 
 @pytest.fixture(params=["engine-selector", "nested"])
@@ -54,6 +54,7 @@ class Owner:
     def __init__(self) -> None:
         self.connected_to = None
         self.done = asyncio.Event()
+        self.ended = asyncio.Event()
 
     def connected(self, tunnel: Tunnel, seconds: float) -> None:
         self.connected_to = tunnel.target
@@ -69,6 +70,7 @@ class Owner:
 
     def closed(self, tunnel: Tunnel) -> None:
         self.done.set()
+        self.ended.set()
 
 
 @contextlib.contextmanager
@@ -94,7 +96,8 @@ def silent_target():
 def start_tunnel(targets, connect_timeout_s, engine=None, splice_after=0, resolver=None):
     """A client connection handed to a Tunnel that starts connecting to ``targets``;
     returns (owner, tunnel, health, client, engine)."""
-    engine = engine or Engine(asyncio.get_running_loop(), connect_timeout_s)
+    engine = engine or Engine(asyncio.get_running_loop(), connect_timeout_s,
+                              Tunnel.connect_timed_out)
     front = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(front.getsockname(), timeout=5)
     accepted, addr = front.accept()
@@ -205,12 +208,65 @@ def test_a_client_reset_while_connecting_abandons_the_attempt_at_once(run):
         await asyncio.wait_for(owner.done.wait(), 10)
         assert loop.time() - started < 5  # not the 30 s connect timeout
         assert owner.connected_to is None
-        assert tunnel.end == "client-reset"
+        assert tunnel.close_reason == "client-reset"
         assert not engine.connecting and tunnel.racing == []
         engine.close()
 
     with silent_target() as silent:
         run(main(silent))
+
+
+def test_a_bug_in_the_relay_resets_that_connection_and_the_others_go_on(run, monkeypatch,
+                                                                        caplog):
+    """A handler that raises (a bug: here reading one client's bytes) costs that connection
+    only: the engine logs it and has the handler end its connection (both sides reset), and
+    goes on relaying the others."""
+    buggy = []
+    read = End.read
+
+    def read_or_raise(end, *args):
+        if end.tunnel in buggy:
+            raise RuntimeError("a bug in the relay")
+        return read(end, *args)
+
+    monkeypatch.setattr(End, "read", read_or_raise)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        live = socket.create_server(("127.0.0.1", 0))
+        live.setblocking(False)
+        engine = Engine(loop, 2.0, Tunnel.connect_timed_out)
+        pairs = []
+        try:
+            for _ in range(2):
+                owner, tunnel, _, client, _ = start_tunnel([Target(*live.getsockname())], 2.0,
+                                                           engine)
+                await asyncio.wait_for(owner.done.wait(), 10)
+                backend, _ = await asyncio.wait_for(loop.sock_accept(live), 5)
+                client.setblocking(False)
+                pairs.append((owner, tunnel, client, backend))
+            (owner, tunnel, client, backend), (_, other, client2, backend2) = pairs
+            buggy.append(tunnel)
+            await loop.sock_sendall(client, b"boom")
+            await asyncio.wait_for(owner.ended.wait(), 5)
+            assert tunnel.close_reason == "error"
+            with pytest.raises(ConnectionResetError):  # reset, not a clean EOF
+                await asyncio.wait_for(loop.sock_recv(client, 100), 5)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(loop.sock_recv(backend, 100), 5)
+            assert "unexpected error on fd" in caplog.text and "a bug in the relay" in caplog.text
+            await loop.sock_sendall(client2, b"still here")  # the other connection goes on
+            assert await asyncio.wait_for(loop.sock_recv(backend2, 100), 5) == b"still here"
+            assert not other.done
+        finally:
+            for _, t, c, b in pairs:
+                t.close()
+                c.close()
+                b.close()
+            live.close()
+            engine.close()
+
+    run(main())
 
 
 def test_bulk_directions_get_1_mib_pipes_up_to_the_process_share_then_256_kib(run):
@@ -220,7 +276,7 @@ def test_bulk_directions_get_1_mib_pipes_up_to_the_process_share_then_256_kib(ru
     async def main():
         loop = asyncio.get_running_loop()
         live = socket.create_server(("127.0.0.1", 0))
-        engine = Engine(loop, 2.0)
+        engine = Engine(loop, 2.0, Tunnel.connect_timed_out)
         engine.big_pipes = 1  # this process's share: one 1 MiB pipe
         tunnels, clients, backends = [], [], []
 
@@ -267,7 +323,7 @@ def test_the_selector_returns_to_the_loop_for_a_timer_an_event_added():
     loop's first timer (its timeout): the wait must end then, or the loop would not wake for
     that timer until its own timeout (here 5 s)."""
     loop = asyncio.SelectorEventLoop(EngineSelector())
-    engine = Engine(loop, 0.3)
+    engine = Engine(loop, 0.3, Tunnel.connect_timed_out)
     listener = client = None
     try:
         with silent_target() as silent:
@@ -335,7 +391,7 @@ def test_a_closed_connection_is_freed_at_once_not_left_to_the_garbage_collector(
              "Targets": [f"127.0.0.1:{dead}", f"127.0.0.1:{live}"]},
             {"Name": "down", "Ports": [front_down.getsockname()[1]],
              "Targets": [f"127.0.0.1:{dead}"]}]}))
-        proxy = Proxy(cfg, Settings(splice_after=64 * 1024))
+        proxy = Proxy(cfg, ServeConfig(splice_after=64 * 1024))
         await proxy.start([front, front_down])  # handed in: routed by the port dialled
 
         async def client(sock_addr, payload=b"", reset=False):

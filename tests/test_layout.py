@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.dataplane import loop
-from appliance.settings import Settings, add_arguments
+from appliance.settings import ServeConfig, add_arguments, default_control
 from helpers import PYTHON, REPO
 
 PACKAGE = REPO / "appliance"
@@ -72,6 +72,32 @@ def test_no_import_cycles():
     assert cycles == []
 
 
+def every_import(path: Path) -> set[str]:
+    """The modules ``path`` names in any import, anywhere (in functions, under
+    TYPE_CHECKING), as written (``.tunnel``, ``..metrics``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+    return found
+
+
+@pytest.mark.parametrize("module, below", [
+    ("dataplane/epoll.py", ()),  # the constants: a leaf
+    ("dataplane/engine.py", (".tunnel", ".relay", ".proxy")),  # fds and handlers only
+    ("dataplane/relay.py", (".proxy",)),  # (a tunnel's type, for the annotations)
+    ("metrics.py", (".dataplane", "appliance.dataplane")),  # counts; the data plane calls it
+])
+def test_the_data_plane_imports_downward_only(module, below):
+    """Lower layers never reach up, not even in a function or for a type: the epoll
+    constants import nothing of ours, the engine knows no connection, metrics no checks."""
+    imported = every_import(PACKAGE / module)
+    ours = {m for m in imported if m.startswith(".") or m.startswith("appliance")}
+    assert (ours if not below else {m for m in ours if m.startswith(below)}) == set()
+
+
 def test_the_proxy_imports_nothing_privileged():
     """What `flyproxy serve` imports (the single process, the supervisor, a worker) has no
     bcc and none of the BPF control plane's modules (loader, state, syscalls, commands)."""
@@ -94,19 +120,63 @@ def test_the_asyncio_internals_the_engine_relies_on_are_there():
         event_loop.close()
 
 
-def test_every_setting_has_one_command_line_form_that_round_trips():
+def test_every_serve_option_has_one_command_line_form_that_round_trips(monkeypatch):
+    """A worker, and a supervisor re-executed by an upgrade, get exactly these options:
+    what ``to_argv`` writes parses back to the same, whatever the environment says."""
     import argparse
 
+    for variable in ("FLYPROXY_CONFIG", "FLYPROXY_METRICS", "FLYPROXY_LOG_LEVEL",
+                     "FLYPROXY_CONN_LOG_LEVEL", "FLYPROXY_WORKERS"):
+        monkeypatch.delenv(variable, raising=False)
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    changed = Settings(host="127.0.0.9", workers=3, connect_timeout_s=1.5, splice_after=7,
-                       keepalive_probes=9, dns_stale_s=12.0, conn_log_level="off",
-                       conn_log_interval_s=60.0, conn_log_sample=10,
-                       loop="asyncio")
-    assert Settings.from_args(parser.parse_args(changed.to_argv())) == changed
-    assert Settings.from_args(parser.parse_args([])) == Settings()
-    flags = [f.metadata["flag"] for f in Settings.options()]
+    add_arguments(parser, "serve", "global", "internal")
+    changed = ServeConfig(config="/x/c.json", fd=(3, 4), listen="[::1]:80", control=None,
+                          metrics="127.0.0.1:9", watch=True, log_level="debug",
+                          host="127.0.0.9", workers=3, connect_timeout_s=1.5, splice_after=7,
+                          keepalive_probes=9, dns_stale_s=12.0, conn_log_level="off",
+                          conn_log_interval_s=60.0, conn_log_sample=10, loop="asyncio",
+                          worker_channel=5, config_fd=6, generation=7, collect_metrics=True,
+                          resume_fd=8)
+    assert ServeConfig.from_args(parser.parse_args(changed.to_argv())) == changed
+    assert ServeConfig.from_args(parser.parse_args([])) == ServeConfig(control=default_control())
+    # the environment gives defaults, and an explicit argv wins over it (even "none")
+    monkeypatch.setenv("FLYPROXY_METRICS", "127.0.0.1:1")
+    monkeypatch.setenv("FLYPROXY_CONFIG", "/env/config.json")
+    monkeypatch.setenv("FLYPROXY_CONN_LOG_LEVEL", "debug")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "serve", "global", "internal")
+    from_env = ServeConfig.from_args(parser.parse_args([]))
+    assert (from_env.metrics, from_env.config, from_env.conn_log_level) == \
+        ("127.0.0.1:1", "/env/config.json", "debug")
+    assert ServeConfig.from_args(parser.parse_args(ServeConfig().to_argv())) == ServeConfig()
+    flags = [f.metadata["flag"] for f in ServeConfig.options()]
     assert len(flags) == len(set(flags))
+
+
+@pytest.mark.parametrize("variable, value, why", [
+    ("FLYPROXY_LOG_LEVEL", "bogus", "expected one of debug, info, warning, error"),
+    ("FLYPROXY_CONN_LOG_SAMPLE", "0", "0: expected a whole number, 1 or more"),
+    ("FLYPROXY_CONN_LOG_INTERVAL", "soon", "could not convert string to float")])
+def test_a_bad_environment_variable_is_one_clear_line(monkeypatch, capsys, variable, value,
+                                                      why):
+    from appliance.cli import build_parser
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        build_parser()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"${variable}='{value}': " in err and why in err, err
+    assert "Traceback" not in err
+
+
+def test_a_level_in_capitals_is_a_level(monkeypatch):
+    from appliance.cli import build_parser
+
+    monkeypatch.setenv("FLYPROXY_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("FLYPROXY_CONN_LOG_LEVEL", "OFF")
+    args = build_parser().parse_args(["serve"])
+    assert (args.log_level, args.conn_log_level) == ("debug", "off")
 
 
 def test_a_wheel_built_from_pyproject_is_complete(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 
 from appliance.cli import build_parser
 from appliance.cli.manpage import render
-from appliance.settings import Settings
+from appliance.settings import ServeConfig
 
 SECTIONS = ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "SERVE OPTIONS", "CONFIGURATION",
             "SIGNALS", "FILES", "ENVIRONMENT", "EXIT STATUS", "EXAMPLES", "SEE ALSO")
@@ -29,13 +29,14 @@ def test_the_manual_has_every_section_command_and_option():
     for command in ("check", "serve", "reload", "status", "echo", "demo", "bpf load",
                     "bpf register", "bpf status", "bpf unload"):
         assert f"flyproxy {command}\n" in text, command
-    for field in Settings.options():  # every serve option, by its flag and its help
+    for field in ServeConfig.options("serve", "global"):  # every option, by its flag
         flag = field.metadata["flag"]
         assert flag in text, flag
     for option in ("--new-workers", "--pin-dir", "--json", "--wait", "--control"):
         assert option in text, option
     for key in ("MaxConnections", "ProxyProtocol", "Balance", "HealthCheck"):
         assert key in text, key
-    for variable in ("FLYPROXY_CONFIG", "FLYPROXY_CONTROL", "FLYPROXY_METRICS"):
-        assert variable in text, variable
+    for field in ServeConfig.options("serve", "global"):  # ... and its variable
+        if field.metadata["env"]:
+            assert field.metadata["env"] in text, field.metadata["env"]
     assert "SIGHUP" in text and "SIGTERM" in text

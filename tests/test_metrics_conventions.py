@@ -78,7 +78,7 @@ def test_every_apps_series_is_there_at_zero_before_its_first_connection(proxied)
         for direction in ("in", "out"):
             assert sample(text, "flyproxy_bytes_total", app=app, target=target,
                           direction=direction) == 0
-    assert sample(text, "flyproxy_connections_rejected_total", app="a", reason="limit") == 0
+    assert sample(text, "flyproxy_connections_rejected_total", app="a", reason="max_connections") == 0
 
 
 def test_passive_ejection_is_exported_while_it_lasts(proxied):

@@ -81,8 +81,8 @@ def test_status_over_the_control_socket(appliance):
 def test_a_burst_of_connections_is_shared_by_the_workers(appliance):
     """ExecStartPost registered the workers' group (--spread): the kernel hashes each
     connection to a worker, so even a burst opened at once lands on all of them."""
-    assert json.loads(appliance.c.run(["flyproxy", "bpf", "status", "--json"]).stdout)[
-        "group_cookie"] is not None
+    bpf = json.loads(appliance.c.run(["flyproxy", "bpf", "status", "--json"]).stdout)
+    assert bpf["group_cookie"] is not None and len(bpf["lane_cookies"]) == 16
     held = [appliance.connect(6001) for _ in range(20)]
     assert all(read_line(c) == b"six-thousand" for c in held)
     status = json.loads(appliance.c.run(["flyproxy", "status", "--json"]).stdout)

@@ -24,7 +24,7 @@ import pytest
 
 from held import Prober
 from helpers import (ProxyProcess, TaggedBackend, connect, copy_of_the_code, free_ports,
-                     read_line, run_cli, run_from, wait_until, write_config)
+                     read_line, refused, run_cli, run_from, wait_until, write_config)
 from netns import NetNS
 
 pytestmark = pytest.mark.root
@@ -437,3 +437,69 @@ def test_a_worker_killed_after_an_upgrade_is_replaced_in_its_generation(lab1):
     assert read_line(held) == b"hi"
     assert greet_one(port) == "b"
     held.close()
+
+
+def test_limits_count_every_generation_and_survive_the_re_exec(lab1):
+    """MaxConnections is the host's, across an upgrade: the supervisor re-executes with the
+    limits table in hand, the draining generation's connections still count, and once they
+    end the new generation may open as many."""
+    lab1.cfg.write_text(json.dumps({"Apps": [{"Name": "a", "Ports": [lab1.port],
+                                              "Targets": [lab1.backend.address],
+                                              "MaxConnections": 3}]}))
+    proxy = lab1.start()
+    held = [connect(lab1.port) for _ in range(3)]
+    assert [read_line(s) for s in held] == [b"b"] * 3
+    pid = proxy.pid
+    bump_version(lab1.root, "upgrade1")
+    out = run_cli("reload", "--control", lab1.control, "-c", str(lab1.cfg), "--pin-dir", "")
+    assert out.returncode == 0 and "upgraded to" in out.stdout, out.stdout + out.stderr
+    assert status(lab1.control)["generations"][0]["active"] == 3  # draining, still open
+    assert proxy.pid == pid  # (the same supervisor, re-executed)
+    assert refused(lab1.port)  # the old generation's 3 count for the new one
+    held.pop().close()
+    wait_until(lambda: not refused(lab1.port), "a new connection served once one ended")
+    for s in held:
+        s.close()
+
+
+def _argv(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _option(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_the_options_survive_an_upgrade_and_the_new_code_must_know_them(lab1):
+    """The re-executed supervisor and the new workers run with the options the proxy was
+    started with (settings.ServeConfig, written out whole); new code that no longer knows
+    one of them is refused by the preflight, before anything changes."""
+    lab1.start("--eject", "7", "--drain-time", "60", metrics=True)
+    cfg, control, proxy = lab1.cfg, lab1.control, lab1.proxy
+    bump_version(lab1.root, "upgrade1")
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 0, out.stderr
+    supervisor = _argv(proxy.pid)
+    assert "--resume-fd" in supervisor, supervisor  # (the new image)
+    assert _option(supervisor, "--eject") == "7.0"
+    assert _option(supervisor, "--drain-time") == "60.0"
+    assert _option(supervisor, "--control") == control
+    assert _option(supervisor, "--metrics") == f"127.0.0.1:{lab1.metrics_port}"
+    assert _option(supervisor, "--log-level") == "debug"
+    for pid in status(control)["generations"][-1]["pids"]:
+        worker = _argv(pid)
+        assert _option(worker, "--eject") == "7.0" and _option(worker, "--workers") == "2"
+        assert _option(worker, "--metrics") == "" and _option(worker, "--control") == ""
+        assert "--collect-metrics" in worker and _option(worker, "--config") == str(cfg)
+    with urllib.request.urlopen(f"http://127.0.0.1:{lab1.metrics_port}/metrics",
+                                timeout=10) as reply:
+        assert b"flyproxy_workers 2" in reply.read()
+
+    before = status(control)["generations"]
+    settings = lab1.root / "appliance/settings.py"
+    settings.write_text(settings.read_text().replace('"--eject"', '"--passive-eject"', 1))
+    bump_version(lab1.root, "upgrade2")
+    out = run_cli("reload", "--control", control, "-c", str(cfg), "--pin-dir", "")
+    assert out.returncode == 1 and "upgrade refused" in out.stderr, out.stderr
+    assert "unrecognized arguments: --eject 7.0" in out.stderr, out.stderr
+    assert status(control)["generations"] == before

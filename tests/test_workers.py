@@ -172,6 +172,8 @@ def _refused(port: int) -> bool:
             return closed_by_peer(s)
     except ConnectionRefusedError:
         return True
+    except TimeoutError:  # a SYN queued on a listener as it closed is dropped: try again
+        return False
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(workers):
@@ -208,11 +210,14 @@ def test_app_limit_is_shared_between_workers(tmp_path, start_proxy, make_backend
     start_proxy(cfg, "--workers", str(N))
     conns, served = [], 0
     for _ in range(12):
-        s = connect(port)
-        if read_line(s) == b"one":
+        try:
+            s = connect(port)
+        except ConnectionResetError:  # refused: a reset, here before connect() returned
+            continue
+        if not closed_by_peer(s):  # (refused: a reset at once; served: its greeting)
             served += 1
         conns.append(s)
-    assert 2 <= served <= 4  # each worker takes 4 // 2; never more than the limit in all
+    assert served == 4  # host-wide: counted over both workers, however the kernel spread them
     for s in conns:
         s.close()
 

@@ -10,6 +10,7 @@ bpf() calls.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ from .. import config as configmod
 from ..dataplane import listeners
 from ..service.systemd import systemd_fds
 from . import syscalls as sc
-from .state import PinnedState, SteeringError, socket_cookie, unload
+from .state import LANES, LANES_MAP, PinnedState, SteeringError, socket_cookie, unload
 
 
 def _config(path: str) -> configmod.Config:
@@ -75,6 +76,8 @@ def listening_sockets_of(pid: int, fd: int | None) -> list[socket.socket]:
         try:
             sock = socket.socket(fileno=sc.pidfd_getfd(pid, n))
         except OSError as e:
+            if fd is None and e.errno == errno.EBADF:
+                continue  # closed since we listed it (a health check's, a worker's channel)
             raise SteeringError(f"cannot take fd {n} of process {pid}: {e.strerror}") from None
         try:
             listeners.check_listening_tcp(sock, f"fd {n} of process {pid}")
@@ -141,21 +144,21 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _group_member(pid: int, listener: socket.socket) -> socket.socket | None:
-    """A member of the process's workers' group: its listening sockets with SO_REUSEPORT
-    (other than the listener), all on one address. None when it has no group (one worker)."""
-    members = [s for s in listening_sockets_of(pid, None)
-               if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
-               and socket_cookie(s) != socket_cookie(listener)]
-    try:
-        addresses = {s.getsockname()[:2] for s in members}
-        if len(addresses) > 1:
-            raise SteeringError(f"process {pid} has SO_REUSEPORT listeners on "
-                                f"{len(addresses)} addresses; expected one worker group")
-        return members.pop(0) if members else None
-    finally:
-        for s in members:
-            s.close()
+def _lane_members(pid: int, listener: socket.socket) -> list[socket.socket]:
+    """A member of each of the process's workers' groups (its lanes: one SO_REUSEPORT
+    group per address, other than the listener), in the order of their ports. [] when it
+    has none (a single process)."""
+    found = [s for s in listening_sockets_of(pid, None)
+             if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+             and socket_cookie(s) != socket_cookie(listener)]
+    members: dict[tuple, socket.socket] = {}
+    for s in sorted(found, key=lambda s: s.getsockname()[1]):
+        address = s.getsockname()[:2]
+        if address in members:
+            s.close()  # another member of a group we have one of
+        else:
+            members[address] = s
+    return list(members.values())
 
 
 def cmd_register(args) -> int:
@@ -170,16 +173,23 @@ def cmd_register(args) -> int:
         print(f"{args.pin_dir}: registered listener {_address(sock)} (socket cookie {cookie})")
         if not args.spread:
             return 0
-        member = _group_member(args.pid, sock)
-        if member is None:
+        members = _lane_members(args.pid, sock)
+        if not members:
+            state.register_lanes([])
             state.register_group(None)
             print(f"{args.pin_dir}: no worker group: every connection goes to the listener")
             return 0
-        with member:
-            group = state.register_group(member)
-            where = _address(member)
-        print(f"{args.pin_dir}: connections spread over the workers' group {where} "
-              f"(socket cookie {group})")
+        try:
+            state.register_lanes(members)  # first: the lanes take over from the group
+            group = state.register_group(members[0])  # (lanes an older program lacks)
+            where = _address(members[0])
+        finally:
+            for member in members:
+                member.close()
+        lanes = f"{len(members)} lanes (an accept queue per app, up to {LANES} apps)" \
+            if len(members) > 1 else "one lane"
+        print(f"{args.pin_dir}: connections spread over the workers' groups in {lanes}, "
+              f"the first {where} (socket cookie {group})")
     return 0
 
 
@@ -187,7 +197,9 @@ def cmd_unspread(args) -> int:
     """Clear the workers' group: every new connection goes to the listener (idempotent).
     The unit runs it before stopping the proxy, whose group is about to close."""
     with PinnedState(args.pin_dir) as state:
-        had = state.group_cookie() is not None
+        had = state.group_cookie() is not None or bool(state.lane_cookies())
+        if LANES_MAP in state.fds:
+            state.register_lanes([])
         state.register_group(None)
     print(f"{args.pin_dir}: {'worker group cleared' if had else 'no worker group'}: "
           "every connection goes to the listener")
@@ -214,6 +226,8 @@ def cmd_status(args) -> int:
     print(f"listener: {'socket cookie %d' % cookie if cookie is not None else 'NONE (connections to our ports are refused)'}")
     group = status["group_cookie"]
     print(f"group:    {'socket cookie %d (spread over the workers)' % group if group is not None else 'none (the listener takes every connection)'}")
+    lanes = status["lane_cookies"]
+    print(f"lanes:    {len(set(lanes))} groups in {len(lanes)} of {LANES} lanes (an accept queue per app)" if lanes else "lanes:    none")
     print(f"ports:    {len(ports)}: {' '.join(map(str, ports[:40]))}{' ...' if len(ports) > 40 else ''}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in status["counters"].items()))
     return 0

@@ -20,7 +20,8 @@ from pathlib import Path
 from ..config import Config
 from . import SOURCE
 from . import syscalls as sc
-from .state import COUNTERS, GROUP, LISTENER, PORTS, PinnedState, SteeringError, ensure_bpffs
+from .state import (COUNTERS, GROUP, LANES_MAP, LISTENER, PORTS, PinnedState, SteeringError,
+                    ensure_bpffs)
 
 FUNCTION = "flyproxy_steer"
 MIN_KERNEL = (5, 9)  # sk_lookup programs and BPF links for them
@@ -100,7 +101,7 @@ def _fresh(config: Config, pin_dir: Path, source: Path) -> str:
     netns = os.open("/proc/self/ns/net", os.O_RDONLY)
     link_fd = -1
     try:
-        for name in (PORTS, LISTENER, COUNTERS, GROUP):
+        for name in (PORTS, LISTENER, COUNTERS, GROUP, LANES_MAP):
             sc.obj_pin(_map_fd(module, name), str(tmp / name))
         sc.obj_pin(prog_fd, str(tmp / "prog"))
         link_fd = sc.link_create(prog_fd, netns, sc.ATTACH_SK_LOOKUP)

@@ -6,7 +6,9 @@ State lives in pins, not in a daemon. A state dir in bpffs holds::
     link                the BPF link attaching it to one network namespace
     flyproxy_ports      hash: port (u16, host order) -> app index (u32)
     flyproxy_listener   sockmap, one slot: the proxy's listening socket
+    flyproxy_lanes      sockmap, LANES slots: a member of each lane's SO_REUSEPORT group
     flyproxy_group      sockmap, one slot: a member of the workers' SO_REUSEPORT group
+                        (before lanes: what an older proxy registers)
     flyproxy_counters   per-CPU array of outcome counters
 
 Nothing here imports bcc: after loading, everything is plain bpf() commands.
@@ -20,14 +22,17 @@ import struct
 from pathlib import Path
 
 from ..config import Config
+from ..dataplane.listeners import LANES  # an app's connections queue in lane (index % LANES)
 from . import DEFAULT_PIN_DIR
 from . import syscalls as sc
 
 PORTS, LISTENER, COUNTERS = "flyproxy_ports", "flyproxy_listener", "flyproxy_counters"
 GROUP = "flyproxy_group"  # pinned by `bpf load` (an older state gains it on its next load)
+LANES_MAP = "flyproxy_lanes"  # (likewise)
 COUNTER_NAMES = ("steered", "no_listener", "assign_failed")  # the enum in bpf/steer.c
 # What a compatible pinned map looks like: (key size, value size).
-MAP_SHAPES = {PORTS: (2, 4), LISTENER: (4, 8), COUNTERS: (4, 8), GROUP: (4, 8)}
+MAP_SHAPES = {PORTS: (2, 4), LISTENER: (4, 8), COUNTERS: (4, 8), GROUP: (4, 8),
+              LANES_MAP: (4, 8)}
 
 
 class SteeringError(Exception):
@@ -74,8 +79,8 @@ class PinnedState:
                                 f"(run: flyproxy bpf load -c CONFIG --pin-dir {self.pin_dir})")
         self.fds: dict[str, int] = {}
         try:
-            for name in ("prog", "link", PORTS, LISTENER, COUNTERS, GROUP):
-                if name == GROUP and not (self.pin_dir / name).exists():
+            for name in ("prog", "link", PORTS, LISTENER, COUNTERS, GROUP, LANES_MAP):
+                if name in (GROUP, LANES_MAP) and not (self.pin_dir / name).exists():
                     continue  # pinned by an older version; `bpf load` adds it
                 self.fds[name] = sc.obj_get(str(self.pin_dir / name), readonly and name in MAP_SHAPES)
             self._check_compatible()
@@ -158,6 +163,30 @@ class PinnedState:
         sc.map_update(self.fds[GROUP], key, struct.pack("=Q", sock.fileno()))
         return socket_cookie(sock)
 
+    def register_lanes(self, members: list[socket.socket]) -> list[int]:
+        """Fill every lane: slot i takes ``members[i % len(members)]`` (a member of each
+        lane's group; fewer groups than lanes share them); [] clears them all. Returns the
+        cookies, slot by slot."""
+        if LANES_MAP not in self.fds:
+            raise SteeringError(f"{self.pin_dir} has no {LANES_MAP} map (pinned by an older "
+                                "version): run `flyproxy bpf load` to add it")
+        fd = self.fds[LANES_MAP]
+        for lane in range(LANES):
+            key = struct.pack("=I", lane)
+            if members:
+                sc.map_update(fd, key, struct.pack("=Q", members[lane % len(members)].fileno()))
+            elif sc.map_lookup(fd, key, 8) is not None:  # (deleting an empty slot is EINVAL)
+                sc.map_delete(fd, key)
+        return self.lane_cookies()
+
+    def lane_cookies(self) -> list[int]:
+        """The socket cookie in each lane that has one."""
+        if LANES_MAP not in self.fds:
+            return []
+        cookies = (sc.map_lookup(self.fds[LANES_MAP], struct.pack("=I", lane), 8)
+                   for lane in range(LANES))
+        return [struct.unpack("=Q", v)[0] for v in cookies if v is not None]
+
     def group_cookie(self) -> int | None:
         if GROUP not in self.fds:
             return None
@@ -184,6 +213,7 @@ class PinnedState:
             "ports": self.ports(),
             "listener_cookie": self.listener_cookie(),
             "group_cookie": self.group_cookie(),
+            "lane_cookies": self.lane_cookies(),
             "counters": self.counters(),
         }
 

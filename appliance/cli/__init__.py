@@ -14,14 +14,9 @@ import os
 import sys
 
 from .. import __version__
-from ..service.control import default_path
-from ..settings import LOG_LEVELS, add_arguments
+from ..settings import (CONTROL_DEFAULT_TEXT, DEFAULT_CONFIG, LOG_LEVELS, add_arguments,
+                        default_control)
 from . import bpf, commands, manpage
-
-DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
-DEFAULT_CONTROL = default_path()
-CONTROL_DEFAULT_TEXT = ("$FLYPROXY_CONTROL, else /run/flyproxy/control.sock as root, else "
-                        "$XDG_RUNTIME_DIR/flyproxy.sock")
 
 
 def _setup_logging(level: str) -> None:
@@ -42,17 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flyproxy", description="An L4 TCP proxy appliance with sk_lookup BPF steering.")
     parser.add_argument("--version", action="version", version=f"flyproxy {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("FLYPROXY_LOG_LEVEL", "info"),
-                        choices=LOG_LEVELS, help="log messages at this level and above "
-                        "(default info, or $FLYPROXY_LOG_LEVEL); also after the command")
+    add_arguments(parser, "global")  # --log-level (settings.py)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def config_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                       help=f"config file (default {DEFAULT_CONFIG})")
-
-    def control_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONTROL) -> None:
-        p.add_argument("--control", default=default, metavar="PATH",
+    def control_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--control", default=default_control(), metavar="PATH",
                        help=f"the proxy's control socket (default {CONTROL_DEFAULT_TEXT})")
 
     p = sub.add_parser(
@@ -61,33 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "served (warnings, if any, on standard error), else 1 with one line per "
                     "problem, FILE:LINE:COLUMN: PATH: what is wrong.")
     p.add_argument("file", nargs="?", metavar="FILE",
-                   help=f"the config file, '-' for standard input (default {DEFAULT_CONFIG})")
+                   help="the config file, '-' for standard input (default "
+                        f"$FLYPROXY_CONFIG, else {DEFAULT_CONFIG})")
     p.add_argument("-c", "--config", metavar="FILE", help="the same as FILE")
-    p.set_defaults(func=commands.check, default_config=DEFAULT_CONFIG)
+    p.set_defaults(func=commands.check)
 
     p = sub.add_parser("serve", help="run the proxy")
-    config_arg(p)
-    p.add_argument("--fd", type=int, action="append",
-                   help="serve on this inherited listening socket instead of binding ports "
-                        "(repeatable; systemd's LISTEN_FDS are used automatically)")
-    p.add_argument("--listen", metavar="HOST:PORT",
-                   help="handed-in mode on a socket bound here: route every connection "
-                        "steered to it by the port the client dialled (use with flyproxy bpf)")
-    p.add_argument("--control", default=DEFAULT_CONTROL, metavar="PATH",
-                   help=f"open the control socket here (default {CONTROL_DEFAULT_TEXT}; "
-                        "'' for none)")
-    p.add_argument("--metrics", metavar="HOST:PORT", default=os.environ.get("FLYPROXY_METRICS"),
-                   help="serve Prometheus metrics here (default: off; the unit uses 127.0.0.1:9464)")
-    p.add_argument("--watch", action="store_true",
-                   help="reload when the config file changes (inotify on its directory; "
-                        "default: off, reload on SIGHUP or `flyproxy reload`, as the unit does)")
-    add_arguments(p)  # every tunable: appliance/settings.py
-    # set by a supervisor for its workers (service/supervisor.py)
-    p.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--collect-metrics", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--generation", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--resume-fd", type=int, help=argparse.SUPPRESS)  # a re-exec'd supervisor
-    p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
+    add_arguments(p)  # every option of serve: appliance/settings.py
     p.set_defaults(func=commands.serve)
 
     p = sub.add_parser("reload", help="apply the config file to the running proxy, synchronously")
@@ -131,7 +100,8 @@ def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
     for action in parser._subparsers._group_actions if parser._subparsers else ():
         for sub in action.choices.values():
             if not any("--log-level" in a.option_strings for a in sub._actions):
-                sub.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                sub.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
+                                 default=argparse.SUPPRESS,
                                  help="as before the command")
             _log_level_everywhere(sub)
 

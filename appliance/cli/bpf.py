@@ -13,9 +13,7 @@ import tempfile
 import time
 
 from ..bpf import DEFAULT_PIN_DIR, SOURCE
-from ..service.control import default_path
-
-DEFAULT_CONFIG = os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
+from ..settings import DEFAULT_CONFIG, default_config, default_control
 
 
 def add_commands(sub) -> None:
@@ -26,8 +24,9 @@ def add_commands(sub) -> None:
         p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR,
                        help=f"state dir in bpffs (default {DEFAULT_PIN_DIR})")
         if config:
-            p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                           help=f"config file whose ports are steered (default {DEFAULT_CONFIG})")
+            p.add_argument("-c", "--config", default=default_config(),
+                           help="config file whose ports are steered (default "
+                                f"$FLYPROXY_CONFIG, else {DEFAULT_CONFIG})")
         return p
 
     p = cmds.add_parser("build", help="compile and verify the program without attaching it")
@@ -48,7 +47,7 @@ def add_commands(sub) -> None:
     p.add_argument("--fd", type=int, help="fd number (of this process, or of --pid)")
     p.add_argument("--pid", type=int, help="take the socket from this process (pidfd_getfd)")
     p.add_argument("--port", type=int, help="with --pid: the listening socket on this port")
-    p.add_argument("--control", default=default_path(), metavar="PATH",
+    p.add_argument("--control", default=default_control(), metavar="PATH",
                    help="with --pid: the proxy's control socket, which names its listeners "
                         "(default: as for flyproxy status)")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",

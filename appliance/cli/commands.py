@@ -12,7 +12,7 @@ import time
 
 from .. import config as configmod
 from ..logs import count
-from ..settings import Settings, parse_hostport
+from ..settings import ServeConfig, default_config, parse_hostport
 
 
 def _load_or_exit(path: str) -> configmod.Config:
@@ -30,7 +30,7 @@ def check(args: argparse.Namespace) -> int:
         print(f"flyproxy check: two files given ({args.file}, {args.config}); check one at a time",
               file=sys.stderr)
         return 2
-    path = args.file or args.config or args.default_config
+    path = args.file or args.config or default_config()
     try:
         if path == "-":
             config = configmod.loads(sys.stdin.buffer.read(configmod.MAX_BYTES + 1), "<stdin>")
@@ -51,21 +51,13 @@ def check(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from ..service import launch
 
-    settings = Settings.from_args(args)
+    settings = ServeConfig.from_args(args)
     try:
-        if args.worker_channel is not None:  # a worker, started by a supervisor
-            sockets = launch.sockets_for(None, args.fd)
-            return launch.serve_worker(args.config, args.config_fd, args.worker_channel,
-                                       settings, sockets, generation=args.generation,
-                                       collect_metrics=args.collect_metrics)
-        if args.resume_fd is not None:  # a supervisor, re-executed by an upgrade
-            return launch.resume(args.resume_fd, settings, control_path=args.control,
-                                 log_level=args.log_level, watch=args.watch,
-                                 metrics=args.metrics)
-        config = _load_or_exit(args.config)
-        sockets = launch.sockets_for(args.listen, args.fd)
-        return launch.serve(args.config, config, settings, sockets, control_path=args.control,
-                            metrics=args.metrics, log_level=args.log_level, watch=args.watch)
+        if settings.worker_channel is not None:  # a worker, started by a supervisor
+            return launch.serve_worker(settings)
+        if settings.resume_fd is not None:  # a supervisor, re-executed by an upgrade
+            return launch.resume(settings)
+        return launch.serve(_load_or_exit(settings.config), settings)
     except launch.LaunchError as e:
         print(f"flyproxy serve: {e}", file=sys.stderr)
         return 1
@@ -92,7 +84,7 @@ def reload(args: argparse.Namespace) -> int:
               f"re-reads the proxy's own file (to serve another file, change its -c or "
               f"FLYPROXY_CONFIG and restart it)", file=sys.stderr)
         return 2
-    args.config = served or os.environ.get("FLYPROXY_CONFIG", "/etc/flyproxy/config.json")
+    args.config = served or default_config()
     config = _load_or_exit(args.config)
     try:
         reply = control.request(args.control,

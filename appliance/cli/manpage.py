@@ -8,6 +8,7 @@ import argparse
 import datetime
 
 from .. import __version__
+from ..settings import ServeConfig
 
 
 def _esc(text: str) -> str:
@@ -68,7 +69,27 @@ once in the whole file. \fBTargets\fR: \fIhost\fR:\fIport\fR, \fIip\fR:\fIport\f
 [\fIipv6\fR]:\fIport\fR. A file is at most 1 MiB. Optional keys per app:
 .TP
 \fBMaxConnections\fR \fIn\fR
-at most \fIn\fR open connections for the app; more are closed at once.
+at most \fIn\fR open connections for the app, counted over every worker of the host; more
+are closed at once (a reset, before any backend connect).
+.TP
+\fBMaxConnectionsPerClient\fR \fIn\fR
+at most \fIn\fR open connections to the app from one client address.
+.TP
+\fBMaxConnectionRatePerClient\fR \fIr\fR
+at most \fIr\fR new connections per second to the app from one client address (a token
+bucket: bursts of about \fIr\fR).
+.TP
+\fBMaxConnectionRate\fR \fIr\fR
+at most \fIr\fR new connections per second to the app from all clients together.
+.TP
+\fBBytesPerSecond\fR \fIn\fR
+each connection's bandwidth, each direction: the proxy reads no faster, so TCP holds the
+sender back (nothing is buffered beyond one read).
+.TP
+\fBDrainTimeout\fR \fIs\fR
+connections left on a port or to a target that a reload removed, or to a target the health
+checks took down, are closed \fIs\fR seconds later, each with a log line (absent: they are
+left to finish).
 .TP
 \fBProxyProtocol\fR "v1" | "v2"
 a PROXY protocol header first on every backend connection (the client's address and the
@@ -144,9 +165,7 @@ the control socket \fBserve\fR opens and every client uses (else
 .TP
 \fBFLYPROXY_LOG_LEVEL\fR
 the log level (\fB\-\-log\-level\fR).
-.TP
-\fBFLYPROXY_WORKERS\fR, \fBFLYPROXY_SUPERVISOR\fR, \fBFLYPROXY_LOOP\fR, \fBFLYPROXY_CONN_LOG_LEVEL\fR
-defaults of the \fBserve\fR options of those names.
+{environment}
 .SH EXIT STATUS
 0: success. 1: an error (a bad config, a proxy that is not running, a reload that failed:
 the config in force keeps serving). 2: a command line that is wrong, or \fBreload \-c\fR
@@ -166,6 +185,18 @@ flyproxy bpf status
 """
 
 
+def _environment(written: str) -> list[str]:
+    """The variables of the serve options not described above: each the default of its
+    option (settings.py)."""
+    out = []
+    for f in ServeConfig.options("serve", "global"):
+        env = f.metadata["env"]
+        if env and f"\\fB{env}\\fR\n" not in written:
+            out += [".TP", f"\\fB{_esc(env)}\\fR",
+                    f"the default of \\fB{_esc(f.metadata['flag'])}\\fR."]
+    return out
+
+
 def render(parser: argparse.ArgumentParser) -> str:
     serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
                  ).choices["serve"]
@@ -176,6 +207,7 @@ def render(parser: argparse.ArgumentParser) -> str:
             "\\fIcommand\\fR [\\fIoptions\\fR]", ".PP", "Global options:", ".RS",
             *_options(parser), ".RE"]
     body = (TEXT.replace("{commands}", "\n".join(_commands(parser)))
+            .replace("{environment}", "\n".join(_environment(TEXT)))
             .replace("{serve}", "\n".join(_options(serve)))
             .replace("{config}", CONFIG.strip()))
     return "\n".join(head) + body

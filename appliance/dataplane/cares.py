@@ -55,7 +55,7 @@ class Channel:
         if pycares is None:
             raise RuntimeError("python3-pycares is not installed")
         self.loop = loop
-        self._channel = pycares.Channel(sock_state_cb=self._watch, timeout=timeout_s,
+        self._channel = pycares.Channel(sock_state_cb=self._socket_state, timeout=timeout_s,
                                         tries=tries)
         self._fds: dict[int, tuple[bool, bool]] = {}  # c-ares sockets -> (read, write) watched
         self._timer = None  # c-ares' own timeouts
@@ -84,9 +84,10 @@ class Channel:
         if self._timer is not None:
             self._timer.cancel()
         for fd in list(self._fds):
-            self._watch(fd, False, False)
+            self._socket_state(fd, False, False)
 
-    def _watch(self, fd: int, readable: bool, writable: bool) -> None:
+    def _socket_state(self, fd: int, readable: bool, writable: bool) -> None:
+        """c-ares' sock_state_cb: what it waits for on ``fd`` now (neither: done with it)."""
         was_r, was_w = self._fds.get(fd, (False, False))
         loop = self.loop
         if readable != was_r:

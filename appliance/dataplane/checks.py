@@ -272,19 +272,3 @@ class Checker:
             log.warning("health checks: %d more targets went down and %d came up in the last "
                         "second (not logged one by one); %d of %d targets are down now",
                         downs, ups, held, len(self.checks))
-
-
-def check_families(rows: list[dict]):
-    """Prometheus families for the checks' state."""
-    from prometheus_client.core import GaugeMetricFamily
-
-    up = GaugeMetricFamily("flyproxy_target_up", "Active health check: 1 if the target is up",
-                           labels=["app", "target"])
-    since = GaugeMetricFamily("flyproxy_target_state_since_timestamp_seconds",
-                              "Unix time of the target's last up/down transition (or the "
-                              "check's start)", labels=["app", "target"])
-    for row in rows:
-        up.add_metric([row["app"], row["target"]], 1 if row["state"] == "up" else 0)
-        since.add_metric([row["app"], row["target"]], row["since"])
-    yield up
-    yield since

@@ -18,6 +18,10 @@ another loop (uvloop) the loop watches the epoll set as one more file descriptor
 A socket that wants no event is taken out of the set, not left in it with an empty
 mask: epoll reports hang-ups and errors regardless of the mask, and a level-triggered
 report nobody acts on would spin.
+
+The engine knows sockets and handlers, not connections: each fd in the set has a
+:class:`Handler` (a relay's :class:`~appliance.dataplane.relay.End`, a :class:`Listener`),
+and a backend connect that outlives its deadline is handed to ``on_timeout``.
 """
 
 from __future__ import annotations
@@ -29,18 +33,13 @@ import logging
 import os
 import select
 import socket
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Hashable, Protocol
 
 from ..logs import RateLimited
-from .loop import MAX_EVENTS, adopt
-
-if TYPE_CHECKING:
-    from .tunnel import Tunnel
+from .epoll import EPOLLIN, MAX_EVENTS
+from .loop import adopt
 
 log = logging.getLogger(__name__)
-
-EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
 
 READ_SIZE = 256 * 1024  # the shared read buffer: one recv_into
 # Pipes for spliced directions (appliance.dataplane.relay). The larger the pipe, the more one splice()
@@ -51,7 +50,9 @@ READ_SIZE = 256 * 1024  # the shared read buffer: one recv_into
 BIG_PIPE_SIZE = 1 << 20
 PIPE_SIZE = 256 * 1024
 BIG_PIPE_SHARE = 8  # a process's 1 MiB pipes take at most 1/8 of the user's pipe quota
-ACCEPT_BATCH = 64  # accepts per listener event, so one busy port cannot starve the others
+# Accepts per listener event, so one busy port cannot starve the others: under a flood on
+# one app's listener, another app's connection waits for at most this many of the flood's
+ACCEPT_BATCH = 16
 ACCEPT_PAUSE_S = 1.0  # out of fds or memory: stop accepting on that listener for this long
 
 RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -81,21 +82,37 @@ def _set_pipe_size(fd: int, size: int) -> bool:
     return True
 
 
-class Engine:
-    """The epoll set, the listeners in it, and the deadlines of backend connects."""
+class Handler(Protocol):
+    """What the engine calls for an fd in its set."""
 
-    def __init__(self, loop, connect_timeout_s: float) -> None:
+    def ready(self, events: int) -> None:
+        """The fd has ``events`` (epoll's bits)."""
+
+    def crashed(self) -> None:
+        """``ready`` raised (a bug, logged): end what it serves; the engine goes on."""
+
+
+class Engine:
+    """The epoll set, the listeners in it, and the deadlines of backend connects.
+
+    ``on_timeout(key)`` runs for a connect started with :meth:`connect_started` (``key``:
+    whoever connects, a :class:`~appliance.dataplane.tunnel.Tunnel`) and not ended with
+    :meth:`connect_ended` within ``connect_timeout_s``."""
+
+    def __init__(self, loop, connect_timeout_s: float,
+                 on_timeout: Callable[[Hashable], None]) -> None:
         self.loop = loop
-        self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> handler(events)
+        self.handlers: dict[int, Handler] = {}  # fd -> its handler
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
         self.connect_timeout_s = connect_timeout_s
+        self.on_timeout = on_timeout
         self.big_pipes = big_pipe_budget()  # 1 MiB pipes this process may still size
         # Tunnels connecting -> their attempt's deadline. Every attempt has the same timeout
         # and a tunnel's previous attempt has always ended (connect_ended) before its next
         # starts, so insertion order is deadline order: one timer, for the oldest, serves
         # them all.
-        self.connecting: dict[Tunnel, float] = {}
+        self.connecting: dict[Hashable, float] = {}
         self._timer = None
         self._limited = RateLimited(log)
         # fds closed while a batch of events is handled: the batch's later events for them
@@ -110,24 +127,24 @@ class Engine:
 
     # -- the epoll set: every socket of ours goes in and out through these --------------
 
-    def watch(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
-        """Put ``fd`` in the set for ``events``; ``handler(events)`` runs on each."""
+    def register(self, fd: int, events: int, handler: Handler) -> None:
+        """Put ``fd`` in the set for ``events``; ``handler.ready(events)`` runs on each."""
         self.epoll.register(fd, events)
         self.handlers[fd] = handler
 
     def modify(self, fd: int, events: int) -> None:
         self.epoll.modify(fd, events)
 
-    def unwatch(self, fd: int) -> None:
+    def unregister(self, fd: int) -> None:
         """Take ``fd`` out of the set (it stays open)."""
         self.epoll.unregister(fd)
         del self.handlers[fd]
 
-    def forget(self, fd: int, watched: bool) -> None:
+    def forget(self, fd: int, registered: bool) -> None:
         """``fd`` is being closed (close() takes it out of the set by itself): drop its
         handler, and any event for it still in the batch being handled (the number may
         be reused at once by a new socket)."""
-        if watched:
+        if registered:
             del self.handlers[fd]
         self.closed.add(fd)
 
@@ -171,13 +188,11 @@ class Engine:
             handler = handlers.get(fd)
             if handler is not None:
                 try:
-                    handler(events)
+                    handler.ready(events)
                 except Exception:  # a bug must not take the whole data plane down
                     self._limited.error("relay", "unexpected error on fd %d; its connection is "
                                         "closed", fd, exc_info=True)
-                    tunnel = getattr(getattr(handler, "__self__", None), "tunnel", None)
-                    if tunnel is not None:
-                        tunnel.abort("error")
+                    handler.crashed()
             else:  # the event loop's (or one taken out by an earlier event in this batch)
                 others.append((fd, events))
         return others
@@ -193,34 +208,35 @@ class Engine:
 
     # -- connect deadlines ----------------------------------------------------------
 
-    def connect_started(self, tunnel: Tunnel) -> float:
-        """The tunnel's attempt starts now; returns the time (the loop's clock)."""
+    def connect_started(self, key: Hashable) -> float:
+        """``key``'s connect starts now; returns the time (the loop's clock)."""
         now = self.loop.time()
-        self.connecting[tunnel] = now + self.connect_timeout_s  # at the end: deadline order
+        self.connecting[key] = now + self.connect_timeout_s  # at the end: deadline order
         if self._timer is None:
             self._timer = self.loop.call_at(now + self.connect_timeout_s, self._expire)
         return now
 
-    def connect_ended(self, tunnel: Tunnel) -> None:
-        self.connecting.pop(tunnel, None)
+    def connect_ended(self, key: Hashable) -> None:
+        self.connecting.pop(key, None)
 
     def _expire(self) -> None:
         self._timer = None
         now = self.loop.time()
         expired = []
-        for tunnel, deadline in self.connecting.items():
+        for key, deadline in self.connecting.items():
             if deadline > now:
                 break
-            expired.append(tunnel)
-        for tunnel in expired:
-            if self.connecting.pop(tunnel, None) is not None:
-                tunnel.attempt_failed("timeout")
+            expired.append(key)
+        for key in expired:
+            if self.connecting.pop(key, None) is not None:
+                self.on_timeout(key)
         if self.connecting and self._timer is None:
             self._timer = self.loop.call_at(next(iter(self.connecting.values())), self._expire)
 
 
 class Listener:
-    """A listening socket in the epoll set; ``on_accept(sock, addr, port)`` per connection."""
+    """A listening socket in the epoll set (its :class:`Handler`); ``on_accept(sock, addr,
+    port)`` per connection."""
 
     __slots__ = ("engine", "sock", "fd", "port", "on_accept", "active", "_pause")
 
@@ -234,12 +250,12 @@ class Listener:
         self._pause = None
         if not self.active and self.sock.fileno() >= 0:
             self.active = True
-            self.engine.watch(self.fd, EPOLLIN, self.ready)
+            self.engine.register(self.fd, EPOLLIN, self)
 
     def stop(self) -> None:
         if self.active:
             self.active = False
-            self.engine.unwatch(self.fd)
+            self.engine.unregister(self.fd)
         if self._pause is not None:
             self._pause.cancel()
             self._pause = None
@@ -248,6 +264,9 @@ class Listener:
         """Stop accepting and close our socket (a handed-in one stays open elsewhere)."""
         self.stop()
         self.sock.close()
+
+    def crashed(self) -> None:
+        pass  # (logged; the listener stays: the next event accepts again)
 
     def ready(self, events: int) -> None:
         accept, on_accept, port = self.sock._accept, self.on_accept, self.port

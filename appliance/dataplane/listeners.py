@@ -10,6 +10,10 @@ import socket
 import sys
 
 BACKLOG = 4096  # connections; the kernel caps it at net.core.somaxconn
+# With handed-in sockets, a supervisor's workers accept in this many lanes (an SO_REUSEPORT
+# group each) that the BPF program steers apps to: an accept queue per app, up to LANES
+# apps (bpf/steer.c FLYPROXY_LANES)
+LANES = 16
 
 
 class ListenerError(Exception):
@@ -71,14 +75,6 @@ def from_fd(fd: int) -> socket.socket:
     """Adopt an inherited fd; it must be a listening TCP socket (family is detected)."""
     sock = _adopt(fd)
     check_listening_tcp(sock, f"fd {fd}")
-    return sock
-
-
-def channel_from_fd(fd: int) -> socket.socket:
-    """Adopt an inherited Unix stream socket (a worker's channel to its supervisor)."""
-    sock = _adopt(fd)
-    if sock.family != socket.AF_UNIX:
-        raise ListenerError(f"fd {fd} is not a Unix socket")
     return sock
 
 

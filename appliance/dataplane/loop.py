@@ -23,10 +23,11 @@ import selectors
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
 
+from .epoll import MAX_EVENTS
+
 if TYPE_CHECKING:
     from .engine import Engine
 
-MAX_EVENTS = 512  # per wait; the rest come in the next one (the epoll fd stays readable)
 INTERNALS = {"_selector": selectors.BaseSelector, "_ready": collections.deque,
              "_scheduled": list, "_stopping": bool}
 

@@ -22,13 +22,15 @@ import logging
 import os
 import resource
 import socket
+import struct
 import time
 
 from ..config import Config, ConfigDiff, diff
-from ..logs import RateLimited
+from ..logs import RateLimited, count
 from ..metrics import NullMetrics
 from ..settings import Settings
-from . import balancer, listeners
+from . import balancer, limits, listeners
+from .checks import apply_changes
 from .engine import Engine, Listener
 from .resolver import Resolver
 from .tunnel import Tunnel
@@ -36,6 +38,7 @@ from .tunnel import Tunnel
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("appliance.connections")
 FD_WARNING = 0.9  # of RLIMIT_NOFILE: warn (rate-limited) when connections hold this share
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 def peer_text(addr) -> str:
@@ -81,6 +84,7 @@ class Proxy:
         self._unsampled = 0  # clean ends not logged since the last one that was
         self.pid = os.getpid()  # in the access log: which worker
         self.accepting = False
+        self._table: limits.Table | None = None  # (self.table) connection limits' counts
 
     def __repr__(self) -> str:
         mode = "handed-in" if self._handed else "per-port"
@@ -92,7 +96,8 @@ class Proxy:
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Start accepting: on the given sockets, or on every configured port."""
         self._loop = asyncio.get_running_loop()
-        self.engine = Engine(self._loop, self.settings.connect_timeout_s)
+        self.engine = Engine(self._loop, self.settings.connect_timeout_s,
+                             Tunnel.connect_timed_out)
         self.resolver = Resolver(self._loop, self.settings, self.metrics)
         self.metrics.track_resolver(self.resolver)
         await self.resolve(self.config.names)
@@ -152,17 +157,15 @@ class Proxy:
             self.metrics.rejected("", "no_app")
             sock.close()
             return
-        active = self.active.get(app.name, 0)
-        if app.max_connections is not None and active >= self.limit(app.max_connections):
-            self._limited.warning(f"limit:{app.name}", "app %s: at its limit of %d connections "
-                                  "(%d in this worker); closed a new one", app.name,
-                                  app.max_connections, self.limit(app.max_connections))
-            self.metrics.rejected(app.name, "limit")
-            sock.close()
-            return
-        self.active[app.name] = active + 1
+        held = ()
+        if app.limited:  # counted host-wide (limits.py); apps without limits skip all this
+            reason, held = self.table.admit(app, addr[0], time.monotonic())
+            if reason is not None:
+                return self._refuse(sock, addr, app, reason)
+        self.active[app.name] = self.active.get(app.name, 0) + 1
         tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.settings.splice_after,
-                        app.proxy_protocol)
+                        app.proxy_protocol, app.bytes_per_second)
+        tunnel.held = held
         self.tunnels.add(tunnel)
         self.metrics.accepted(app.name)
         if app.balance == "least-connections":
@@ -176,11 +179,33 @@ class Proxy:
             order = self.resolver.arrange(order)
         tunnel.connect(order, self.health, self.resolver)
 
-    def limit(self, max_connections: int) -> int:
-        """This process's share of an app's connection limit: with N workers each takes
-        limit // N (at least 1), so together they never exceed the limit (but for limits
-        below N)."""
-        return max(1, max_connections // self.settings.workers)
+    @property
+    def table(self) -> limits.Table:
+        """The connection limits' counts: the host's (a supervisor's workers share one), or
+        this process's own, made when an app first needs it."""
+        if self._table is None:
+            self._table = limits.Table()
+        return self._table
+
+    def share_limits(self, table: limits.Table) -> None:
+        """Count against ``table`` (the host's, shared with the other workers)."""
+        self._table = table
+
+    def _refuse(self, sock, addr, app, reason: str) -> None:
+        """Close a new connection over one of ``app``'s limits (before any backend
+        connect) with a reset: counted by app and reason, and a log line at most every 10 s
+        per app and reason that says who and why."""
+        n = {"max_connections": app.max_connections, "client_connections": app.max_per_client,
+             "client_rate": app.rate_per_client, "rate": app.rate}[reason]
+        self._limited.warning(f"limit:{app.name}:{reason}", "app %s: connection from %s closed: "
+                              "%s", app.name, peer_text(addr),
+                              limits.REASONS[reason].format(n=n))
+        self.metrics.rejected(app.name, reason)
+        try:  # a reset, as HAProxy's "tcp-request connection reject": no TIME_WAIT left here
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass
+        sock.close()
 
     def ejected(self) -> dict[tuple[str, str], int]:
         """(app, target) -> 1 while passive health tries the target last, else 0: for
@@ -212,7 +237,7 @@ class Proxy:
                               "the only target" if n == 1 else f"all {n} targets",
                               balancer.describe(failures + skipped) or "no targets")
         self.metrics.all_down(tunnel.app, failures)
-        tunnel.end = "all-targets-down"
+        tunnel.close_reason = "all-targets-down"
         tunnel.close()
 
     def no_resources(self, tunnel: Tunnel, exc: OSError) -> None:
@@ -221,12 +246,14 @@ class Proxy:
         self._limited.error("resources", "cannot connect app %s: out of system resources (%s); "
                             "closing new connections until there are", tunnel.app, exc.strerror)
         self.metrics.rejected(tunnel.app, "resources")
-        tunnel.end = "no-resources"
+        tunnel.close_reason = "no-resources"
         tunnel.close()
 
     def closed(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
         self.active[tunnel.app] -= 1
+        if tunnel.held:  # counted against its app's limits
+            self._table.release(tunnel.held)
         key = tunnel.load_key
         if key:  # counted when it connected
             left = self.load[key] - 1
@@ -236,7 +263,7 @@ class Proxy:
                 del self.load[key]
         bytes_in = tunnel.client.nbytes
         bytes_out = tunnel.backend.nbytes if tunnel.backend else 0
-        end = tunnel.end or "closed"
+        end = tunnel.close_reason or "closed"
         self.metrics.closed(tunnel.app, tunnel.target, bytes_in, bytes_out, end)
         level = self._conn_log_level
         if level is not None and conn_log.isEnabledFor(level):
@@ -376,12 +403,81 @@ class Proxy:
     def commit(self, new: Config, change: ConfigDiff) -> None:
         """Route by ``new`` from now on (one assignment: no connection sees half a config);
         close the ports it removed."""
+        old = self.config
         self.config, self._routes = new, new.routes
         self.generation += 1
         self.metrics.configured(new)
         self.resolver.track(new.names)
         if not self._handed:
             self._close_ports(change.removed_ports)
+        if any(a.drain_timeout_s is not None for a in old.apps + new.apps):
+            was = {a.name: a for a in old.apps}
+            self._doom(lambda tunnel: self._removed(tunnel, was))
+
+    # -- DrainTimeout: connections left on a removed port or target, or a down target -----
+
+    def _removed(self, tunnel: Tunnel, was: dict) -> float | None:
+        """The DrainTimeout for ``tunnel`` if the config in force took away its port or its
+        target (None: both are kept, or its app sets no DrainTimeout). An app that is gone
+        has the DrainTimeout it had in ``was`` (app name -> App)."""
+        app = self._routes.get(tunnel.port)
+        if app is not None and app.name == tunnel.app and \
+                (tunnel.target is None or tunnel.target in app.targets):
+            return None
+        now = next((a for a in self.config.apps if a.name == tunnel.app), None) or \
+            was.get(tunnel.app)
+        return now.drain_timeout_s if now is not None else None
+
+    def _held_down(self, tunnel: Tunnel) -> float | None:
+        """The DrainTimeout for ``tunnel`` if the checks hold its target down (or a reload
+        took its port or target away)."""
+        if tunnel.target is not None and tunnel.target in self.down.get(tunnel.app, ()):
+            app = next((a for a in self.config.apps if a.name == tunnel.app), None)
+            if app is not None and app.drain_timeout_s is not None:
+                return app.drain_timeout_s
+        return self._removed(tunnel, {})
+
+    def _doom(self, stale) -> None:
+        """Mark the tunnels for which ``stale(tunnel)`` gives a timeout, and close those still
+        stale when it has passed (one timer per timeout, not one per connection)."""
+        batches: dict[float, list[Tunnel]] = {}
+        for tunnel in self.tunnels:
+            if tunnel.stale:
+                continue  # (already on its way out)
+            timeout_s = stale(tunnel)
+            if timeout_s is not None:
+                tunnel.stale = True
+                batches.setdefault(timeout_s, []).append(tunnel)
+        for timeout_s, tunnels in batches.items():
+            log.info("%s on a removed port or target, or to a target that is down: closed in "
+                     "%gs (DrainTimeout) unless it comes back", count(len(tunnels), "connection"),
+                     timeout_s)
+            self._loop.call_later(timeout_s, self._close_stale, tunnels, stale)
+
+    def _close_stale(self, tunnels: list[Tunnel], stale) -> None:
+        for tunnel in tunnels:
+            if tunnel.done:
+                continue
+            tunnel.stale = False
+            if stale(tunnel) is None:  # its port or target came back meanwhile
+                continue
+            log.warning("closing at its DrainTimeout: app=%s port=%s client=%s target=%s in=%d "
+                        "out=%d secs=%.0f", tunnel.app, tunnel.port, peer_text(tunnel.client_addr),
+                        tunnel.target, tunnel.client.nbytes,
+                        tunnel.backend.nbytes if tunnel.backend else 0,
+                        time.monotonic() - tunnel.started)
+            tunnel.abort("drain-timeout")
+
+    def health_changed(self, changes, reset: bool = False) -> None:
+        """The active health checks' news: ``changes`` (app, target, up); with ``reset``,
+        they replace all that was held down. Connections to a target that went down are
+        closed at their app's DrainTimeout, if it has one."""
+        if reset:
+            self.down.clear()
+        apply_changes(self.down, changes)
+        if any(not up for _, _, up in changes) and \
+                any(a.drain_timeout_s is not None for a in self.config.apps):
+            self._doom(self._held_down)
 
     def abort(self, change: ConfigDiff) -> None:
         """Undo :meth:`prepare`: close the ports it opened (the names it asked for are

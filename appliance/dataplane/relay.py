@@ -31,9 +31,11 @@ import os
 import socket
 import struct
 import termios
+import time
 from typing import TYPE_CHECKING
 
-from .engine import BIG_PIPE_SIZE, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_SIZE
+from .engine import BIG_PIPE_SIZE, READ_SIZE
+from .epoll import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -96,9 +98,9 @@ class End:
         old = self.events
         if new != old:
             if not old:
-                self.engine.watch(self.fd, new, self.ready)  # (not kept here: no cycle)
+                self.engine.register(self.fd, new, self)
             elif not new:
-                self.engine.unwatch(self.fd)
+                self.engine.unregister(self.fd)
             else:
                 self.engine.modify(self.fd, new)
             self.events = new
@@ -119,6 +121,11 @@ class End:
         elif events & (EPOLLERR | EPOLLHUP) and not events & EPOLLOUT:
             tunnel.fail(self)  # an error reported while we neither read nor write: do not spin
 
+    def crashed(self) -> None:
+        """ready() raised (a bug): reset the connection (the engine logged it)."""
+        if self.tunnel is not None:  # (None: closed already)
+            self.tunnel.abort("error")
+
     # -- reading -------------------------------------------------------------------
 
     def take(self, call, *args) -> int:
@@ -137,12 +144,12 @@ class End:
         self.nbytes += n
         return n
 
-    def read(self, events: int) -> None:
+    def read(self, events: int, size: int = READ_SIZE) -> None:
         # (recv and send written out, not through take() and write(): this is the path of
         # almost every event)
         engine = self.engine
         try:
-            n = self.sock.recv_into(engine.buffer, READ_SIZE, _DONTWAIT)
+            n = self.sock.recv_into(engine.buffer, size, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -168,7 +175,7 @@ class End:
         if sent < n:
             peer.out = bytes(data[sent:])  # off the shared buffer
             peer.hold()
-        if events & EPOLLRDHUP and n < READ_SIZE and not events & EPOLLERR:
+        if events & EPOLLRDHUP and n < size and not events & EPOLLERR:
             # The FIN had arrived before this read, and a read shorter than asked for took
             # everything queued before it: this is the EOF, without a read that returns 0.
             self.got_eof()
@@ -341,3 +348,69 @@ class End:
         # connection at once, not Python's cyclic collector some time later (NOTES,
         # Performance, step 20). A closed end ignores whatever still calls it.
         self.tunnel = self.peer = None
+
+
+PACE_CHUNK = 16 * 1024  # a paced end, out of tokens, waits until it may read this much
+
+
+def pace_burst(rate: int) -> float:
+    """What a paced end may read at once: 1/20 s worth, or 16 KiB if more (at most the rate)."""
+    return max(rate / 20, min(rate, PACE_CHUNK))
+
+
+class PacedEnd(End):
+    """An :class:`End` read no faster than its tunnel's ``pace`` (bytes/s: the app's
+    BytesPerSecond), for each direction separately: a token bucket of ``pace_burst``
+    bytes. Out of tokens it stops reading, as for backpressure: the kernel's buffers fill
+    and TCP tells the sender to wait, so nothing piles up here; a timer reads again once
+    the bucket holds a chunk. (A paced tunnel never splices: a pipeful would overshoot.)"""
+
+    __slots__ = ("tokens", "stamp", "timer")
+
+    def __init__(self, tunnel: Tunnel, sock) -> None:
+        super().__init__(tunnel, sock)
+        self.tokens = pace_burst(tunnel.pace)
+        self.stamp = time.monotonic()
+        self.timer = None
+
+    def read(self, events: int, size: int = READ_SIZE) -> None:
+        rate = self.tunnel.pace
+        now = time.monotonic()
+        tokens = min(pace_burst(rate), self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if tokens < 1:
+            self.tokens = tokens
+            return self.pause(rate)
+        before = self.nbytes
+        End.read(self, events, int(min(tokens, size)))
+        self.tokens = tokens - (self.nbytes - before)
+        if self.tokens < 1 and self.reading and self.sock is not None:
+            self.pause(rate)
+
+    def pause(self, rate: int) -> None:
+        self.reading = False
+        self.update()
+        if self.timer is None:
+            wait_s = (min(pace_burst(rate), PACE_CHUNK) - self.tokens) / rate
+            self.timer = self.engine.loop.call_later(wait_s, self.unpause)
+
+    def unpause(self) -> None:
+        """The bucket has a chunk again: read, unless something else holds reading back
+        (EOF, the peer's backlog: the peer's drained() resumes us then)."""
+        self.timer = None
+        if self.sock is None or self.eof or self.reading:
+            return
+        peer = self.peer
+        if peer is None:
+            if self.early is not None and len(self.early) >= EARLY_LIMIT:
+                return  # the connect resumes reading
+        elif peer.out is not None or peer.piped or self.tunnel.survivor is not None:
+            return
+        self.reading = True
+        self.update()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        super().close()

@@ -43,7 +43,7 @@ import socket
 import time
 from typing import Callable, Iterable, Sequence
 
-from ..settings import Settings
+from ..settings import ServeConfig
 from . import cares
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,10 @@ def interleave(v6: Sequence[str], v4: Sequence[str]) -> tuple[tuple[int, str], .
 class Resolver:
     """Every host name of the config in force, kept resolved (see the module doc)."""
 
-    def __init__(self, loop, settings: Settings | None = None, metrics=None,
+    def __init__(self, loop, settings: ServeConfig | None = None, metrics=None,
                  hosts_path: str = HOSTS_PATH) -> None:
         self.loop = loop
-        self.settings = settings or Settings()
+        self.settings = settings or ServeConfig()
         self.metrics = metrics
         self.hosts_path = hosts_path
         self.names: dict[str, Name] = {}

@@ -12,8 +12,9 @@ import socket
 import time
 
 from . import proxy_protocol as pp
-from .engine import EPOLLERR, EPOLLHUP, RESOURCE_ERRNOS, Engine
-from .relay import NEVER, End
+from .engine import RESOURCE_ERRNOS, Engine
+from .epoll import EPOLLERR, EPOLLHUP
+from .relay import NEVER, End, PacedEnd
 
 _Socket = _socket.socket  # the C type: no Python-level __init__ per connection
 _NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -35,12 +36,13 @@ class Tunnel:
 
     __slots__ = ("engine", "owner", "client", "client_addr", "backend", "app", "port", "target",
                  "order", "failures", "health", "resolver", "attempt", "addrs", "addr_i",
-                 "racing", "stagger", "attempt_started", "started", "end", "seen_bytes",
+                 "racing", "stagger", "attempt_started", "started", "close_reason", "seen_bytes",
                  "seen_at", "logged_at", "splice_after", "done", "keepalive", "survivor",
-                 "abort_timer", "proxy_protocol", "load_key")
+                 "abort_timer", "proxy_protocol", "load_key", "held", "pace", "stale")
 
     def __init__(self, engine: Engine, owner, sock, addr, app: str, port: int,
-                 splice_after: int = 0, proxy_protocol: str | None = None) -> None:
+                 splice_after: int = 0, proxy_protocol: str | None = None,
+                 pace: int | None = None) -> None:
         self.engine = engine
         self.owner = owner
         self.client_addr = addr
@@ -59,7 +61,7 @@ class Tunnel:
         self.backend: End | None = None
         self.started = time.monotonic()
         self.attempt_started = 0.0
-        self.end: str | None = None  # why it ended ("idle", "reset", ...), if not plainly
+        self.close_reason: str | None = None  # "idle", "reset", ...; None: closed plainly
         self.seen_bytes = 0  # for the idle sweep: bytes moved when last looked at ...
         self.seen_at = self.started  # ... and since when
         self.logged_at = self.started  # the access log's last line for it (proxy's sweep)
@@ -70,6 +72,15 @@ class Tunnel:
         self.abort_timer = None
         self.proxy_protocol = proxy_protocol  # "v1"/"v2": a header goes first to the backend
         self.load_key = None  # (app, target) while counted for least-connections (proxy.py)
+        self.held = ()  # the limits table's entries it is counted in (proxy.py, limits.py)
+        self.stale = False  # its target or port is gone; closed at the app's DrainTimeout
+        # BytesPerSecond: each direction read no faster (relay.PacedEnd); never spliced
+        self.pace = pace
+        if pace is not None:
+            self.splice_after = NEVER
+            self.client = PacedEnd(self, sock)
+            self.client.update()
+            return
         self.client = End(self, sock)
         self.client.update()  # read what the client sends while the backend connects
 
@@ -141,7 +152,7 @@ class Tunnel:
                 continue
             err = sock.connect_ex(sockaddr)
             if err == errno.EINPROGRESS or not err:
-                end = End(self, sock)
+                end = End(self, sock) if self.pace is None else PacedEnd(self, sock)
                 end.connecting = True
                 self.racing.append(end)
                 end.reading = False
@@ -224,6 +235,10 @@ class Tunnel:
         self.health.failure(target, reason)
         self.next_target()
 
+    def connect_timed_out(self) -> None:
+        """The engine's ``on_timeout``: the current target's attempt ran out of time."""
+        self.attempt_failed("timeout")
+
     def stop_racing(self) -> None:
         """Close every backend socket still connecting, start no further address."""
         if self.stagger is not None:
@@ -247,21 +262,22 @@ class Tunnel:
             return
         backend = self.backend
         if end is None or backend is None or end.sock is None:
-            if self.end is None:
-                self.end = "client-reset" if end is self.client else "reset"
-            return self.abort(self.end)
+            if self.close_reason is None:
+                self.close_reason = "client-reset" if end is self.client else "reset"
+            return self.abort(self.close_reason)
         survivor = backend if end is self.client else self.client
         if self.survivor is not None:  # the survivor failed too: nothing left to deliver
-            return self.abort(self.end or "reset")
-        if self.end is None:
-            self.end = "client-reset" if end is self.client else "backend-reset"
+            return self.abort(self.close_reason or "reset")
+        if self.close_reason is None:
+            self.close_reason = "client-reset" if end is self.client else "backend-reset"
         end.detach()
         self.survivor = survivor
         survivor.reading = False
         if survivor.out is None and not survivor.piped:
             return self.delivered()
         survivor.update()  # writable: the rest goes out, then delivered()
-        self.abort_timer = self.engine.loop.call_later(ABORT_FLUSH_S, self.abort, self.end)
+        self.abort_timer = self.engine.loop.call_later(ABORT_FLUSH_S, self.abort,
+                                                       self.close_reason)
 
     def delivered(self) -> None:
         """Everything for the survivor is in its socket: once the kernel has sent it (its
@@ -272,20 +288,20 @@ class Tunnel:
         if survivor.unsent():
             if self.abort_timer is None:
                 self.abort_timer = self.engine.loop.call_later(ABORT_FLUSH_S, self.abort,
-                                                               self.end)
+                                                               self.close_reason)
             # the kernel gives no event for "acknowledged": look again shortly (bounded by
             # the deadline above)
             self.engine.loop.call_later(UNSENT_POLL_S, self.delivered)
             return
-        self.abort(self.end)
+        self.abort(self.close_reason)
 
     def abort(self, why: str) -> None:
         """End the connection with a reset on both sides (idle timeout, drain deadline,
         relay error, or a reset passed on)."""
         if self.done:
             return
-        if self.end is None:
-            self.end = why
+        if self.close_reason is None:
+            self.close_reason = why
         self.client.reset()
         if self.backend is not None:
             self.backend.reset()

@@ -7,8 +7,10 @@ start, and a reload compares: content, not only the version string, so a rebuilt
 of the same version (or a hand edit) counts as new code too.
 
 :func:`preflight` tries the code on disk in a child process before anything changes: it
-imports every module a worker imports and loads the config with them. A broken install
-(a syntax error, a missing dependency) fails there, and the running workers never notice.
+imports every module a worker imports, loads the config with them and parses the ``serve``
+arguments its processes will be started with. A broken install (a syntax error, a missing
+dependency, an option it no longer knows) fails there, and the running workers never
+notice. :func:`command` is how a new process of ours is started on the code on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent  # .../appliance
 SUFFIXES = (".py", ".json")  # what the package's processes read (bpf/ only in the helpers)
 PREFLIGHT_TIMEOUT_S = 60.0
+# what a new process of ours runs: the package under the directory given first (the code
+# on disk, whatever this process was started as), then ``flyproxy``'s command line
+_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+         "from appliance.cli import main; sys.exit(main())")
 
 
 def identify(package: Path = PACKAGE) -> dict:
@@ -52,7 +58,7 @@ def import_all() -> None:
 
 
 # Run in the child, from the code on disk: import every module, load the config from
-# stdin, print what ran.
+# stdin, parse the command line given as JSON, print what ran.
 _PREFLIGHT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -60,6 +66,8 @@ from appliance.service import code
 code.import_all()
 from appliance import config
 config.loads(sys.stdin.buffer.read(), sys.argv[2])
+from appliance.cli import build_parser
+build_parser().parse_args(json.loads(sys.argv[3]))
 print(json.dumps(code.identify()))
 """
 
@@ -68,13 +76,15 @@ class PreflightError(Exception):
     pass
 
 
-def preflight(config_raw: bytes, source: str, package: Path = PACKAGE) -> dict:
-    """Try the code on disk: its identity, or PreflightError with the child's error."""
+def preflight(config_raw: bytes, source: str, argv: list[str],
+              package: Path = PACKAGE) -> dict:
+    """Try the code on disk on ``config_raw`` and the command line ``argv``: its identity,
+    or PreflightError with the child's error."""
     flags = ["-I"] if sys.flags.isolated else []
     try:
         out = subprocess.run([sys.executable, *flags, "-c", _PREFLIGHT, str(package.parent),
-                              source], input=config_raw, capture_output=True,
-                             timeout=PREFLIGHT_TIMEOUT_S)
+                              source, json.dumps(argv)], input=config_raw,
+                             capture_output=True, timeout=PREFLIGHT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise PreflightError(f"the new code did not load in {PREFLIGHT_TIMEOUT_S:g}s") from None
     if out.returncode != 0:
@@ -86,3 +96,10 @@ def preflight(config_raw: bytes, source: str, package: Path = PACKAGE) -> dict:
 def package_parent() -> str:
     """The directory holding the ``appliance`` package on disk (what a new process runs)."""
     return str(PACKAGE.parent)
+
+
+def command(argv: list[str]) -> list[str]:
+    """``flyproxy ARGV`` as a new process of ours: this interpreter (isolated if we are),
+    the code on disk."""
+    flags = ["-I"] if sys.flags.isolated else []
+    return [sys.executable, *flags, "-c", _BOOT, package_parent(), *argv]

@@ -19,26 +19,18 @@ import stat
 import time
 from typing import Protocol
 
+from ..settings import default_control
+
+
 class Commands(Protocol):
     """What answers the control protocol: a single process's Server, or a Supervisor."""
 
     async def handle_command(self, command: str) -> dict: ...
 
+
 log = logging.getLogger(__name__)
 
 
-
-def default_path() -> str:
-    """Where ``serve`` opens its control socket and every client command looks for it:
-    $FLYPROXY_CONTROL; else /run/flyproxy/control.sock for root (the unit's); else
-    $XDG_RUNTIME_DIR/flyproxy.sock; else /tmp/flyproxy-UID.sock."""
-    if os.environ.get("FLYPROXY_CONTROL"):
-        return os.environ["FLYPROXY_CONTROL"]
-    if os.geteuid() == 0:
-        return "/run/flyproxy/control.sock"
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "flyproxy.sock")
-    return f"/tmp/flyproxy-{os.geteuid()}.sock"
 # Timeouts nest, outermost longest, so the innermost one that fails is the one reported:
 # a supervisor waits up to RELOAD_TIMEOUT_S for a worker (workers.py), the control socket gives
 # a request REQUEST_TIMEOUT_S, the CLI waits CLIENT_TIMEOUT_S for the reply.
@@ -94,7 +86,7 @@ async def start(server: Commands, path: str,
                                                limit=LINE_LIMIT)
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
-        if path != default_path() or os.path.dirname(directory) not in ("/run", "/tmp"):
+        if path != default_control() or os.path.dirname(directory) not in ("/run", "/tmp"):
             raise ControlError(f"--control {path}: the directory {directory} does not exist")
         os.makedirs(directory, mode=0o755, exist_ok=True)  # /run/flyproxy outside the unit
     remove_stale(path)
@@ -160,6 +152,19 @@ async def _answer(server: Commands, line: bytes | None) -> bytes:
             if "id" in request:  # a supervisor matches replies to its requests by id
                 reply = {**reply, "id": request["id"]}
     return json.dumps(reply).encode() + b"\n"
+
+
+def channel_from_fd(fd: int) -> socket.socket:
+    """Adopt a worker's channel to its supervisor: the inherited end of a Unix stream
+    socketpair (workers.py makes it)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise ControlError(f"--worker-channel {fd}: not a socket: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX:
+        raise ControlError(f"--worker-channel {fd}: not a Unix socket")
+    sock.setblocking(False)
+    return sock
 
 
 async def serve_channel(server: Commands, sock: socket.socket,

@@ -32,7 +32,9 @@ class Gathered:
         status = {"config": self.config_path, "digest": self.config.digest,
                   "generation": self.generation, "mode": "per-port", "active": 0,
                   "accepting": bool(replies), "workers": workers, "restarts": self.restarts,
-                  "group": ("[%s]:%d" % self.group[0].getsockname()[:2]) if self.group else None,
+                  "group": ("[%s]:%d" % self.lanes[0][0].getsockname()[:2]) if self.lanes
+                  else None,
+                  "lanes": len(self.lanes),
                   "listeners": listeners.described(self.sockets),
                   "version": self.code["version"], "code": self.code["digest"],
                   "generations": self._generations(everyone),
@@ -82,8 +84,8 @@ class Gathered:
         """Bind the metrics endpoint (before :meth:`serve`, so a bad address fails early)."""
         from .. import metrics as metricsmod
 
-        if self.metrics_address:
-            self.metrics_http = metricsmod.endpoint(self.metrics_address, self.render_metrics)
+        if self.settings.metrics:
+            self.metrics_http = metricsmod.endpoint(self.settings.metrics, self.render_metrics)
 
     async def render_metrics(self) -> bytes:
         """A scrape: every worker's counts, gathered now and summed (a worker that does not
@@ -142,5 +144,5 @@ class _GatheredMetrics:
                                     f"{MAX_BACKOFF_S:g} s while the others serve)")
         failing.add_metric([], sum(w.failing is not None for w in sup.workers))
         yield failing
-        from ..dataplane.checks import check_families
+        from ..metrics import check_families
         yield from check_families(sup.checks.state())

@@ -21,6 +21,7 @@ is an *upgrade*:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -64,7 +65,8 @@ class Generations:
         The code is tried in a child first; any failure leaves the old generation serving,
         untouched."""
         try:
-            ran = await asyncio.to_thread(code.preflight, new.raw, self.config_path)
+            ran = await asyncio.to_thread(code.preflight, new.raw, self.config_path,
+                                          ["serve", *self.settings.to_argv()])
         except code.PreflightError as e:
             return self.reload_failed(f"upgrade refused, still serving generation "
                                        f"{self.generation} (code {self.code['version']}):\n{e}")
@@ -87,6 +89,7 @@ class Generations:
             await asyncio.gather(*(w.proc.wait() for w in fresh if w.proc is not None))
             for w in fresh:
                 w.close_channel()
+                self._free_column(w)
             self.config, self.generation = old_config, self.generation - 1
             why = "stopping" if not errors else str(errors[0])
             return self.reload_failed(f"upgrade to {ran['version']} failed, still serving "
@@ -130,6 +133,7 @@ class Generations:
         if w.proc is not None:
             await w.proc.wait()
         w.close_channel()
+        self._free_column(w)
         for g in list(self.old):
             if w in g.workers:
                 g.workers.remove(w)
@@ -187,8 +191,11 @@ class Generations:
                             else None)
         log.info("upgrading: re-executing the supervisor (pid %d) on the code on disk",
                  os.getpid())
+        # the new image: this supervisor's options, its sockets from the state
+        again = dataclasses.replace(self.settings, fd=(), listen=None,
+                                    resume_fd=reexec.save(state))
         try:
-            reexec.exec_self(reexec.save(state), code.package_parent())
+            reexec.exec_self(code.command(["serve", *again.to_argv()]))
         except OSError as e:
             return self.reload_failed(f"upgrade failed: cannot re-execute: {e}")
         raise AssertionError("unreachable")  # (exec_self returns only by raising)
@@ -204,14 +211,16 @@ class Generations:
             return {"index": w.index, "generation": w.generation,
                     "pid": w.proc.pid if running else None,  # (down: the next image starts it)
                     "channel": reexec.inheritable(os.dup(w.channel_fd())) if running else None,
-                    "ids": w.ids, "ready": w.ready and running, "draining": w.draining}
+                    "ids": w.ids, "ready": w.ready and running, "draining": w.draining,
+                    "column": w.column}
 
         return {
             "config_path": self.config_path, "config": self.config.raw.decode(),
             "generation": self.generation, "worker_generation": self.worker_generation,
             "code": self.code, "reloads": self.reloads, "restarts": self.restarts,
             "retired": self._retired_counts(),
-            "sockets": [fd(s) for s in self.sockets], "group": [fd(s) for s in self.group],
+            "sockets": [fd(s) for s in self.sockets],
+            "lanes": [[fd(s) for s in lane] for lane in self.lanes],
             "control": fd(self.control_server.sockets[0]) if self.control_server else None,
             "metrics": fd(self.metrics_http.sock) if self.metrics_http is not None else None,
             "workers": [worker(w) for w in self.workers],
@@ -219,6 +228,7 @@ class Generations:
                      "workers": [row for row in map(worker, g.workers) if row["pid"]]}
                     for g in self.old],
             "upgrade": {"config": new.raw.decode(), "reply": reply_fd},
+            "limits": reexec.inheritable(self.limits.fd) if self.limits is not None else None,
         }
 
     def resume(self, state: dict) -> None:
@@ -230,7 +240,12 @@ class Generations:
         self.generation, self.worker_generation = state["generation"], state["worker_generation"]
         self.code, self.reloads, self.restarts = state["code"], state["reloads"], state["restarts"]
         self.retired = Metrics.merged(state["retired"]) if state["retired"] else None
-        self.group = [listeners.from_fd(fd) for fd in state["group"]]
+        lanes = state.get("lanes")
+        if lanes is None:  # an image from before lanes: its one group
+            lanes = [state["group"]] if state.get("group") else []
+        self.lanes = [[listeners.from_fd(fd) for fd in lane] for lane in lanes]
+        if state.get("limits") is not None:  # (an image from before limits had none)
+            self._open_limits(state["limits"])
         if state["metrics"] is not None:
             from ..metrics_http import MetricsServer
             self.metrics_http = MetricsServer(socket.socket(fileno=state["metrics"]),
@@ -248,6 +263,9 @@ class Generations:
             w = Worker(row["index"], row["generation"])
             w.ids = row["ids"]
             w.draining = row["draining"]
+            if row.get("column") is not None and self.limits is not None:
+                w.column = row["column"]
+                self._free_columns.discard(w.column)
             if row["pid"] is None:  # was down: _keep starts it
                 return w
             w.proc = reexec.Adopted(row["pid"])

@@ -14,11 +14,11 @@ from typing import Callable
 from ..config import Config, Target
 from ..dataplane.checks import Change, Checker
 from ..dataplane.resolver import Resolver
-from ..settings import Settings
+from ..settings import ServeConfig
 
 
 class HostChecks:
-    def __init__(self, settings: Settings, on_change: Callable[[list[Change]], None],
+    def __init__(self, settings: ServeConfig, on_change: Callable[[list[Change]], None],
                  resolver: Resolver | None = None) -> None:
         self._own = resolver is None
         self.resolver = resolver or Resolver(asyncio.get_running_loop(), settings)

@@ -18,16 +18,15 @@ import signal
 import time
 from typing import Callable
 
-from ..settings import Settings
+from ..settings import ServeConfig
 from .systemd import notify
 
 
 class Service:
-    def __init__(self, config_path: str, settings: Settings, watch: bool) -> None:
-        self.config_path = config_path
+    def __init__(self, settings: ServeConfig) -> None:
         self.settings = settings
+        self.config_path = settings.config
         self.grace_s = settings.grace_period_s
-        self.watch = watch  # serve --watch: reload when the file changes (watch.py)
         self.watcher = None
         self._stop = asyncio.Event()
         self._signals = 0
@@ -102,7 +101,7 @@ class Service:
 
     def start_watcher(self, digest: Callable[[], str]) -> None:
         """serve --watch: reload when the file changes (unless to the config in force)."""
-        if self.watch:
+        if self.settings.watch:
             from .watch import ConfigWatcher
             self.watcher = ConfigWatcher(self.config_path, self.reload, digest)
             self.watcher.start()

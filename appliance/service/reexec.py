@@ -12,7 +12,8 @@ systemd tracks (``MAINPID``; with ``KillMode=mixed`` its exit would end every wo
    those fds inheritable;
 2. :func:`exec_self` blocks the signals a supervisor handles (a SIGTERM between the exec
    and the new image's handlers would otherwise kill it: the mask and pending signals
-   survive ``execve``) and re-executes the same command line plus ``--resume-fd``;
+   survive ``execve``) and re-executes the supervisor's options (``ServeConfig.to_argv``)
+   plus ``--resume-fd``;
 3. the new image (``launch.resume``) reads the state back, adopts the workers
    (:class:`Adopted`: waited on through a pidfd, as they are not children that asyncio
    started), installs its signal handlers, unblocks the signals and carries on: it starts
@@ -34,8 +35,6 @@ import sys
 log = logging.getLogger(__name__)
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-         "from appliance.cli import main; sys.exit(main())")
 
 
 def inheritable(fd: int) -> int:
@@ -59,23 +58,16 @@ def load(fd: int) -> dict:
         return json.loads(f.read())
 
 
-def exec_self(state_fd: int, package_parent: str) -> None:
-    """Re-execute this supervisor's command line on the code under ``package_parent``,
-    with ``--resume-fd``; returns only if the exec failed (signals unblocked again)."""
-    argv = list(sys.argv[1:])
-    if "--resume-fd" in argv:  # an earlier upgrade's
-        i = argv.index("--resume-fd")
-        del argv[i:i + 2]
-    flags = ["-I"] if sys.flags.isolated else []
-    command = [sys.executable, *flags, "-c", _BOOT, package_parent, *argv,
-               "--resume-fd", str(state_fd)]
+def exec_self(command: list[str]) -> None:
+    """Re-execute this process as ``command`` (``code.command``: the code on disk, a
+    ``--resume-fd``); returns only if the exec failed (signals unblocked again)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     for handler in logging.getLogger().handlers:
         handler.flush()
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        os.execv(sys.executable, command)
+        os.execv(command[0], command)
     except OSError:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         raise

@@ -21,12 +21,12 @@ import socket
 
 from .. import config as configmod
 from ..dataplane import listeners
-from ..dataplane.checks import apply_changes, decode_changes
+from ..dataplane.checks import decode_changes
 from ..dataplane.proxy import Proxy
 from ..logs import RateLimited, count
 from .. import metrics_http
 from ..metrics import NullMetrics
-from ..settings import Settings
+from ..settings import ServeConfig
 from ..statuspage import StatusPage
 from . import control, target_state
 from .health import HostChecks
@@ -37,14 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class Server(Service):
-    def __init__(self, config_path: str, config: configmod.Config,
-                 settings: Settings | None = None, *,
+    def __init__(self, config: configmod.Config, settings: ServeConfig, *,
                  sockets: list[socket.socket] | None = None, metrics: NullMetrics | None = None,
-                 control_path: str | None = None, channel: socket.socket | None = None,
-                 watch: bool = False) -> None:
-        super().__init__(config_path, settings or Settings(), watch)
+                 channel: socket.socket | None = None) -> None:
+        super().__init__(settings)
         self.checks: HostChecks | None = None  # active health checks (a single process's own)
-        self.control_path = control_path
         self.channel = channel  # set in a worker: its supervisor's requests come here
         self._control = None
         self.metrics = metrics or NullMetrics()
@@ -58,6 +55,13 @@ class Server(Service):
 
     def __repr__(self) -> str:
         return f"<Server {self.config_path} {self.proxy!r}>"
+
+    @property
+    def is_worker(self) -> bool:
+        """One of a supervisor's workers (started with a channel to it), not a single
+        process: the supervisor runs the health checks and tells us their changes, takes
+        Ctrl-C, and sends the commands only a supervisor may (prepare, commit, drain...)."""
+        return self.channel is not None
 
     def status_line(self) -> str:
         p = self.proxy
@@ -98,18 +102,18 @@ class Server(Service):
         loop.set_exception_handler(self._loop_error)
         self._drained = asyncio.Event()
         await self.proxy.start(self.sockets)
-        if self.channel is None:  # a worker is told its supervisor's checks instead
+        if not self.is_worker:  # a worker is told its supervisor's checks instead
             self.checks = HostChecks(self.settings, self._checks_changed, self.proxy.resolver)
             self.checks.apply(self.proxy.config)
             self.metrics.checks = self.checks.state
-        if self.control_path:
-            self._control = await control.start(self, self.control_path)
+        if self.settings.control:
+            self._control = await control.start(self, self.settings.control)
         if self.metrics.http is not None:
             self.metrics.http.page = StatusPage(self.status, lambda: self.metrics)  # GET /
             await self.metrics.http.start()
         self.start_watcher(lambda: self.proxy.config.digest)
-        self.install_signals(interrupt=self.channel is None)  # (a worker's Ctrl-C: see below)
-        if self.channel is not None:  # Ctrl-C reaches the supervisor, which sends SIGTERM
+        self.install_signals(interrupt=not self.is_worker)  # (a worker's Ctrl-C: see below)
+        if self.is_worker:  # Ctrl-C reaches the supervisor, which sends SIGTERM
             self.spawn(self._serve_channel())
         where = (count(len(self.sockets), "handed-in socket") if self.sockets
                  else count(len(self.proxy.listening_ports), "port"))
@@ -122,7 +126,7 @@ class Server(Service):
         self.proxy.stop_accepting()
         if self._control is not None:
             self._control.close()
-            control.remove(self.control_path)
+            control.remove(self.settings.control)
         if self.metrics.http is not None:
             self.metrics.http.close()
 
@@ -157,7 +161,7 @@ class Server(Service):
                                 f": {exc!r}" if exc else "")
 
     def _checks_changed(self, changes) -> None:
-        apply_changes(self.proxy.down, changes)
+        self.proxy.health_changed(changes)
 
     async def _serve_channel(self) -> None:
         await control.serve_channel(self, self.channel, self._channel_tasks)
@@ -176,29 +180,27 @@ class Server(Service):
         if command == "status":
             return {"ok": True, **self.status()}
         if command.startswith("health "):  # the supervisor's checks: what changed
-            if self.channel is None:  # not for the control socket: only a supervisor knows
+            if not self.is_worker:  # not for the control socket: only a supervisor knows
                 return {"ok": False, "error": "'health' is a supervisor's command to its "
                                               "workers, not a control command"}
             reset, changes = decode_changes(command)
-            if reset:
-                self.proxy.down.clear()
-            apply_changes(self.proxy.down, changes)
+            self.proxy.health_changed(changes, reset)
             return {"ok": True}
         if command.startswith(("prepare ", "commit", "abort")):  # a supervisor's reload
-            if self.channel is None:
+            if not self.is_worker:
                 return {"ok": False, "error": f"{command.split()[0]!r} is a supervisor's "
                                               "command to its workers, not a control command"}
             return await self._two_phase(command)
         if command.startswith("drain "):  # a supervisor's: a newer generation serves now
-            if self.channel is None:
+            if not self.is_worker:
                 return {"ok": False, "error": "'drain' is a supervisor's command to its "
                                               "workers, not a control command"}
             return await self._drain_for_supervisor(float(command.split()[1]))
         if command == "reload new-workers":
             return {"ok": False, "error": "--new-workers needs a supervisor (serve "
                                           "--supervisor yes, or more than one worker)"}
-        if command == "metrics" and hasattr(self.metrics, "snapshot"):
-            return {"ok": True, "metrics": self.metrics.snapshot()}
+        if command == "metrics" and (snapshot := self.metrics.snapshot()) is not None:
+            return {"ok": True, "metrics": snapshot}
         return {"ok": False, "error": f"unknown command {command[:60]!r}"}
 
     async def _two_phase(self, command: str) -> dict:
@@ -239,7 +241,7 @@ class Server(Service):
         elif drain_s == 0 and self._drain is not None:  # too many generations: now
             self._drain.cancel()
         await self._drained.wait()
-        snapshot = self.metrics.snapshot() if hasattr(self.metrics, "snapshot") else None
+        snapshot = self.metrics.snapshot()
         return {"ok": True, "metrics": snapshot}
 
     async def reload(self) -> tuple[bool, str]:

@@ -13,12 +13,15 @@ worker (``workers.py``) with those sockets:
 - per-port mode: every worker binds every port with SO_REUSEPORT and the kernel spreads
   new connections over them by hash;
 - handed-in sockets are shared: every worker accepts on them. They alone would balance
-  badly (whichever worker wakes first takes a whole burst), so the supervisor also makes
-  a *group*: one listening socket per worker, bound together with SO_REUSEPORT on an
-  ephemeral port. ``flyproxy bpf register --spread`` puts a member in the BPF program's
-  group map; the kernel then picks the member (the worker) by a hash of each connection.
-  The supervisor keeps every member open, so a restarted worker gets its member back and
-  connections hashed to it wait in its queue meanwhile;
+  badly (whichever worker wakes first takes a whole burst), and one queue for every app
+  lets a flood on one fill it for all. So the supervisor also makes *lanes*
+  (listeners.LANES of them): each a group of one listening socket per worker, bound
+  together with SO_REUSEPORT on an ephemeral port. ``flyproxy bpf register --spread``
+  puts a member of each in the BPF program's lanes map, and the program sends an app's
+  connections to lane (app index % LANES): each app has accept queues of its own, and the
+  kernel picks the member (the worker) by a hash of each connection. The supervisor keeps
+  every member open, so a restarted worker gets its members back and connections hashed
+  to it wait in its queues meanwhile;
 - the control socket, SIGHUP and the metrics endpoint fan out over the workers' channels:
   a reload reads and validates the file once and sends those bytes to every worker,
   prepared everywhere, then committed (any failure aborts all); status and metrics are
@@ -35,18 +38,19 @@ worker (``workers.py``) with those sockets:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
-import sys
 import time
 
 from .. import config as configmod
-from ..settings import Settings
+from ..settings import ServeConfig
 from ..statuspage import StatusPage
 from . import code, control, reexec
 from .gathered import Gathered
-from .generations import Generation, Generations
+from ..dataplane import limits
+from .generations import MAX_GENERATIONS, Generation, Generations
 from .health import HostChecks
 from .lifecycle import Service
 from .systemd import notify
@@ -57,16 +61,12 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 60.0  # a worker binds every port (thousands, per-port mode) and imports
 HEARTBEAT_S = 1.0  # each worker is pinged this often; one that misses PING_TIMEOUT_S is replaced
-_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-         "from appliance.cli import main; sys.exit(main())")
 
 
 class Supervisor(Generations, Gathered, Service):
-    def __init__(self, config_path: str, config: configmod.Config, settings: Settings,
-                 sockets: list[socket.socket], *, control_path: str | None = None,
-                 metrics_address: str | None = None, log_level: str = "info",
-                 watch: bool = False) -> None:
-        super().__init__(config_path, settings, watch)  # (serve --watch: one for all)
+    def __init__(self, config: configmod.Config, settings: ServeConfig,
+                 sockets: list[socket.socket]) -> None:
+        super().__init__(settings)  # (serve --watch: one for all)
         self.checks: HostChecks | None = None  # one set for the host, told to every worker
         self.config = config
         self.generation = 1  # of the config
@@ -76,21 +76,20 @@ class Supervisor(Generations, Gathered, Service):
         self.image = self.code  # what this process imported (re-exec when it is stale)
         self.old: list[Generation] = []  # older generations, draining
         self.retired = None  # the counts of workers that finished draining (Metrics)
-        # a worker is `flyproxy serve` with exactly our settings (settings.py)
-        self.worker_argv = ["--log-level", log_level, "serve", "-c", config_path,
-                            *settings.to_argv(), *(["--collect-metrics"] if metrics_address
-                                                   else [])]
         self.sockets = sockets
-        self.group: list[socket.socket] = []  # one per worker, with handed-in sockets
-        self.control_path = control_path
+        # with handed-in sockets: lanes[lane][worker index], a listening socket each
+        self.lanes: list[list[socket.socket]] = []
         self.control_server: asyncio.AbstractServer | None = None
-        self.metrics_address = metrics_address
         self.metrics_http = None  # the /metrics endpoint, bound by serve_metrics()
         self.reloads = {"ok": 0, "failed": 0}
         self.restarts = 0
         self._reload_lock = asyncio.Lock()
         self.resumed: dict | None = None  # the state a previous image handed over
         self._quiet = False  # about to re-exec: no new request to a worker
+        # The connection limits' counts, shared by every worker (dataplane/limits.py): a
+        # column each, for as many workers as MAX_GENERATIONS generations can hold
+        self.limits: limits.Table | None = None
+        self._free_columns: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<Supervisor {self.config_path} workers={len(self.workers)}>"
@@ -98,18 +97,29 @@ class Supervisor(Generations, Gathered, Service):
     # -- lifecycle ---------------------------------------------------------------------
 
     def make_group(self) -> None:
-        """With handed-in sockets: one SO_REUSEPORT listener per worker on an ephemeral port
-        (dual-stack on every address, as the BPF program assigns both families to it;
-        connections that reach it directly find no app for its port and are closed)."""
+        """With handed-in sockets: the lanes, each one SO_REUSEPORT listener per worker on
+        an ephemeral port (dual-stack on every address, as the BPF program assigns both
+        families to it; connections that reach one directly find no app for its port and
+        are closed)."""
         from ..dataplane import listeners
 
-        if not self.sockets or len(self.workers) < 2:
+        if not self.sockets:
             return
-        first = listeners.bind(0, None, reuse_port=True)
-        host, port = first.getsockname()[:2]
-        self.group = [first] + [listeners.bind(port, host, reuse_port=True)
-                                for _ in self.workers[1:]]
-        log.info("worker group on [%s]:%d (spread by flyproxy bpf register --spread)", host, port)
+        made: list[list[socket.socket]] = []
+        try:
+            for _ in range(listeners.LANES):
+                first = listeners.bind(0, None, reuse_port=True)
+                host, port = first.getsockname()[:2]
+                made.append([first] + [listeners.bind(port, host, reuse_port=True)
+                                       for _ in self.workers[1:]])
+        except BaseException:
+            for lane in made:
+                for s in lane:
+                    s.close()
+            raise
+        self.lanes = made
+        log.info("%d lanes of %d listeners each, the first on [%s]:%d (spread by flyproxy bpf "
+                 "register --spread)", len(made), len(self.workers), *made[0][0].getsockname()[:2])
 
     async def startup(self) -> bool:
         self.install_signals()
@@ -134,8 +144,8 @@ class Supervisor(Generations, Gathered, Service):
         for w in self.workers:
             self.spawn(self._keep(w))
             self.spawn(self._heartbeat(w))
-        if self.control_path:
-            self.control_server = await control.start(self, self.control_path,
+        if self.settings.control:
+            self.control_server = await control.start(self, self.settings.control,
                                                       sock=self._handed("control"))
         if self.metrics_http is not None:  # (bound by serve_metrics, or handed over)
             self.metrics_http.page = StatusPage(self.status, self.gather_metrics)  # GET /
@@ -150,11 +160,12 @@ class Supervisor(Generations, Gathered, Service):
 
     def stop_accepting(self) -> None:
         self.checks.close()
-        for member in self.group:  # once the workers close theirs, the group is gone and
-            member.close()  # the BPF program sends new connections to the listener
+        for lane in self.lanes:  # once the workers close theirs, the lanes are gone and
+            for member in lane:  # the BPF program sends new connections to the listener
+                member.close()
         if self.control_server is not None:
             self.control_server.close()
-            control.remove(self.control_path)
+            control.remove(self.settings.control)
         if self.metrics_http is not None:
             self.metrics_http.close()
         for w in self.all_workers():  # each stops accepting at once, then drains
@@ -194,18 +205,48 @@ class Supervisor(Generations, Gathered, Service):
     # -- workers ---------------------------------------------------------------------
 
     def _fds(self, w: Worker) -> list[int]:
-        """The sockets worker ``w`` serves: every handed-in one, and its group member."""
-        own = [self.group[w.index].fileno()] if self.group else []
+        """The sockets worker ``w`` serves: every handed-in one, and its member of each lane."""
+        own = [lane[w.index].fileno() for lane in self.lanes]
         return [s.fileno() for s in self.sockets] + own
 
-    def _worker_args(self, w: Worker) -> list[str]:
-        flags = ["-I"] if sys.flags.isolated else []
-        fds = [str(fd) for fd in self._fds(w)]
-        return [sys.executable, *flags, "-c", _BOOT, code.package_parent(), *self.worker_argv,
-                "--generation", str(self.generation), *(a for fd in fds for a in ("--fd", fd))]
+    def _worker_settings(self, w: Worker) -> ServeConfig:
+        """Worker ``w`` is ``flyproxy serve`` with exactly our options (settings.py), but
+        for what only the supervisor does (the control socket, the metrics endpoint:
+        the worker collects, --watch) and the sockets it hands over."""
+        return dataclasses.replace(
+            self.settings, fd=tuple(self._fds(w)), listen=None, control=None, metrics=None,
+            watch=False, collect_metrics=bool(self.settings.metrics),
+            generation=self.generation, resume_fd=None,
+            limits=f"{self.limits.fd}:{w.column}" if self.limits is not None else None)
+
+    def _open_limits(self, fd: int | None = None) -> None:
+        """The limits table: made now, or the one a previous image handed over (``fd``)."""
+        columns = MAX_GENERATIONS * len(self.workers)
+        if fd is None:
+            fd = limits.create(columns)
+        self.limits = limits.Table(fd, 0)
+        self._free_columns = set(range(self.limits.columns))
+
+    def _column(self, w: Worker) -> None:
+        """Give ``w`` a column of the limits table (kept across its restarts), zeroed: what
+        a previous process counted there died with it."""
+        if self.limits is None:
+            self._open_limits()
+        if w.column is None:
+            w.column = min(self._free_columns)  # (never empty: MAX_GENERATIONS bounds workers)
+            self._free_columns.discard(w.column)
+        self.limits.clear(w.column)
+
+    def _free_column(self, w: Worker) -> None:
+        """``w`` is gone for good: its column is zeroed and free for another."""
+        if w.column is not None and self.limits is not None:
+            self.limits.clear(w.column)
+            self._free_columns.add(w.column)
+            w.column = None
 
     async def _start(self, w: Worker) -> None:
-        await w.start(self._worker_args(w), self._fds(w), self.config.raw)
+        self._column(w)
+        await w.start(self._worker_settings(w), self.config.raw)
         try:
             await w.request("status", STARTUP_TIMEOUT_S)
             if self.checks is not None:  # a replacement: what is down now, all of it
@@ -234,6 +275,8 @@ class Supervisor(Generations, Gathered, Service):
                 status = await w.proc.wait()
                 if self._stop.is_set() or w.draining:
                     return  # (a draining worker's end is _drain's)
+                if self.limits is not None:  # its connections died with it
+                    self.limits.clear(w.column)
                 w.close_channel()
                 log.error("%s exited with status %s", w, status)
             now = time.monotonic()

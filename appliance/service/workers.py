@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import os
 import signal
 import socket
+
+from ..settings import ServeConfig
+from . import code
 
 # Deadlines for a worker's answer. Each is shorter than what waits on it: a reload's
 # (control.REQUEST_TIMEOUT_S, 80 s, for the whole reload) and a scrape's (Prometheus
@@ -67,6 +71,11 @@ def _anonymous_file(data: bytes) -> int:
     return fd
 
 
+def _limits_fd(settings) -> list[int]:
+    """The limits table's fd a worker inherits (``--limits FD:COLUMN``), if it has one."""
+    return [int(settings.limits.split(":")[0])] if settings.limits else []
+
+
 class Worker:
     """One worker process and its channel; replies are matched to requests by id."""
 
@@ -82,6 +91,7 @@ class Worker:
         self.exits: collections.deque[float] = collections.deque()  # recent exits (monotonic)
         self.failing: str | None = None  # why it cannot start, while it cannot
         self.retry_at: float | None = None  # when it is started again (monotonic)
+        self.column: int | None = None  # its column in the connection limits' table
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = 0  # the last request id sent
@@ -93,16 +103,20 @@ class Worker:
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
 
-    async def start(self, argv: list[str], fds: list[int], config: bytes) -> None:
-        """Start the worker on ``config`` (the bytes in force, not the file: it may hold an
-        edit not yet reloaded, or a broken one), handed over in an anonymous file."""
+    async def start(self, settings: ServeConfig, config: bytes) -> None:
+        """Start the worker with ``settings`` (its sockets: ``settings.fd``) on ``config``
+        (the bytes in force, not the file: it may hold an edit not yet reloaded, or a
+        broken one), handed over in an anonymous file."""
         mine, theirs = socket.socketpair()
         config_fd = _anonymous_file(config)
         try:
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+            argv = dataclasses.replace(settings, worker_channel=theirs.fileno(),
+                                       config_fd=config_fd).to_argv()
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, "--worker-channel", str(theirs.fileno()), "--config-fd", str(config_fd),
-                pass_fds=[*fds, theirs.fileno(), config_fd], env=env,
+                *code.command(["serve", *argv]),
+                pass_fds=[*settings.fd, theirs.fileno(), config_fd, *_limits_fd(settings)],
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             mine.close()

@@ -21,9 +21,13 @@ how many rounds each flyproxy column beat systemd-socket-proxyd), results.json
 (every round) and chart.png. Needs root (namespace, BPF). Bounded: each load lasts
 BENCH_SECONDS (default 4) and there are BENCH_ROUNDS rounds (default 5).
 
+Between the two, the access log phase: new conn/s and CPU per connection through flyproxy
+with its access log on (the default), sampled (--conn-log-sample 10) and off, side by side.
+
 BENCH_ONLY=scale runs the scale phase alone (BENCH_HOLD connections; its own size knob)
 and puts its table into the results already in BENCH_OUT (default docs/bench), leaving the
-rounds' figures as they were.
+rounds' figures as they were; BENCH_ONLY=access-log does the same for the access log phase
+(about two minutes).
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import flood
 import hold
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("BENCH_OUT", REPO / "docs" / "bench"))
-SCALE_ONLY = os.environ.get("BENCH_ONLY", "") == "scale"
+ONLY = os.environ.get("BENCH_ONLY", "")  # one phase alone: "scale", "access-log" or "flood"
+SCALE_ONLY = ONLY == "scale"
+# the phases that can run alone: BENCH_ONLY's value -> their key in results.json, and the
+# words their failures carry ("<proxy>, <words>: why")
+PHASES = {"scale": ("scale", "scale phase"), "access-log": ("access_log", "access log phase"),
+          "flood": ("flood", "flood phase")}
 PYTHON = os.environ.get("BENCH_PYTHON", "/usr/bin/python3")
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -328,9 +338,12 @@ class FlyProxy(Proxy):
     name = "flyproxy"
 
     def __init__(self, base: int, loop: str = "auto", workers: str = "1",
-                 target_host: str = "127.0.0.1", netns_exec: bool = False):
+                 target_host: str = "127.0.0.1", netns_exec: bool = False,
+                 log_level: str = "warning", options: tuple[str, ...] = ()):
         super().__init__(base)
         self.loop, self.workers = loop, workers
+        self.log_level = log_level  # (at warning, the access log writes no line)
+        self.options = list(options)  # more serve options
         self.name = "flyproxy" + describe_workers(workers)
         if loop == "uvloop":
             self.name += " (uvloop)"
@@ -372,7 +385,8 @@ class FlyProxy(Proxy):
 
     def serve(self) -> None:
         grace = ["--grace-period", str(self.grace)] if self.grace is not None else []
-        self.procs = [spawn([*self.wrap, PYTHON, "-m", "appliance", "--log-level", "warning", "serve",
+        self.procs = [spawn([*self.wrap, PYTHON, "-m", "appliance", "--log-level",
+                             self.log_level, "serve", *self.options,
                              "-c", str(self.config), "--loop", self.loop,
                              "--workers", self.workers, *grace,
                              "--control", str(WORK / f"control-{self.front['http']}.sock"),
@@ -734,6 +748,82 @@ def host_names(repeats: int = 5) -> dict:
     return {key: median(values) for key, values in runs.items()}
 
 
+# -- the access log's cost ---------------------------------------------------------------
+
+# label -> serve options: as shipped (--conn-log-level info: a line per connection), sampled,
+# off. Every one with its log at info (the unit's level), written as stderr to a file.
+ACCESS_LOG = {"on": (), "sampled": ("--conn-log-sample", "10"),
+              "off": ("--conn-log-level", "off")}
+ACCESS_LOG_REPEATS = int(os.environ.get("BENCH_ACCESS_LOG_REPEATS", "5"))
+
+
+def access_log(repeats: int = ACCESS_LOG_REPEATS) -> dict:
+    """New conn/s and CPU per connection through flyproxy (one worker, per-port) with the
+    access log on, sampled and off: three proxies started side by side, measured one after
+    another ``repeats`` times (each time starting one later in the list), medians; and the
+    access log lines each wrote per connection (counted in its log)."""
+    proxies = {label: FlyProxy(29200 + 100 * i, log_level="info", options=options)
+               for i, (label, options) in enumerate(ACCESS_LOG.items())}
+    for label, proxy in proxies.items():
+        proxy.name = f"flyproxy access-log-{label}"  # (its own log file)
+    runs: dict[str, list] = {}
+    served = dict.fromkeys(proxies, 0)
+    try:
+        for proxy in proxies.values():
+            proxy.start()
+            proxy.ready()
+        order = list(proxies.items())
+        for n in range(repeats):  # each repeat starting one later: none always goes first
+            for label, proxy in order[n % len(order):] + order[:n % len(order)]:
+                pids = proxy.pids()
+                c0 = cpu_seconds(pids)
+                rate, total = wrk(proxy.front["http"], True)
+                runs.setdefault(f"conn_per_s_{label}", []).append(rate)
+                runs.setdefault(f"cpu_us_per_conn_{label}", []).append(
+                    (cpu_seconds(pids) - c0) / total * 1e6)
+                served[label] += total
+                log(f"access log {label}: {rate:,.0f} conn/s, "
+                    f"{runs[f'cpu_us_per_conn_{label}'][-1]:.0f} us CPU per connection")
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+    figures = {key: median(values) for key, values in runs.items()}
+    figures["repeats"] = repeats
+    figures["load"] = os.getloadavg()[0]  # (other work on the machine moves the rates)
+    for label, proxy in proxies.items():
+        text = (WORK / f"{proxy.name.replace(' ', '-')}.log").read_text(errors="replace")
+        figures[f"lines_per_conn_{label}"] = text.count(" conn=closed ") / max(1, served[label])
+    return figures
+
+
+def access_log_report(figures: dict, run: dict | None = None) -> list[str]:
+    """The access log phase's table, ratios to the log off; ``run``: when it ran on its
+    own (BENCH_ONLY=access-log)."""
+    if not figures.get("conn_per_s_off"):
+        return []
+    off_rate, off_cpu = figures["conn_per_s_off"], figures["cpu_us_per_conn_off"]
+    repeats = figures.get("repeats", ACCESS_LOG_REPEATS)
+    lines = ["", f"Access log (flyproxy, one worker, per-port; {repeats} runs "
+             "of each, alternating, each time starting one later, medians; ratios to the "
+             "access log off). Its log at info, "
+             "the unit's level, written as stderr to a file (the rounds above log warnings "
+             "only: no access log line)."
+             + (f" Load average {figures['load']:.1f} on {os.cpu_count()} CPUs as it ended: "
+                "where other work shares the machine the rates swing from run to run, the "
+                "CPU per connection much less." if figures.get("load") else "")
+             + (f" (This phase ran on its own on {run['date']}, kernel {run['kernel']}, "
+                f"in {run['duration_s']} s.)" if run else ""), "",
+             "| access log | new connections/s | CPU us per connection | lines per connection |",
+             "|---|---|---|---|"]
+    for label, text in (("on", "on (the default: a line per connection)"),
+                        ("sampled", "sampled (--conn-log-sample 10)"),
+                        ("off", "off (--conn-log-level off)")):
+        rate, cpu = figures[f"conn_per_s_{label}"], figures[f"cpu_us_per_conn_{label}"]
+        lines.append(f"| {text} | {rate:,.0f} ({rate / off_rate:.2f}x) | {cpu:.0f} "
+                     f"({cpu / off_cpu:.2f}x) | {figures[f'lines_per_conn_{label}']:.2f} |")
+    return lines
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -743,15 +833,20 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespace, BPF)", file=sys.stderr)
         return 1
-    tools = ("haproxy",) if SCALE_ONLY else (
-        "haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD)
+    if ONLY and ONLY not in PHASES:
+        print(f"make bench: BENCH_ONLY={ONLY}: expected one of {', '.join(PHASES)}",
+              file=sys.stderr)
+        return 2
+    tools = {"scale": ("haproxy",), "access-log": ("nginx", "iperf3", "wrk"),
+             "flood": ("haproxy", "nginx", "wrk")}.get(ONLY, (
+        "haproxy", "nginx", "iperf3", "wrk", "dnsmasq", "systemd-socket-activate", PROXYD))
     for tool in tools:
         if not shutil.which(tool) and not Path(tool).exists():
             print(f"make bench: {tool} is missing", file=sys.stderr)
             return 1
-    if SCALE_ONLY and not (OUT / "results.json").exists():
-        print(f"make bench: BENCH_ONLY=scale adds to {OUT / 'results.json'}, which is missing: "
-              "run the whole bench first", file=sys.stderr)
+    if ONLY and not (OUT / "results.json").exists():
+        print(f"make bench: BENCH_ONLY={ONLY} adds to {OUT / 'results.json'}, which is "
+              "missing: run the whole bench first", file=sys.stderr)
         return 1
     global WORK
     WORK = Path(tempfile.mkdtemp(prefix="flyproxy-bench-"))
@@ -783,7 +878,7 @@ def main() -> int:
     failed: list[str] = []  # "<proxy>, round N: why", for the report
     started = time.monotonic()
     try:
-        for n in range(0 if SCALE_ONLY else ROUNDS):
+        for n in range(0 if ONLY else ROUNDS):
             first = n % len(proxies)  # rotate: no proxy always runs right after the same one
             for proxy in proxies[first:] + proxies[:first]:
                 log(f"round {n + 1}/{ROUNDS}: {proxy.name}")
@@ -808,7 +903,17 @@ def main() -> int:
                     log(f"{proxy.name}: round {n + 1} failed ({e}); logs in {WORK}")
                 finally:
                     proxy.stop()
-        scaled = scale_phase(bpffs, failed) if HOLD else {}
+        logged = {}
+        if ONLY in ("", "access-log"):
+            log("access log phase: on, sampled, off")
+            try:
+                logged = access_log()
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+                failed.append(f"flyproxy, access log phase: {e}")
+                log(f"access log phase failed ({e}); logs in {WORK}")
+        scaled = scale_phase(bpffs, failed) if HOLD and ONLY in ("", "scale") else {}
+        flooding = flood.run(sys.modules[__name__], bpffs, failed) if ONLY in ("", "flood") \
+            else {}
     finally:
         subprocess.run(["umount", str(bpffs)], capture_output=True)
         tear_down(backends)
@@ -816,8 +921,9 @@ def main() -> int:
         log(f"logs of the failed rounds are in {WORK}")
     else:  # nothing to look into: leave no work directory behind
         shutil.rmtree(WORK, ignore_errors=True)
-    if SCALE_ONLY:
-        print(merge_scale(scaled, failed, round(time.monotonic() - started)))
+    if ONLY:
+        figures = {"scale": scaled, "access-log": logged, "flood": flooding}[ONLY]
+        print(merge_phase(ONLY, figures, failed, round(time.monotonic() - started)))
         return 0
     summary = {name: {**{k: median([r[k] for r in runs]) for k in (runs[0] if runs else {})
                          if k != "round"},
@@ -837,25 +943,33 @@ def main() -> int:
             "cpus": os.cpu_count(), "duration_s": round(time.monotonic() - started),
             "failed": failed}
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "summary": summary,
-                                                  "rounds": rounds, "scale": scaled}, indent=1))
-    (OUT / "results.md").write_text(report(summary, meta, rounds, scaled))
+                                                  "rounds": rounds, "scale": scaled,
+                                                  "access_log": logged, "flood": flooding},
+                                                 indent=1))
+    (OUT / "results.md").write_text(report(summary, meta, rounds, scaled, logged, flooding))
     chart(summary)
     print((OUT / "results.md").read_text())
     return 0
 
 
 def merge_scale(scaled: dict, failed: list[str], duration_s: int) -> str:
-    """BENCH_ONLY=scale: the scale phase's figures (and failures) replace those in the
-    results in OUT; the rounds' stay. Returns the new report."""
+    return merge_phase("scale", scaled, failed, duration_s)
+
+
+def merge_phase(only: str, figures: dict, failed: list[str], duration_s: int) -> str:
+    """BENCH_ONLY=``only``: that phase's figures (and failures) replace those in the
+    results in OUT; the rounds' and the other phase's stay. Returns the new report."""
+    key, words = PHASES[only]
     path = OUT / "results.json"
     results = json.loads(path.read_text())
     meta = results["meta"]
-    meta["failed"] = [f for f in meta.get("failed", []) if ", scale phase: " not in f] + failed
-    meta["scale_run"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "duration_s": duration_s,
-                         "kernel": os.uname().release}
-    results["scale"] = scaled
+    meta["failed"] = [f for f in meta.get("failed", []) if f", {words}: " not in f] + failed
+    meta[f"{key}_run"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "duration_s": duration_s,
+                          "kernel": os.uname().release}
+    results[key] = figures
     path.write_text(json.dumps(results, indent=1))
-    text = report(results["summary"], meta, results["rounds"], scaled)
+    text = report(results["summary"], meta, results["rounds"], results.get("scale"),
+                  results.get("access_log"), results.get("flood"))
     (OUT / "results.md").write_text(text)
     return text
 
@@ -1105,7 +1219,8 @@ def rounds_ahead(rounds: dict, name: str, key: str, higher: bool) -> tuple[int, 
     return ahead, n
 
 
-def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None) -> str:
+def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None,
+           logged: dict | None = None, flooding: dict | None = None) -> str:
     names = list(summary)
     base = summary.get("HAProxy", {})
     lines = [f"# flyproxy benchmark ({meta['date']})", "",
@@ -1164,7 +1279,9 @@ def report(summary: dict, meta: dict, rounds: dict, scaled: dict | None = None) 
                       f"new conn/s {v['conn_per_s_names']:,.0f} with the target as a host name "
                       f"vs {v['conn_per_s_ip']:,.0f} as an IP literal "
                       f"({v['conn_per_s_names'] / v['conn_per_s_ip']:.2f}x)."]
+    lines += access_log_report(logged or {}, meta.get("access_log_run"))
     lines += hold_report(scaled or {}, meta.get("scale_run"))
+    lines += flood.report(flooding or {}, meta.get("flood_run"))
     if meta.get("failed"):
         lines += ["", "Rounds that failed (that proxy's medians are over its other rounds): "
                   + "; ".join(meta["failed"]) + "."]

@@ -8,7 +8,8 @@ def status(host) -> dict:
 
 
 def test_program_is_pinned_and_attached(host):
-    for name in ("prog", "link", "flyproxy_ports", "flyproxy_listener", "flyproxy_counters"):
+    for name in ("prog", "link", "flyproxy_ports", "flyproxy_listener", "flyproxy_counters",
+                 "flyproxy_lanes"):
         assert host.file(f"/sys/fs/bpf/flyproxy/{name}").exists
     links = json.loads(host.check_output("bpftool --json link show"))
     ours = [l for l in links if l["id"] == status(host)["link"]["id"]]
@@ -22,3 +23,10 @@ def test_port_map_equals_the_config(host, deployed_config):
 
 def test_listener_is_registered(host):
     assert status(host)["listener_cookie"] is not None
+
+
+def test_every_lane_has_a_workers_group(host):
+    """ExecStartPost's `register --spread`: each of the 16 lanes holds a member of a workers'
+    group (with one worker too: a supervisor always runs), so each app has its own queue."""
+    lanes = status(host)["lane_cookies"]
+    assert len(lanes) == 16 and len(set(lanes)) == 16
