@@ -25,7 +25,7 @@ VM_DEBS := vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-cli
 	qemu-system-x86 qemu-utils dnsmasq-base iptables rsync fdisk apt-utils dpkg-dev
 ALL_DEBS := $(RUNTIME_DEBS) $(BPF_DEBS) $(TEST_DEBS) $(VM_DEBS)
 
-.PHONY: help run test check bench appliance-test vagrant-test deps deps-runtime venv bpf headers install clean deb
+.PHONY: help run test check bench appliance-test fleet-test vagrant-test deps deps-runtime venv bpf headers install clean deb
 
 
 help:
@@ -35,6 +35,7 @@ help:
 	@echo "make bpf    - compile and verify the sk_lookup program without attaching it"
 	@echo "make bench  - measure flyproxy against HAProxy, nginx and systemd-socket-proxyd"
 	@echo "make appliance-test - provision a Debian 12 container with Ansible, check it with testinfra"
+	@echo "make fleet-test - three appliances behind one address, rolled out under traffic (about 40 min)"
 	@echo "make vagrant-test - vagrant up the project's Vagrantfile in a libvirt VM, check it (about 30 min)"
 	@echo "make deb    - build the Debian package into build/ and lint it"
 	@echo "make install - build the Debian package and install it (apt-get: its dependencies too)"
@@ -65,8 +66,9 @@ venv: deps $(VENV)/.done
 run: deps-runtime
 	$(PYTHON) -m appliance demo
 
+# Everything but the full fleet lab (make fleet-test); its two-host version is in.
 test: venv deb
-	$(VPY) -m pytest
+	$(VPY) -m pytest -m "not fleet"
 
 # The fast loop while changing code (about 4 minutes on 2 cores): unit tests, per-port
 # proxies, config, workers, upgrades in per-port mode. `make test` before a commit lands.
@@ -84,6 +86,13 @@ bench: deps
 # change nothing), check it with testinfra, tear it down. Also part of `make test`.
 appliance-test: venv deb
 	$(VPY) -m pytest tests/infra
+
+# Three booted appliances behind one anycast-like address (a router namespace with a
+# multipath route), each provisioned by the playbook; rollouts under 300 held connections
+# and a new one every 10 ms, and a route withdrawal. The table: build/fleet/*.md.
+fleet-test: venv deb
+	$(VPY) -m pytest -m fleet tests/fleet
+	@cat build/fleet/test_three_hosts.md
 
 # `vagrant up` with the project's Vagrantfile on a Debian 12 box built here (cached in
 # /var/cache/flyproxy), in a network namespace of its own; checks, then destroys it.

@@ -6,6 +6,9 @@ some streaming, bytes flowing all the time with a sha256 of each direction; or t
 echo (the demo's flyproxy-echo.service: no greeting, and an EOF answered with EOF). :class:`Prober`
 opens a new connection every 20 ms. Both check what they get back and only report:
 ``finish()`` returns the problems ([] when all is well), for the test to assert on.
+Behind several hosts (tests/fleet: one address, a target per host greeting with its own
+tag) ``tag`` is a tuple of the tags any connection may meet, and each connection records
+the one it met (``landed``): which host it went to.
 """
 
 from __future__ import annotations
@@ -66,24 +69,34 @@ class _Stream:
         return None
 
 
+def _tags(tag: str | tuple[str, ...] | None) -> tuple[bytes, ...] | None:
+    if tag is None:
+        return None
+    return tuple(t.encode() for t in ((tag,) if isinstance(tag, str) else tag))
+
+
 class Held:
     """``idle`` connections (greeted, then silent until ``finish``) and ``streaming`` ones
-    to ``port``, whose target greets with ``tag`` (None: a plain echo)."""
+    to ``host``:``port``, whose target greets with ``tag`` (a tuple: any of them; None: a
+    plain echo)."""
 
-    def __init__(self, port: int, tag: str | None, namespace, idle: int = 10,
-                 streaming: int = 10):
-        self.tag = tag.encode() if tag is not None else None
+    def __init__(self, port: int, tag: str | tuple[str, ...] | None, namespace,
+                 idle: int = 10, streaming: int = 10, host: str = "127.0.0.1"):
+        self.tags = _tags(tag)
         self.bye = b"bye\n" if tag is not None else b""
         self._halt = threading.Event()
-        self.idle = [self._open(port, namespace) for _ in range(idle)]
-        self.streams = [_Stream(self._open(port, namespace), self._halt, self.bye)
-                        for _ in range(streaming)]
+        self.landed: dict[str, str] = {}  # "idle 3" -> the tag it was greeted with
+        self.idle = [self._open(f"idle {i}", host, port, namespace) for i in range(idle)]
+        self.streams = [_Stream(self._open(f"streaming {i}", host, port, namespace),
+                                self._halt, self.bye) for i in range(streaming)]
 
-    def _open(self, port: int, namespace) -> socket.socket:
-        s = connect(port, namespace=namespace, timeout=30)
+    def _open(self, name: str, host: str, port: int, namespace) -> socket.socket:
+        s = connect(port, host, namespace=namespace, timeout=30)
         s.settimeout(60)
-        if self.tag is not None:
-            assert read_line(s) == self.tag
+        if self.tags is not None:
+            line = read_line(s)
+            assert line in self.tags, f"{name}: greeted with {line!r}, not one of {self.tags}"
+            self.landed[name] = line.decode()
         return s
 
     def received(self) -> list[int]:
@@ -92,7 +105,8 @@ class Held:
 
     def finish(self) -> list[str]:
         """End every connection (idle ones: a line echoed, then EOF answered); the
-        problems, one per connection that did not come through whole."""
+        problems, one per connection that did not come through whole, each starting with
+        the connection's name (a key of ``landed``)."""
         problems = []
         for i, s in enumerate(self.idle):
             try:
@@ -116,24 +130,30 @@ class Held:
 
 
 class Prober(threading.Thread):
-    """A new connection to ``port`` every 20 ms, greeted with ``tag``, then closed."""
+    """A new connection to ``host``:``port`` every ``pace`` seconds (at most
+    ``max_probes``), greeted with ``tag`` (a tuple: any of them), then closed; ``landed``
+    counts the greetings."""
 
-    def __init__(self, port: int, tag: str, namespace):
+    def __init__(self, port: int, tag: str | tuple[str, ...], namespace,
+                 host: str = "127.0.0.1", pace: float = PACE_S, max_probes: int = MAX_PROBES):
         super().__init__(daemon=True)
-        self.port, self.tag, self.namespace = port, tag.encode(), namespace
+        self.port, self.host, self.tags, self.namespace = port, host, _tags(tag), namespace
+        self.pace, self.max_probes = pace, max_probes
         self.ok, self.failed = 0, []
+        self.landed: dict[str, int] = {}
         self._halt = threading.Event()
         self.start()
 
     def run(self) -> None:
-        for _ in range(MAX_PROBES):
-            if self._halt.wait(PACE_S):  # the probe rate, not a wait for an event
+        for _ in range(self.max_probes):
+            if self._halt.wait(self.pace):  # the probe rate, not a wait for an event
                 return
             try:
-                with connect(self.port, namespace=self.namespace, timeout=10) as s:
+                with connect(self.port, self.host, namespace=self.namespace, timeout=10) as s:
                     line = read_line(s)
-                if line == self.tag:
+                if line in self.tags:
                     self.ok += 1
+                    self.landed[line.decode()] = self.landed.get(line.decode(), 0) + 1
                 else:
                     self.failed.append(f"greeted {line!r}")
             except OSError as e:

@@ -107,6 +107,9 @@ class TaggedBackend(socketserver.ThreadingTCPServer):
     # after a SYN-ACK retransmission finds room): 1 in ~400 burst connections waited past a
     # test's 10 s timeout.
     request_queue_size = 1024
+    # A connection silent this long is closed (a hung test must not hold threads forever);
+    # a test that holds idle connections longer (tests/fleet: through whole rollouts) sets more.
+    idle_timeout_s = 60.0
 
     def __init__(self, tag: str, port: int = 0, host: str = "127.0.0.1"):
         self.tag = tag
@@ -132,7 +135,7 @@ class _TaggedHandler(socketserver.BaseRequestHandler):
         server: TaggedBackend = self.server  # type: ignore[assignment]
         server.connections += 1
         sock: socket.socket = self.request
-        sock.settimeout(60)
+        sock.settimeout(server.idle_timeout_s)
         try:
             sock.sendall(server.tag.encode() + b"\n")
             while data := sock.recv(65536):

@@ -1,8 +1,7 @@
 """Provision a booted Debian 12 container with the real playbook, then check it with testinfra.
 
-The container (tests/container.py) has no network of its own; Ansible and testinfra reach
-its sshd over SSH with a ProxyCommand that connects to 127.0.0.1:22 *inside* the
-container's network namespace, so the traffic never leaves loopback.
+The playbook reaches the container over SSH inside its own network namespace
+(tests/playbook.py), so the traffic never leaves loopback.
 
 With FLYPROXY_INFRA_SSH_CONFIG (and FLYPROXY_INFRA_HOST) set, the same checks run against
 a host provisioned by someone else, over that SSH config, with sudo: tests/vm runs them
@@ -14,18 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from container import REPO, Container
+from container import Container
+from playbook import ANSIBLE, Hosts
 
-ANSIBLE = REPO / "ansible"
 HOST = "flyproxy-test"
 OTHER_SSH_CONFIG = os.environ.get("FLYPROXY_INFRA_SSH_CONFIG")
 OTHER_HOST = os.environ.get("FLYPROXY_INFRA_HOST", "default")
@@ -41,49 +37,17 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if item not in drop]
 
 
-class Provisioned:
+class Provisioned(Hosts):
+    """One container as the inventory's only host, with the demo's echo targets."""
+
     def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.container = Container(f"flyproxy-infra-{uuid.uuid4().hex[:6]}", workdir / "console.log")
-        key = workdir / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-        self.container.sh("mkdir -p -m 0700 /root/.ssh")
-        self.container.write("/root/.ssh/authorized_keys", (workdir / "id_ed25519.pub").read_text())
-        self.container.sh("chmod 0600 /root/.ssh/authorized_keys; systemctl start ssh.service")
-        self.ssh_config = workdir / "ssh_config"
-        self.ssh_config.write_text(
-            f"Host {HOST}\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n"
-            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
-            f"  ProxyCommand nsenter -t {self.container.leader} -n nc 127.0.0.1 22\n")
-        self.inventory = workdir / "inventory.ini"
-        self.inventory.write_text(
-            f"[flyproxy]\n{HOST}\n\n[flyproxy:vars]\n"
-            f"ansible_ssh_common_args=-F {self.ssh_config}\n"
-            "ansible_python_interpreter=/usr/bin/python3\n"
-            # The container has no network: every package is already in its rootfs.
-            "flyproxy_apt_update_cache=false\nflyproxy_demo_echo=true\n")
-        self.runs: list[subprocess.CompletedProcess] = []
-
-    def playbook(self, *extra: str) -> subprocess.CompletedProcess:
-        started = time.monotonic()
-        result = subprocess.run(
-            ["ansible-playbook", "-i", str(self.inventory), "site.yml", *extra],
-            cwd=ANSIBLE, capture_output=True, text=True, timeout=900,
-            env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
-                 "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"})
-        self.runs.append(result)
-        if os.environ.get("FLYPROXY_PLAYBOOK_TIMES"):  # for NOTES: how long a run takes
-            with open(os.environ["FLYPROXY_PLAYBOOK_TIMES"], "a") as f:
-                tasks = len(re.findall(r"^TASK \[", result.stdout, re.M))
-                f.write(f"{time.monotonic() - started:.1f} s, {tasks} tasks: "
-                        f"{self.recap(result) if result.returncode == 0 else 'failed'}\n")
-        return result
-
-    @staticmethod
-    def recap(result: subprocess.CompletedProcess) -> dict[str, int]:
-        match = re.search(rf"^{HOST}\s*:\s*(.*)$", result.stdout, re.M)
-        assert match, result.stdout + result.stderr
-        return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
+        self.container = Container(f"flyproxy-infra-{uuid.uuid4().hex[:6]}",
+                                   workdir / "console.log")
+        try:
+            super().__init__(workdir, {HOST: self.container}, flyproxy_demo_echo="true")
+        except BaseException:
+            self.container.stop()
+            raise
 
 
 @pytest.fixture(scope="session")
