@@ -346,3 +346,21 @@ def test_a_flooded_app_sheds_before_its_backend_and_another_app_is_served(
     allowed = 50 * (time.monotonic() - started) + 50  # the rate's worth, and its burst
     assert flood["tried"] > allowed  # (a flood indeed: more than A lets through)
     assert 0 < a_backend.connections <= allowed, (a_backend.connections, allowed)
+
+
+def test_over_the_app_rate_its_port_stops_accepting_and_the_backlog_waits(
+        tmp_path, start_proxy, backend):
+    """Per-port mode, as HAProxy's rate-limit sessions: the connection that finds the app's
+    bucket empty is reset, then the app's port accepts nothing until a token is due; the
+    connections meanwhile wait in the kernel's backlog and are served then, not reset."""
+    port, = free_ports(1)
+    cfg = configure(tmp_path / "c.json", app("a", port, [backend.address], MaxConnectionRate=2))
+    proxy = start_proxy(cfg)
+    first = [open_from(port, f"127.0.0.{2 + i}") for i in range(2)]
+    assert all(served(s) for s in first)  # the burst
+    assert not served(open_from(port, "127.0.0.4"))  # the bucket is empty: reset
+    waiting = open_from(port, "127.0.0.5")  # queued while the port pauses
+    assert waiting is not None and served(waiting)  # served once a token is due (~0.5 s)
+    assert "over its limit of 2 new connections/s" in proxy.output()
+    for s in first + [waiting]:
+        s.close()

@@ -286,4 +286,8 @@ class Listener:
                     self._pause = self.engine.loop.call_later(ACCEPT_PAUSE_S, self.resume)
                 return  # ECONNABORTED and the like: the next event brings the rest
             # Left blocking: the relay's reads and writes say MSG_DONTWAIT themselves.
-            on_accept(_Socket(family, _STREAM, 0, fd), addr, port)
+            pause_s = on_accept(_Socket(family, _STREAM, 0, fd), addr, port)
+            if pause_s:  # this port's app takes no new connection for a while (its rate):
+                self.stop()  # the rest wait in the backlog, then the kernel holds off SYNs
+                self._pause = self.engine.loop.call_later(pause_s, self.resume)
+                return

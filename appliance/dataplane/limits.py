@@ -251,6 +251,12 @@ class Table:
         finally:
             self._unlock()
 
+    def empty_for(self, app: App, now: float) -> float:
+        """Seconds until ``app``'s whole bucket can hold a token again (0: it may now; a
+        millisecond more, so a timer that fires early still finds the token there)."""
+        left = self._empty_until.get(app.name, 0.0) - now
+        return left + 0.001 if left > 0 else 0.0
+
     def release(self, held: tuple[int, ...]) -> None:
         """A connection admitted with ``held`` closed (no lock: only we write our column)."""
         for off in held:

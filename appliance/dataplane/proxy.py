@@ -147,7 +147,11 @@ class Proxy:
 
     # -- connections ---------------------------------------------------------------
 
-    def _accepted(self, sock, addr, port: int | None) -> None:
+    def _accepted(self, sock, addr, port: int | None) -> float | None:
+        """A new connection on ``port`` (None: a handed-in socket's). Returns how long this
+        listener should accept no more (a port of its own whose app is over its
+        MaxConnectionRate), else None."""
+        own = port is not None
         if port is None:  # a handed-in socket: route by the port the client dialled
             port = sock.getsockname()[1]
         app = self._routes.get(port)
@@ -159,9 +163,15 @@ class Proxy:
             return
         held = ()
         if app.limited:  # counted host-wide (limits.py); apps without limits skip all this
-            reason, held = self.table.admit(app, addr[0], time.monotonic())
+            now = time.monotonic()
+            reason, held = self.table.admit(app, addr[0], now)
             if reason is not None:
-                return self._refuse(sock, addr, app, reason)
+                self._refuse(sock, addr, app, reason)
+                # Over the app's rate, its own port stops accepting until a token is due
+                # (as HAProxy's "rate-limit sessions"): a flood waits in the kernel's
+                # backlog, then the kernel drops its SYNs, instead of costing us an accept
+                # and a reset each. (A handed-in socket serves every app: never paused.)
+                return self.table.empty_for(app, now) if own and reason == "rate" else None
         self.active[app.name] = self.active.get(app.name, 0) + 1
         tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.settings.splice_after,
                         app.proxy_protocol, app.bytes_per_second)
