@@ -18,6 +18,7 @@ connections already relayed. The sockets themselves are handled by the relay's
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import resource
@@ -54,6 +55,15 @@ def peer_text(addr) -> str:
     return f"[{host}]:{port}"
 
 
+def lanes_alone(config: Config) -> dict[str, int]:
+    """App name -> its BPF lane (its index in the config mod LANES: what `bpf sync` puts
+    in the port map), for the apps that have their lane to themselves."""
+    lanes: dict[int, list[str]] = {}
+    for index, app in enumerate(config.apps):
+        lanes.setdefault(index % listeners.LANES, []).append(app.name)
+    return {names[0]: lane for lane, names in lanes.items() if len(names) == 1}
+
+
 class Proxy:
     def __init__(self, config: Config, settings: Settings | None = None, *,
                  metrics: NullMetrics | None = None) -> None:
@@ -71,6 +81,7 @@ class Proxy:
         self.metrics.track_ejected(self.ejected)
         self.metrics.configured(config)
         self._routes = config.routes
+        self._lane_alone = lanes_alone(config)
         self._owned: dict[int, Listener] = {}  # port -> listener, per-port mode
         self._handed: list[Listener] = []
         self.engine: Engine | None = None
@@ -102,9 +113,17 @@ class Proxy:
         self.metrics.track_resolver(self.resolver)
         await self.resolve(self.config.names)
         if sockets:
+            lane = 0
             for sock in sockets:
                 sock.listen(listeners.BACKLOG)  # as for our own (systemd's unit says the same)
-                self._handed.append(self._serve(sock, None))
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                    # a lane (the supervisor's, in lane order): the BPF program queues
+                    # the apps of index = lane (mod LANES) here
+                    accepted = functools.partial(self._accepted, lane=lane)
+                    lane += 1
+                    self._handed.append(self._serve(sock, None, accepted))
+                else:
+                    self._handed.append(self._serve(sock, None))
         else:
             self._open_ports(self.config.ports)
         o = self.settings
@@ -112,10 +131,10 @@ class Proxy:
             self._sweeper = self._loop.create_task(self._sweep_idle())
         self.accepting = True
 
-    def _serve(self, sock: socket.socket, port: int | None) -> Listener:
+    def _serve(self, sock: socket.socket, port: int | None, accepted=None) -> Listener:
         o = self.settings  # the client side: accepted sockets inherit the listener's keepalive
         listeners.keepalive(sock, o.keepalive_idle_s, o.keepalive_interval_s, o.keepalive_probes)
-        return self.engine.listen(sock, port, self._accepted)
+        return self.engine.listen(sock, port, accepted or self._accepted)
 
     def _open_ports(self, ports) -> None:
         """Bind all ``ports`` or none: on failure close what this call opened and raise."""
@@ -147,10 +166,10 @@ class Proxy:
 
     # -- connections ---------------------------------------------------------------
 
-    def _accepted(self, sock, addr, port: int | None) -> float | None:
-        """A new connection on ``port`` (None: a handed-in socket's). Returns how long this
-        listener should accept no more (a port of its own whose app is over its
-        MaxConnectionRate), else None."""
+    def _accepted(self, sock, addr, port: int | None, lane: int | None = None) -> float | None:
+        """A new connection on ``port`` (None: a handed-in socket's; ``lane``: which, if a
+        lane). Returns how long this listener should accept no more (a port, or a lane, of
+        the app's own whose app is over its MaxConnectionRate), else None."""
         own = port is not None
         if port is None:  # a handed-in socket: route by the port the client dialled
             port = sock.getsockname()[1]
@@ -171,7 +190,10 @@ class Proxy:
                 # (as HAProxy's "rate-limit sessions"): a flood waits in the kernel's
                 # backlog, then the kernel drops its SYNs, instead of costing us an accept
                 # and a reset each. (A handed-in socket serves every app: never paused.)
-                return self.table.empty_for(app, now) if own and reason == "rate" else None
+                if reason == "rate" and (own or (lane is not None and
+                                                 self._lane_alone.get(app.name) == lane)):
+                    return self.table.empty_for(app, now)
+                return None
         self.active[app.name] = self.active.get(app.name, 0) + 1
         tunnel = Tunnel(self.engine, self, sock, addr, app.name, port, self.settings.splice_after,
                         app.proxy_protocol, app.bytes_per_second)
@@ -415,6 +437,7 @@ class Proxy:
         close the ports it removed."""
         old = self.config
         self.config, self._routes = new, new.routes
+        self._lane_alone = lanes_alone(new)
         self.generation += 1
         self.metrics.configured(new)
         self.resolver.track(new.names)
