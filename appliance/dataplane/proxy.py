@@ -113,14 +113,16 @@ class Proxy:
         self.metrics.track_resolver(self.resolver)
         await self.resolve(self.config.names)
         if sockets:
-            lane = 0
+            # The lanes (the supervisor's SO_REUSEPORT groups): `bpf register --spread` fills
+            # the BPF program's lanes with them in the order of their ports, and the program
+            # queues the apps of index = lane (mod LANES) in each
+            lanes = sorted((s for s in sockets
+                            if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)),
+                           key=lambda s: s.getsockname()[1])
             for sock in sockets:
                 sock.listen(listeners.BACKLOG)  # as for our own (systemd's unit says the same)
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-                    # a lane (the supervisor's, in lane order): the BPF program queues
-                    # the apps of index = lane (mod LANES) here
-                    accepted = functools.partial(self._accepted, lane=lane)
-                    lane += 1
+                if sock in lanes:
+                    accepted = functools.partial(self._accepted, lane=lanes.index(sock))
                     self._handed.append(self._serve(sock, None, accepted))
                 else:
                     self._handed.append(self._serve(sock, None))
