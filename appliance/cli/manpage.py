@@ -80,7 +80,9 @@ at most \fIr\fR new connections per second to the app from one client address (a
 bucket: bursts of about \fIr\fR).
 .TP
 \fBMaxConnectionRate\fR \fIr\fR
-at most \fIr\fR new connections per second to the app from all clients together.
+at most \fIr\fR new connections per second to the app from all clients together; over it
+the app's own port (or BPF lane) stops accepting until one is due, so the excess waits in
+the kernel's backlog.
 .TP
 \fBBytesPerSecond\fR \fIn\fR
 each connection's bandwidth, each direction: the proxy reads no faster, so TCP holds the
