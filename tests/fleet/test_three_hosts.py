@@ -124,7 +124,7 @@ def test_a_host_failing_the_port_check_stops_the_rollout_after_its_batch(fleet):
     assert "5003" in shown
     try:  # (the task's result, as JSON after "=>"): its stderr says which port and why
         why = json.loads(failed[0].split(" => ", 1)[1]).get("stderr", failed[0])
-    except (IndexError, ValueError):
+    except (IndexError, ValueError, AttributeError):
         why = failed[0]
     fleet.notes.append(f"The port check's failure, as ansible-playbook printed it:\n\n"
                        f"    fatal: [fleet2]: {why[:400]}\n\nfleet2's state then (`flyproxy status`, "
