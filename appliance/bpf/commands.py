@@ -64,21 +64,36 @@ def listening_sockets_of(pid: int, fd: int | None) -> list[socket.socket]:
     """Listening TCP sockets of process ``pid`` (just fd ``fd`` if given), via pidfd_getfd."""
     if fd is not None:
         candidates = [fd]
-    else:
+    else:  # the proxy opens and closes sockets meanwhile (checks, control requests, its
+        # workers'): an fd gone (or no longer a socket) by the time we look is skipped
         fd_dir = Path(f"/proc/{pid}/fd")
         try:
-            candidates = [int(e.name) for e in fd_dir.iterdir()
-                          if os.readlink(e).startswith("socket:")]
+            entries = list(fd_dir.iterdir())
         except OSError as e:
             raise SteeringError(f"cannot list fds of process {pid}: {e.strerror}") from None
+        candidates = []
+        for e in entries:
+            try:
+                if os.readlink(e).startswith("socket:"):
+                    candidates.append(int(e.name))
+            except OSError:
+                continue  # closed since the listing
     found = []
     for n in candidates:
         try:
-            sock = socket.socket(fileno=sc.pidfd_getfd(pid, n))
+            taken = sc.pidfd_getfd(pid, n)
         except OSError as e:
             if fd is None and e.errno == errno.EBADF:
-                continue  # closed since we listed it (a health check's, a worker's channel)
+                continue  # closed since we listed it
             raise SteeringError(f"cannot take fd {n} of process {pid}: {e.strerror}") from None
+        try:
+            sock = socket.socket(fileno=taken)
+        except OSError as e:
+            os.close(taken)
+            if fd is None:
+                continue  # its number now holds something else than a socket
+            raise SteeringError(f"fd {n} of process {pid} is not a socket: {e.strerror}") \
+                from None
         try:
             listeners.check_listening_tcp(sock, f"fd {n} of process {pid}")
         except listeners.ListenerError as e:
